@@ -1,0 +1,3 @@
+fn main() {
+    eprintln!("qpipe: the engine is being built");
+}
