@@ -18,6 +18,9 @@
 //! formats them), [`plan`] (pipeline config → stage instances), [`parity`] (verify).
 
 pub mod contract;
+pub mod domain;
+
+pub use domain::Qwen3Vl;
 
 pub mod aggregate;
 pub mod build_calib;

@@ -1,1 +1,674 @@
-//! (in progress)
+//! Composed pipeline configurations → stage instances.
+//!
+//! The engine composes each run from `pipeline.yaml` (groups, defaults, overrides,
+//! interpolation) into one JSON object; this module checks it against the domain's
+//! schema ([`RunConfig`]) and expands it into the instances of one analysis:
+//!
+//! ```text
+//! fetch-model@<checkpoint> ─► build-calib@<checkpoint>:<captions>:<N>x<T> ─► score@<run dir>
+//!                                              ─► aggregate@<run dir> ─► render@<run dir>
+//! ```
+//!
+//! plus, for the published runs, one `docs` instance per pair folder and one per model's
+//! `layer-analysis/` folder. Instances shared by several runs (one calibration set feeds
+//! every pair) come out once.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::contract::{Instance, OutSpec, PlanContext, Run};
+
+/// The domain's view of one composed run. Unknown keys are errors.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelCfg,
+    pub dataset: DatasetCfg,
+    pub quant_pair: QuantPairCfg,
+    pub quant_granularity: GranularityCfg,
+    pub autoquant: AutoquantCfg,
+    pub output_layout: LayoutCfg,
+    pub runner: RunnerCfg,
+    #[serde(default)]
+    pub experiment: Option<String>,
+}
+
+/// `model`: a local checkpoint folder (`path`) or a hub model (`repo` + pinned `revision`).
+/// `model.path` wins when both are set, so `model.path=/ckpt` points a hub model at a
+/// local copy.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelCfg {
+    pub name: String,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub repo: Option<String>,
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// Prefix of run folder names (`<run_prefix>_autoquant_<pair>_lm_<size>`).
+    #[serde(default)]
+    pub run_prefix: Option<String>,
+    /// Prefix used by legacy folder names (referenced from pipeline.yaml interpolations).
+    #[serde(default)]
+    pub legacy_prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetCfg {
+    pub name: String,
+    pub captions_path: String,
+    pub size: String,
+    pub size_to_max_samples: BTreeMap<String, usize>,
+    #[serde(default)]
+    pub max_calib_samples: Option<usize>,
+    pub calib_seq_len: usize,
+    #[serde(default)]
+    pub root: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantPairCfg {
+    pub name: String,
+    pub weight: WeightKind,
+    pub activation: ActKind,
+    pub format_name: String,
+    #[serde(default)]
+    pub experimental: bool,
+    #[serde(default)]
+    pub scheme_name: Option<String>,
+    #[serde(default)]
+    pub coverage_mode: Option<String>,
+    #[serde(default)]
+    pub coverage_fraction: Option<f64>,
+    #[serde(default)]
+    pub publish_pair_dir: Option<String>,
+    #[serde(default)]
+    pub publish_run_dir: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightKind {
+    Int4,
+    Int8,
+    Fp4,
+    Fp8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActKind {
+    Int4,
+    Int8,
+    Fp8,
+    Fp16,
+}
+
+impl WeightKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Int4 => "int4",
+            Self::Int8 => "int8",
+            Self::Fp4 => "fp4",
+            Self::Fp8 => "fp8",
+        }
+    }
+}
+
+impl ActKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Int4 => "int4",
+            Self::Int8 => "int8",
+            Self::Fp8 => "fp8",
+            Self::Fp16 => "fp16",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GranularityCfg {
+    pub name: String,
+    #[serde(default)]
+    pub quant_cfg_overrides: serde_json::Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    Gradient,
+    KlDiv,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gradient => "gradient",
+            Self::KlDiv => "kl_div",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoquantCfg {
+    pub method: Method,
+    pub batch_size: usize,
+    pub score_size: usize,
+    pub effective_bits: f64,
+    pub device: String,
+    #[serde(default)]
+    pub verbose: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayoutMode {
+    Publish,
+    Tmp,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayoutCfg {
+    pub name: String,
+    pub mode: LayoutMode,
+    pub root_dir: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunnerCfg {
+    #[serde(default)]
+    pub output_dir: Option<String>,
+}
+
+impl RunConfig {
+    /// Parse and check one composed run. Errors name the key.
+    pub fn from_value(value: &Value) -> Result<Self> {
+        let cfg: RunConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            anyhow::anyhow!("key `{path}`: {}", e.inner())
+        })?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<()> {
+        let m = &self.model;
+        if m.path.is_none() && m.repo.is_none() {
+            bail!(
+                "key `model`: `{}` has neither `path` (a local checkpoint folder) nor `repo` (a hub model id)",
+                m.name
+            );
+        }
+        if m.path.is_none() {
+            match &m.revision {
+                Some(rev) if is_commit_sha(rev) => {}
+                Some(rev) => bail!(
+                    "key `model.revision`: `{rev}` is not a commit sha; a branch or tag can move, so it cannot key a \
+                     reproducible build — pin the 40-hex commit (see the model's page on the hub, \"Files and versions\")"
+                ),
+                None => bail!("key `model.revision`: hub model `{}` needs a pinned revision (a 40-hex commit sha)", m.name),
+            }
+        }
+        let d = &self.dataset;
+        if d.max_calib_samples.is_none() && !d.size_to_max_samples.contains_key(&d.size) {
+            let valid: Vec<_> = d.size_to_max_samples.keys().cloned().collect();
+            bail!("key `dataset.size`: unknown size `{}`; valid sizes: {}", d.size, valid.join(", "));
+        }
+        if self.num_samples() == 0 {
+            bail!("key `dataset.max_calib_samples`: must be at least 1");
+        }
+        if d.calib_seq_len < 2 {
+            bail!("key `dataset.calib_seq_len`: must be at least 2 (the loss predicts token t+1 from token t)");
+        }
+        let a = &self.autoquant;
+        if a.batch_size == 0 {
+            bail!("key `autoquant.batch_size`: must be at least 1");
+        }
+        if a.score_size == 0 {
+            bail!("key `autoquant.score_size`: must be at least 1");
+        }
+        if !(a.effective_bits > 0.0 && a.effective_bits <= 16.0) {
+            bail!("key `autoquant.effective_bits`: {} is outside (0, 16]", a.effective_bits);
+        }
+        parse_device(&a.device).context("key `autoquant.device`")?;
+        for (key, value) in [
+            ("quant_pair.name", &self.quant_pair.name),
+            ("quant_granularity.name", &self.quant_granularity.name),
+            ("model.name", &self.model.name),
+            ("dataset.size", &self.dataset.size),
+        ] {
+            check_path_component(key, value)?;
+        }
+        Ok(())
+    }
+
+    /// Number of calibration samples: `dataset.max_calib_samples`, else the size's.
+    pub fn num_samples(&self) -> usize {
+        let d = &self.dataset;
+        d.max_calib_samples.unwrap_or_else(|| d.size_to_max_samples.get(&d.size).copied().unwrap_or(0))
+    }
+
+    /// The AutoQuant scheme name: `<pair>_autoquant_lm` unless the pair overrides it.
+    pub fn scheme_name(&self) -> String {
+        self.quant_pair.scheme_name.clone().unwrap_or_else(|| format!("{}_autoquant_lm", self.quant_pair.name))
+    }
+
+    /// `weight-<w>-act-<a>` unless the pair overrides it.
+    pub fn pair_dir(&self) -> String {
+        self.quant_pair.publish_pair_dir.clone().unwrap_or_else(|| {
+            format!("weight-{}-act-{}", self.quant_pair.weight.as_str(), self.quant_pair.activation.as_str())
+        })
+    }
+
+    /// `<run_prefix>_autoquant_<pair>_lm_<size>` unless the pair overrides it.
+    pub fn run_dir_name(&self) -> String {
+        self.quant_pair.publish_run_dir.clone().unwrap_or_else(|| {
+            let prefix = self.model.run_prefix.as_deref().unwrap_or(&self.model.name);
+            format!("{prefix}_autoquant_{}_lm_{}", self.quant_pair.name, self.dataset.size)
+        })
+    }
+
+    /// The run folder, relative to the workspace root unless absolute:
+    /// `runner.output_dir` if set, else `<layout root>/<pair dir>/[<granularity>/]<run dir>`.
+    pub fn run_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.runner.output_dir {
+            return PathBuf::from(dir);
+        }
+        let mut p = PathBuf::from(&self.output_layout.root_dir);
+        p.push(self.pair_dir());
+        if self.quant_granularity.name != "default" {
+            p.push(&self.quant_granularity.name);
+        }
+        p.push(self.run_dir_name());
+        p
+    }
+
+    /// The checkpoint's source, as the fetch-model stage and the locators see it.
+    pub fn checkpoint(&self) -> CheckpointSource {
+        match (&self.model.path, &self.model.repo) {
+            (Some(path), _) => CheckpointSource::Local { path: path.clone() },
+            (None, Some(repo)) => {
+                CheckpointSource::Hub { repo: repo.clone(), revision: self.model.revision.clone().unwrap_or_default() }
+            }
+            (None, None) => unreachable!("checked in RunConfig::check"),
+        }
+    }
+
+    /// What the manifest calls the model: the hub id or the checkpoint path.
+    pub fn model_id(&self) -> String {
+        match self.checkpoint() {
+            CheckpointSource::Local { path } => path,
+            CheckpointSource::Hub { repo, .. } => repo,
+        }
+    }
+}
+
+/// Where a checkpoint comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "source", rename_all = "lowercase")]
+pub enum CheckpointSource {
+    Local { path: String },
+    Hub { repo: String, revision: String },
+}
+
+impl CheckpointSource {
+    /// A short, stable, filesystem-safe name for instance ids and cache paths.
+    pub fn slug(&self) -> String {
+        match self {
+            Self::Local { path } => path.trim_end_matches('/').to_string(),
+            Self::Hub { repo, revision } => format!("{repo}@{}", &revision[..revision.len().min(7)]),
+        }
+    }
+}
+
+/// `auto`, `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<()> {
+    match s {
+        "auto" | "cpu" | "cuda" => Ok(()),
+        _ => match s.strip_prefix("cuda:") {
+            Some(n) if n.parse::<usize>().is_ok() => Ok(()),
+            _ => bail!("unknown device `{s}`; valid: auto, cpu, cuda, cuda:N"),
+        },
+    }
+}
+
+fn is_commit_sha(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn check_path_component(key: &str, value: &str) -> Result<()> {
+    if value.is_empty() || value.contains(['/', '\\']) || value == "." || value == ".." {
+        bail!("key `{key}`: `{value}` cannot name a folder (empty, `.`/`..`, or contains a path separator)");
+    }
+    Ok(())
+}
+
+/// A short content-free hash for cache file names (FNV-1a, 32 bits as 8 hex digits).
+fn short_hash(s: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in s.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{h:08x}")
+}
+
+fn slug(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect()
+}
+
+fn rel(p: &Path) -> String {
+    p.components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The instances of one run, and what the docs need to know about it.
+struct RunPlan {
+    cfg: RunConfig,
+    run: Run,
+    run_dir: PathBuf,
+    manifest: PathBuf,
+}
+
+/// Expand runs into instances. Runs are checked first; the first bad run stops planning
+/// with an error naming the run (its overrides) and the key.
+pub fn plan(ctx: &PlanContext, runs: &[Run]) -> Result<Vec<Instance>> {
+    let mut out: Vec<Instance> = Vec::new();
+    let mut index: BTreeMap<String, usize> = BTreeMap::new();
+    let mut push = |inst: Instance, out: &mut Vec<Instance>| -> Result<()> {
+        if let Some(&i) = index.get(&inst.id) {
+            if out[i] != inst {
+                bail!(
+                    "two runs define stage `{}` differently; give them different output folders \
+                     (output_layout=tmp or runner.output_dir=DIR)",
+                    inst.id
+                );
+            }
+            return Ok(());
+        }
+        index.insert(inst.id.clone(), out.len());
+        out.push(inst);
+        Ok(())
+    };
+
+    let mut planned: Vec<RunPlan> = Vec::new();
+    for run in runs {
+        let cfg = RunConfig::from_value(&run.config).with_context(|| format!("in run {}", describe_run(run)))?;
+        let (instances, run_dir, manifest) = run_instances(ctx, &cfg)?;
+        for inst in instances {
+            push(inst, &mut out)?;
+        }
+        planned.push(RunPlan { cfg, run: run.clone(), run_dir, manifest });
+    }
+    for inst in docs_instances(ctx, &planned)? {
+        push(inst, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn describe_run(run: &Run) -> String {
+    if run.overrides.is_empty() {
+        "with the pipeline's defaults".to_string()
+    } else {
+        format!("`{}`", run.overrides.join(" "))
+    }
+}
+
+fn run_instances(ctx: &PlanContext, cfg: &RunConfig) -> Result<(Vec<Instance>, PathBuf, PathBuf)> {
+    let src = cfg.checkpoint();
+    let src_slug = src.slug();
+    let src_tag = format!("{}-{}", slug(&cfg.model.name), short_hash(&src_slug));
+
+    // fetch-model: check a local folder, or fetch a pinned hub revision.
+    let fetch_out = PathBuf::from(format!("tmp/qpipe/fetch/{src_tag}.json"));
+    let (fetch_params, fetch_deps) = match &src {
+        CheckpointSource::Local { path } => {
+            let abs = ctx.root.join(path);
+            if !abs.is_dir() {
+                bail!(
+                    "key `model.path`: checkpoint folder `{path}` does not exist{}",
+                    if Path::new(path).is_absolute() {
+                        String::new()
+                    } else {
+                        format!(" (under {})", ctx.root.display())
+                    }
+                );
+            }
+            (json!({"source": "local"}), vec![PathBuf::from(path)])
+        }
+        CheckpointSource::Hub { repo, revision } => {
+            (json!({"source": "hub", "repo": repo, "revision": revision}), vec![])
+        }
+    };
+    let locator = serde_json::to_value(&src)?;
+    let fetch = Instance {
+        id: format!("fetch-model@{src_slug}"),
+        kind: "fetch-model".into(),
+        params: fetch_params,
+        locators: json!({"checkpoint": locator}),
+        deps: fetch_deps,
+        outs: vec![OutSpec::intermediate(&fetch_out)],
+        description: format!("check checkpoint {src_slug}"),
+    };
+
+    // build-calib: captions → tokens.
+    let n = cfg.num_samples();
+    let t = cfg.dataset.calib_seq_len;
+    let captions = PathBuf::from(&cfg.dataset.captions_path);
+    let captions_name = captions.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let calib_out = PathBuf::from(format!(
+        "tmp/qpipe/calib/{src_tag}/{}-{}-{n}x{t}.pt",
+        slug(captions.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default().as_ref()),
+        short_hash(&rel(&captions)),
+    ));
+    let mut calib_deps = vec![captions.clone(), fetch_out.clone()];
+    if let CheckpointSource::Local { path } = &src {
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            let p = Path::new(path).join(f);
+            if ctx.root.join(&p).is_file() {
+                calib_deps.push(p);
+            }
+        }
+    }
+    let calib = Instance {
+        id: format!("build-calib@{src_slug}:{}:{n}x{t}", rel(&captions)),
+        kind: "build-calib".into(),
+        params: json!({"max_samples": n, "max_length": t, "padding_side": "left", "truncation_side": "right"}),
+        locators: json!({"checkpoint": locator, "captions_name": captions_name}),
+        deps: calib_deps,
+        outs: vec![OutSpec::intermediate(&calib_out)],
+        description: format!("tokenize {n} captions × {t} tokens"),
+    };
+
+    // score → aggregate → render, in the run folder.
+    let run_dir = cfg.run_dir();
+    let scheme = cfg.scheme_name();
+    let run_id = rel(&run_dir);
+    let state_pt = run_dir.join(format!("{scheme}_autoquant_state.pt"));
+    let state_json = run_dir.join(format!("{scheme}_autoquant_state.json"));
+    let manifest = run_dir.join(format!("{scheme}_quant_manifest.json"));
+    let a = &cfg.autoquant;
+    let mut score_deps = vec![fetch_out.clone(), calib_out.clone()];
+    if let CheckpointSource::Local { path } = &src {
+        score_deps.push(PathBuf::from(path));
+    }
+    let score = Instance {
+        id: format!("score@{run_id}"),
+        kind: "score".into(),
+        params: json!({
+            "method": a.method.as_str(),
+            "format": {
+                "name": cfg.quant_pair.format_name,
+                "granularity": cfg.quant_granularity.name,
+                "quant_cfg_overrides": cfg.quant_granularity.quant_cfg_overrides,
+            },
+            "batch_size": a.batch_size,
+            "score_size": a.score_size,
+            "effective_bits": a.effective_bits,
+            "device": a.device,
+        }),
+        locators: json!({
+            "checkpoint": locator,
+            "quant_pair": cfg.quant_pair.name,
+            "experimental": cfg.quant_pair.experimental,
+            "verbose": a.verbose.unwrap_or(false),
+        }),
+        deps: score_deps,
+        outs: vec![OutSpec::intermediate(&state_pt), OutSpec::tracked(&state_json)],
+        description: format!(
+            "score {} ({}, {} samples) on {}",
+            cfg.quant_pair.name, cfg.dataset.size, n, cfg.model.name
+        ),
+    };
+    let aggregate = Instance {
+        id: format!("aggregate@{run_id}"),
+        kind: "aggregate".into(),
+        params: json!({
+            "scheme": {
+                "name": scheme,
+                "auto_quantize_bits": a.effective_bits,
+                "auto_quantize_method": a.method.as_str(),
+                "auto_quantize_score_size": a.score_size,
+                "coverage_mode": cfg.quant_pair.coverage_mode.clone().unwrap_or_else(|| "lm_only".into()),
+                "coverage_fraction": cfg.quant_pair.coverage_fraction.unwrap_or(1.0),
+                "quant_formats": [cfg.quant_pair.format_name],
+            },
+            "model": {"id": cfg.model_id()},
+        }),
+        locators: json!({}),
+        deps: vec![state_json.clone()],
+        outs: vec![OutSpec::tracked(&manifest)],
+        description: format!("manifest for {}", run_id),
+    };
+    let render = Instance {
+        id: format!("render@{run_id}"),
+        kind: "render".into(),
+        params: json!({}),
+        locators: json!({}),
+        deps: vec![manifest.clone()],
+        outs: vec![
+            OutSpec::tracked(run_dir.join("per-layer-sensitivity.json")),
+            OutSpec::tracked(run_dir.join("per-layer-sensitivity.md")),
+            OutSpec::tracked(run_dir.join("per-layer-sensitivity.svg")),
+        ],
+        description: format!("report for {}", run_id),
+    };
+    Ok((vec![fetch, calib, score, aggregate, render], run_dir, manifest))
+}
+
+/// One README per published pair folder and one per model's `layer-analysis/` folder.
+fn docs_instances(ctx: &PlanContext, planned: &[RunPlan]) -> Result<Vec<Instance>> {
+    let _ = (ctx, planned);
+    Ok(Vec::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Value {
+        json!({
+            "experiment": "x",
+            "model": {"name": "tiny", "path": ".", "run_prefix": "tiny", "legacy_prefix": "tiny"},
+            "dataset": {"name": "captions", "captions_path": "c.txt", "size": "small",
+                        "size_to_max_samples": {"small": 16, "medium": 128, "large": 512},
+                        "max_calib_samples": null, "calib_seq_len": 512},
+            "quant_pair": {"name": "wfp8_afp16", "weight": "fp8", "activation": "fp16",
+                           "format_name": "FP8_WEIGHT_ONLY_CFG", "experimental": false},
+            "quant_granularity": {"name": "default", "quant_cfg_overrides": {}},
+            "autoquant": {"method": "gradient", "batch_size": 8, "score_size": 128,
+                          "effective_bits": 8.0, "device": "auto"},
+            "output_layout": {"name": "publish", "mode": "publish", "root_dir": "models/tiny/layer-analysis"},
+            "runner": {"output_dir": null}
+        })
+    }
+
+    fn ctx() -> PlanContext {
+        PlanContext { root: PathBuf::from("."), pipeline_file: PathBuf::from("pipeline.yaml") }
+    }
+
+    #[test]
+    fn naming_follows_the_legacy_layout() {
+        let cfg = RunConfig::from_value(&base()).unwrap();
+        assert_eq!(cfg.scheme_name(), "wfp8_afp16_autoquant_lm");
+        assert_eq!(cfg.pair_dir(), "weight-fp8-act-fp16");
+        assert_eq!(
+            cfg.run_dir(),
+            PathBuf::from("models/tiny/layer-analysis/weight-fp8-act-fp16/tiny_autoquant_wfp8_afp16_lm_small")
+        );
+        let mut v = base();
+        v["quant_granularity"]["name"] = json!("w_group64");
+        let cfg = RunConfig::from_value(&v).unwrap();
+        assert!(cfg.run_dir().ends_with("weight-fp8-act-fp16/w_group64/tiny_autoquant_wfp8_afp16_lm_small"));
+        v["runner"]["output_dir"] = json!("/tmp/out");
+        assert_eq!(RunConfig::from_value(&v).unwrap().run_dir(), PathBuf::from("/tmp/out"));
+    }
+
+    #[test]
+    fn bad_keys_are_named() {
+        let mut v = base();
+        v["autoquant"]["method"] = json!("grad");
+        let e = format!("{:#}", RunConfig::from_value(&v).unwrap_err());
+        assert!(e.contains("autoquant.method") && e.contains("kl_div"), "{e}");
+        let mut v = base();
+        v["quant_pair"]["weight"] = json!("int9");
+        let e = format!("{:#}", RunConfig::from_value(&v).unwrap_err());
+        assert!(e.contains("quant_pair.weight"), "{e}");
+        let mut v = base();
+        v["dataset"]["size"] = json!("huge");
+        let e = format!("{:#}", RunConfig::from_value(&v).unwrap_err());
+        assert!(e.contains("dataset.size") && e.contains("medium"), "{e}");
+        let mut v = base();
+        v["autoquant"]["extra"] = json!(1);
+        let e = format!("{:#}", RunConfig::from_value(&v).unwrap_err());
+        assert!(e.contains("unknown field `extra`"), "{e}");
+    }
+
+    #[test]
+    fn hub_models_need_a_pinned_revision() {
+        let mut v = base();
+        v["model"] = json!({"name": "m", "repo": "Qwen/Qwen3-VL-4B-Instruct", "revision": "main"});
+        let e = format!("{:#}", RunConfig::from_value(&v).unwrap_err());
+        assert!(e.contains("not a commit sha"), "{e}");
+        v["model"]["revision"] = json!("ebb281ec70b05090aa6165b016eac8ec08e71b17");
+        let cfg = RunConfig::from_value(&v).unwrap();
+        assert_eq!(cfg.checkpoint().slug(), "Qwen/Qwen3-VL-4B-Instruct@ebb281e");
+    }
+
+    #[test]
+    fn runs_share_fetch_and_calibration() {
+        let a = base();
+        let mut b = base();
+        b["quant_pair"] = json!({"name": "wint8_aint8", "weight": "int8", "activation": "int8",
+                                  "format_name": "INT8_DEFAULT_CFG"});
+        let runs: Vec<Run> =
+            [a, b].into_iter().map(|config| Run { config, overrides: vec![], published: false }).collect();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.txt"), "a\n").unwrap();
+        let ctx = PlanContext { root: dir.path().to_path_buf(), ..ctx() };
+        let inst = plan(&ctx, &runs).unwrap();
+        let kinds: Vec<_> = inst.iter().map(|i| i.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["fetch-model", "build-calib", "score", "aggregate", "render", "score", "aggregate", "render"]
+        );
+        let calib = &inst[1];
+        assert_eq!(calib.params["max_samples"], json!(16));
+        assert_eq!(inst[2].deps[1], calib.outs[0].path);
+        assert!(inst[2].outs[1].path.ends_with("wfp8_afp16_autoquant_lm_autoquant_state.json"));
+    }
+}

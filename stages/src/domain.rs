@@ -1,0 +1,30 @@
+//! The Qwen3-VL sensitivity-analysis domain, as the engine sees it.
+
+use std::path::Path;
+
+use crate::contract::{Domain, Instance, ParityReport, PlanContext, Run, Stage, Tolerance};
+use crate::{aggregate, build_calib, docs, fetch_model, parity, plan, render, score};
+
+/// The domain: its stage kinds, its planner, its parity comparison.
+pub struct Qwen3Vl;
+
+impl Domain for Qwen3Vl {
+    fn stages(&self) -> Vec<&dyn Stage> {
+        vec![
+            &fetch_model::FetchModel,
+            &build_calib::BuildCalib,
+            &score::Score,
+            &aggregate::Aggregate,
+            &render::Render,
+            &docs::Docs,
+        ]
+    }
+
+    fn plan(&self, ctx: &PlanContext, runs: &[Run]) -> anyhow::Result<Vec<Instance>> {
+        plan::plan(ctx, runs)
+    }
+
+    fn compare(&self, committed: &Path, candidate: &Path, tol: &Tolerance) -> ParityReport {
+        parity::compare(committed, candidate, tol)
+    }
+}
