@@ -235,7 +235,7 @@ pub fn check_dir(dir: &Path) -> Result<CheckpointInfo> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
