@@ -442,6 +442,45 @@ mod tests {
         assert_eq!(std::fs::read(&pt).unwrap(), again);
     }
 
+    /// Every caption of the project's file, at the pipeline's length, against
+    /// transformers itself (skips loudly without python3 + transformers).
+    #[test]
+    fn ids_match_transformers_on_every_caption() {
+        let probe = std::process::Command::new("python3").args(["-c", "import transformers"]).output();
+        if !probe.is_ok_and(|o| o.status.success()) {
+            eprintln!("SKIP: python3 with transformers is not available; full-file tokenizer check not run");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let captions = dir.path().join("captions.txt");
+        std::fs::copy(root().join("data/calibration/captions.txt"), &captions).unwrap();
+        let (n, t) = (10_000, 32);
+        let set = load_calib(&run(&captions, n, t, &ckpt(), &Silent).unwrap()).unwrap();
+        let code = r#"
+import sys, json
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+tok.padding_side, tok.truncation_side = "left", "right"
+lines = [l.rstrip("\r\n") for l in open(sys.argv[2], encoding="utf-8").read().splitlines(keepends=True)]
+caps = [l for l in lines if l.strip()]
+enc = tok(caps, padding="max_length", truncation=True, max_length=int(sys.argv[3]))
+print(json.dumps([enc["input_ids"], enc["attention_mask"]]))
+"#;
+        let out = std::process::Command::new("python3")
+            .args(["-c", code])
+            .arg(ckpt())
+            .arg(&captions)
+            .arg(t.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let (ids, mask): (Vec<Vec<u32>>, Vec<Vec<u32>>) = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(set.n, ids.len());
+        assert!(set.n > 500, "the whole file: {}", set.n);
+        assert_eq!(set.input_ids, ids.concat());
+        assert_eq!(set.attention_mask, mask.concat());
+    }
+
     #[test]
     fn torch_opens_the_calibration_file() {
         let dir = tempfile::tempdir().unwrap();
