@@ -350,6 +350,10 @@ fn candle_tensor_round_trip() {
     assert_eq!(y.dims(), &[2, 3, 4]);
     let want = wq.fake_quant(&data, 6, 4, amax.as_ref()).unwrap();
     assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+    let w = Tensor::from_vec(data.clone(), (6, 4), &Device::Cpu).unwrap().to_dtype(candle_core::DType::BF16).unwrap();
+    let wq_t = wq.fake_quant_weight_tensor(&w).unwrap();
+    let w32 = w.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(wq_t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), wq.fake_quant_weight(&w32, 6, 4).unwrap());
 }
 
 /// Every `format_name` of pipeline.yaml × every granularity overlay: each either builds
@@ -408,4 +412,96 @@ fn format_table() {
     }
     eprintln!("{}", rows.join("\n"));
     let _ = json!(null);
+}
+
+/// Gaussian-ish deterministic data (sum of uniforms), `n` values, std ≈ 1.
+fn gaussianish(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.max(1);
+    let mut u = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..n).map(|_| ((0..12).map(|_| u()).sum::<f64>() - 6.0) as f32).collect()
+}
+
+/// Quantization error bounds of every format on random data: |Q(x) − x| relative to the
+/// range of the group that scaled x. Prints the worst case per format (for the docs).
+#[test]
+fn quantization_error_is_within_each_formats_step() {
+    let (rows, cols) = (64, 256);
+    let x = gaussianish(rows * cols, 42);
+    let mut table = Vec::new();
+    // (format, role, bound on |err| / group amax)
+    let cases = [
+        ("INT8_DEFAULT_CFG", Role::Weight, 0.5 / 127.0),
+        ("INT8_DEFAULT_CFG", Role::Input, 0.5 / 127.0),
+        ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", Role::Weight, 0.5 / 7.0),
+        ("INT8_WEIGHT_INT4_ACT_CFG", Role::Input, 0.5 / 7.0),
+        ("FP8_DEFAULT_CFG", Role::Weight, 1.0 / 16.0),
+        ("NVFP4_DEFAULT_CFG", Role::Weight, 0.25),
+        ("W4A8_NVFP4_FP8_CFG", Role::Weight, 0.25),
+        ("MXFP4_DEFAULT_CFG", Role::Weight, 1.0 / 3.0),
+    ];
+    for (fmt, role, bound) in cases {
+        let c = config_for(fmt, &Map::new()).unwrap();
+        let q = if role == Role::Weight { c.weight_quantizer() } else { c.input_quantizer() };
+        let amax = q.observer().map(|mut o| {
+            o.observe(&x, rows, cols).unwrap();
+            o.amax().unwrap()
+        });
+        let y = q.fake_quant(&x, rows, cols, amax.as_ref()).unwrap();
+        // The range each element was scaled by: its block (if any) else the tensor's.
+        let block = q.scheme().block_size().unwrap_or(cols);
+        let mut worst = 0.0f64;
+        for r in 0..rows {
+            for b in (0..cols).step_by(block) {
+                let xb = &x[r * cols + b..r * cols + b + block];
+                let yb = &y[r * cols + b..r * cols + b + block];
+                let group_amax = match q.scheme() {
+                    Scheme::Scaled { kind: AmaxKind::PerTensor, .. } => amax.as_ref().unwrap().values[0],
+                    _ => xb.iter().fold(0.0f32, |m, v| m.max(v.abs())),
+                };
+                for (xv, yv) in xb.iter().zip(yb) {
+                    worst = worst.max(f64::from((yv - xv).abs()) / f64::from(group_amax));
+                }
+            }
+        }
+        assert!(worst <= bound * (1.0 + 1e-5), "{fmt} {role:?}: worst |err|/amax {worst} > {bound}");
+        assert!(worst > 0.0, "{fmt} {role:?}: no rounding at all?");
+        table.push(format!("| {fmt} | {role:?} | {worst:.5} | {bound:.5} |"));
+    }
+    eprintln!("| format | quantizer | worst abs err / group amax | bound |\n{}", table.join("\n"));
+}
+
+/// Throughput of the fake quantizers (run with `--ignored --nocapture`).
+#[test]
+#[ignore = "timing, prints figures"]
+fn fake_quant_throughput() {
+    let (rows, cols) = (4096, 4096);
+    let x = gaussianish(rows * cols, 7);
+    for fmt in [
+        "INT8_DEFAULT_CFG",
+        "FP8_DEFAULT_CFG",
+        "INT4_BLOCKWISE_WEIGHT_ONLY_CFG",
+        "NVFP4_DEFAULT_CFG",
+        "MXFP4_DEFAULT_CFG",
+    ] {
+        let q = config_for(fmt, &Map::new()).unwrap().weight_quantizer();
+        let amax = q.calibrate_weight(&x, rows, cols).unwrap();
+        let mut out = vec![0.0; x.len()];
+        q.fake_quant_into(&x, rows, cols, amax.as_ref(), &mut out).unwrap();
+        let reps = 5;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            q.fake_quant_into(&x, rows, cols, amax.as_ref(), &mut out).unwrap();
+        }
+        let dt = t.elapsed().as_secs_f64() / f64::from(reps);
+        eprintln!(
+            "{fmt}: [{rows}, {cols}] weight in {:.1} ms ({:.0} M elements/s)",
+            dt * 1e3,
+            (rows * cols) as f64 / dt / 1e6
+        );
+    }
 }
