@@ -58,4 +58,7 @@ mod tests;
 
 pub use fake::{Quantizer, Scheme};
 pub use observer::{Amax, AmaxKind, AmaxObserver};
-pub use spec::{config_for, known_formats, BlockSizes, NumBits, QuantConfig, QuantizerSpec, Role, NONE_DISPLAY_NAME};
+pub use spec::{
+    check_combination, config_for, known_formats, BlockSizes, NumBits, QuantConfig, QuantizerSpec, Role,
+    NONE_DISPLAY_NAME,
+};

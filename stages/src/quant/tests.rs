@@ -158,21 +158,27 @@ fn ref_nvfp4(x: &[f32], cols: usize, block: usize, global_amax: f32) -> Vec<f32>
 }
 
 fn ref_mxfp4(x: &[f32], cols: usize, block: usize) -> Vec<f32> {
+    ref_mx(x, cols, block, &E2M1)
+}
+
+/// MX with any element grid (ascending, non-negative, its top = the element max).
+fn ref_mx(x: &[f32], cols: usize, block: usize, grid: &[f32]) -> Vec<f32> {
+    let elem_max = grid[grid.len() - 1];
     let mut y = vec![0.0; x.len()];
     for start in (0..x.len()).step_by(cols) {
         let mut b0 = start;
         while b0 < start + cols {
             let b1 = (b0 + block).min(start + cols);
             let amax = x[b0..b1].iter().map(|v| v.abs()).fold(0.0f32, f32::max);
-            // Smallest power of two 2^e with 2^e >= amax / 6 (in f32), e in [-127, 127].
-            let ratio = amax / 6.0;
+            // Smallest power of two 2^e with 2^e >= amax / elem_max (in f32), e in [-127, 127].
+            let ratio = amax / elem_max;
             let mut e = -127i32;
             while e < 127 && f64::from(ratio) > 2f64.powi(e) {
                 e += 1;
             }
             let (scale, unscale) = if amax == 0.0 { (1.0, 1.0) } else { (2f64.powi(-e) as f32, 2f64.powi(e) as f32) };
             for i in b0..b1 {
-                let q = nearest(&E2M1, x[i].abs() * scale) * unscale;
+                let q = nearest(grid, x[i].abs() * scale) * unscale;
                 y[i] = if x[i] < 0.0 { -q } else { q };
             }
             b0 = b1;
@@ -246,6 +252,17 @@ fn mxfp4_matches_the_independent_reference() {
         let q = Quantizer::new(Scheme::Mx { elem: NumBits::FP4_E2M1, block }, Role::Weight, false, false);
         let y = q.fake_quant(&x, rows, cols, None).unwrap();
         assert_bits_eq(&y, &ref_mxfp4(&x, cols, block), &format!("mxfp4 [{rows}, {cols}] / {block}"));
+    }
+}
+
+#[test]
+fn mxfp8_matches_the_independent_reference() {
+    let grid = e4m3_values();
+    for (rows, cols, seed) in [(4, 64, 9), (3, 96, 10)] {
+        let x = fp4_test_tensor(rows, cols, seed);
+        let q = Quantizer::new(Scheme::Mx { elem: NumBits::FP8_E4M3, block: 32 }, Role::Weight, false, false);
+        let y = q.fake_quant(&x, rows, cols, None).unwrap();
+        assert_bits_eq(&y, &ref_mx(&x, cols, 32, &grid), "mxfp8");
     }
 }
 
@@ -376,12 +393,10 @@ fn pipeline_grid_builds_or_fails_with_a_reason() {
         for (gname, g) in grans {
             let ov = g["quant_cfg_overrides"].as_object().cloned().unwrap_or_default();
             let fp4_axis = p["weight"] == "fp4" && ov.get("*weight_quantizer").is_some_and(|w| w.get("axis").is_some());
-            match config_for(format, &ov) {
+            let shapes: Vec<(usize, usize)> = linears.iter().map(|&(o, i)| (i, o)).collect();
+            match check_combination(pair, gname, format, &ov, &shapes) {
                 Ok(c) => {
                     assert!(!fp4_axis, "{pair} × {gname} should have been rejected");
-                    for (out_f, in_f) in linears {
-                        c.check_shape(in_f, out_f).unwrap_or_else(|e| panic!("{pair} × {gname}: {e:#}"));
-                    }
                     let bits = c.effective_bits();
                     assert!(bits > 0.0 && bits <= 8.0, "{pair} × {gname}: {bits} bits");
                     assert!(c.display_name().ends_with(&format!("(effective-bits: {bits:?})")));
@@ -391,6 +406,7 @@ fn pipeline_grid_builds_or_fails_with_a_reason() {
                     let e = e.to_string();
                     assert!(fp4_axis, "{pair} × {gname} failed: {e}");
                     assert!(e.contains(format) && e.contains("*weight_quantizer") && e.contains("E2M1"), "{e}");
+                    assert!(e.contains(pair.as_str()) && e.contains(gname.as_str()), "{e}");
                     failed.push(format!("{pair} × {gname}"));
                 }
             }
@@ -399,6 +415,18 @@ fn pipeline_grid_builds_or_fails_with_a_reason() {
     eprintln!("grid: {built} built, {} rejected: {}", failed.len(), failed.join(", "));
     assert_eq!(built + failed.len(), 144);
     assert_eq!(failed.len(), 16);
+    // A group size that does not divide a Linear's input dimension is rejected with both.
+    let ov = serde_json::from_value(json!({"*weight_quantizer": {"block_sizes": {"-1": 128}}})).unwrap();
+    let e = check_combination(
+        "wint8_aint8",
+        "w_group128",
+        "INT8_DEFAULT_CFG",
+        &ov,
+        &[(4096, 2560), (2560, 9728), (200, 8)],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("wint8_aint8") && e.contains("w_group128") && e.contains("in_features = 200"), "{e}");
 }
 
 /// Prints the table of formats (effective bits, display name) for the docs and reports.
@@ -411,7 +439,6 @@ fn format_table() {
         assert_eq!(c.effective_bits(), c.weight.effective_bits().min(c.input.effective_bits()));
     }
     eprintln!("{}", rows.join("\n"));
-    let _ = json!(null);
 }
 
 /// Gaussian-ish deterministic data (sum of uniforms), `n` values, std ≈ 1.
