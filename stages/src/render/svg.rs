@@ -86,11 +86,15 @@ pub fn render(report: &Report) -> String {
     let cw = if n_layers <= 48 { 18 } else { (864 / n_layers).max(6) };
     let ch = 24;
     let left = 130;
-    let top = 58;
+    let top = 74;
+    let subtitle = "decoder layer × projection · colour = log10(sensitivity)";
+    let model_line = format!("model: {}", report.model_id());
     let grid_w = cw * n_layers.max(1);
     let grid_h = ch * projections.len().max(1);
     let legend_y = top + grid_h + 44;
-    let width = (left + grid_w + 20).max(left + 360);
+    // Sans-serif at 11px averages under 6.5px a character.
+    let text_w = 20 + (model_line.chars().count().max(subtitle.chars().count()) * 13).div_ceil(2);
+    let width = (left + grid_w + 20).max(left + 360).max(text_w);
     let height = legend_y + 62 + if other > 0 { 16 } else { 0 };
 
     let mut s = String::new();
@@ -107,8 +111,8 @@ pub fn render(report: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "<text x=\"10\" y=\"38\" fill=\"#555\">{} · decoder layer × projection · colour = log10(sensitivity)</text>",
-        esc(report.model_id())
+        "<text x=\"10\" y=\"38\" fill=\"#555\">{subtitle}</text>\n<text x=\"10\" y=\"54\" fill=\"#555\">{}</text>",
+        esc(&model_line)
     );
 
     // Row labels and cells.
