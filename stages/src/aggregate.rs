@@ -104,9 +104,10 @@ impl Recipe {
 
     /// Index of the quantized format: the first that is not `NONE`.
     pub fn quantized_index(&self) -> Result<usize> {
-        self.formats.iter().position(|f| !is_none_format(f)).ok_or_else(|| {
-            anyhow!("recipe `{}`: has no quantized format (formats: {:?})", self.name, self.formats)
-        })
+        self.formats
+            .iter()
+            .position(|f| !is_none_format(f))
+            .ok_or_else(|| anyhow!("recipe `{}`: has no quantized format (formats: {:?})", self.name, self.formats))
     }
 
     /// The quantized format's score: the recipe's sensitivity.
@@ -143,9 +144,8 @@ pub fn build_manifest(state: &Value, scheme: &Value, model: &Value) -> Result<Va
         .iter()
         .map(|v| v.as_str().ok_or_else(|| anyhow!("key `quantized_layers`: `{v}` is not a module name")))
         .collect::<Result<_>>()?;
-    let stats = key(state, "candidate_stats")?
-        .as_object()
-        .ok_or_else(|| anyhow!("key `candidate_stats` is not an object"))?;
+    let stats =
+        key(state, "candidate_stats")?.as_object().ok_or_else(|| anyhow!("key `candidate_stats` is not an object"))?;
     let recipes: Vec<Recipe> = stats
         .iter()
         .map(|(name, v)| Recipe::from_value(name, v).context("key `candidate_stats`"))

@@ -183,7 +183,8 @@ fn model_source(m: &ModelInfo) -> String {
 
 fn prerequisites(s: &mut String, m: &ModelInfo, c: &CalibInfo) {
     let _ = writeln!(s, "## Prerequisites\n");
-    let _ = writeln!(s, "- The `qpipe` binary (`cargo install --path .` in the repository, or `cargo run --release --`).");
+    let _ =
+        writeln!(s, "- The `qpipe` binary (`cargo install --path .` in the repository, or `cargo run --release --`).");
     match (&m.path, &m.repo) {
         (Some(p), _) => {
             let _ = writeln!(s, "- The checkpoint `{p}`: committed, nothing to download.");
@@ -301,7 +302,12 @@ pub fn pair_readme(p: &PairDoc, sens: &[Vec<(String, f64)>]) -> String {
             let (x, y) = stats::paired(&sens[i], &sens[j]);
             let rho = stats::spearman(&x, &y).map_or("n/a".to_string(), |r| format_f(r, 4));
             let k = 10.min(x.len());
-            let overlap = stats::top_k_overlap(&sens[i], &sens[j], 10);
+            // Top-10 among the layers both runs score, so the fraction is out of `k`.
+            let shared = |a: &[(String, f64)], b: &[(String, f64)]| -> Vec<(String, f64)> {
+                let names: std::collections::HashSet<&str> = b.iter().map(|(k, _)| k.as_str()).collect();
+                a.iter().filter(|(k, _)| names.contains(k.as_str())).cloned().collect()
+            };
+            let overlap = stats::top_k_overlap(&shared(&sens[i], &sens[j]), &shared(&sens[j], &sens[i]), 10);
             rows.push(format!(
                 "| {} vs {}{} | {} | {}/{} | {} |",
                 a.size,
@@ -401,7 +407,11 @@ pub fn model_readme(m: &ModelDoc) -> String {
         let _ = writeln!(s, "qpipe build {}    # one pair, Hydra style", p.overrides.join(" "));
     }
     let _ = writeln!(s, "qpipe status    # what is stale, and which input changed");
-    let _ = writeln!(s, "qpipe verify --parity <pair dir>    # e.g. {}", m.pairs.first().map_or("weight-int8-act-int8", |p| p.pair.dir.as_str()));
+    let _ = writeln!(
+        s,
+        "qpipe verify --parity <pair dir>    # e.g. {}",
+        m.pairs.first().map_or("weight-int8-act-int8", |p| p.pair.dir.as_str())
+    );
     let _ = writeln!(s, "qpipe clean    # drop the git-ignored .pt intermediates; the next build does no scoring");
     let _ = writeln!(s, "```\n");
     prerequisites(&mut s, &m.model, &m.calib);
@@ -439,7 +449,12 @@ pub(crate) mod tests {
         PairDoc {
             path: root.into(),
             pipeline_file: "pipeline.yaml".into(),
-            model: ModelInfo { name: "tiny".into(), path: Some("models/tiny/checkpoint".into()), repo: None, revision: None },
+            model: ModelInfo {
+                name: "tiny".into(),
+                path: Some("models/tiny/checkpoint".into()),
+                repo: None,
+                revision: None,
+            },
             calib: calib(),
             pair: PairInfo {
                 name: "wfp8_afp16".into(),
@@ -461,7 +476,11 @@ pub(crate) mod tests {
                     rel: format!("tiny_autoquant_wfp8_afp16_lm_{z}"),
                 })
                 .collect(),
-            overrides: vec!["model=tiny".into(), "quant_pair=wfp8_afp16".into(), "dataset.size=small,medium,large".into()],
+            overrides: vec![
+                "model=tiny".into(),
+                "quant_pair=wfp8_afp16".into(),
+                "dataset.size=small,medium,large".into(),
+            ],
         }
     }
 
@@ -471,7 +490,12 @@ pub(crate) mod tests {
         let a = sensitivities(&m).unwrap();
         let b = pair_doc_b(&a); // two layers trade sensitivities
         let text = pair_readme(&pair_doc(), &[a.clone(), a.clone(), b]);
-        assert!(text.contains("| small | 16 | [`tiny_autoquant_wfp8_afp16_lm_small/`](tiny_autoquant_wfp8_afp16_lm_small/)"), "{text}");
+        assert!(
+            text.contains(
+                "| small | 16 | [`tiny_autoquant_wfp8_afp16_lm_small/`](tiny_autoquant_wfp8_afp16_lm_small/)"
+            ),
+            "{text}"
+        );
         assert!(text.contains("| small vs medium | 1.0000 | 10/10 | 12 |"), "{text}");
         let rho = stats::spearman_by_name(&a, &pair_doc_b(&a)).unwrap();
         assert!(rho < 1.0);
@@ -515,5 +539,35 @@ pub(crate) mod tests {
         assert!(text.contains("| [weight-fp8-act-fp16](weight-fp8-act-fp16/README.md) | fp8 | fp16 | `FP8_WEIGHT_ONLY_CFG` | small, medium, large |"), "{text}");
         assert!(text.contains("| small | 16 |"));
         assert!(text.contains("qpipe clean"));
+    }
+
+    #[test]
+    fn stage_reads_the_manifests_and_writes_the_readme() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut deps = Vec::new();
+        for (i, n) in [2usize, 3, 4].iter().enumerate() {
+            let m = build_manifest(&synthetic_state(*n, "FP8"), &scheme(), &json!({"id": "m"})).unwrap();
+            let p = dir.path().join(format!("m{i}.json"));
+            crate::pyjson::write(&p, &m).unwrap();
+            deps.push(p);
+        }
+        let params = serde_json::to_value(DocsParams::Pair(pair_doc())).unwrap();
+        let outs = [dir.path().join("README.md.tmp")];
+        let job = Job {
+            id: "docs@x",
+            root: dir.path(),
+            params: &params,
+            locators: &json!({}),
+            deps: &deps,
+            outs: &outs,
+            final_outs: &[std::path::PathBuf::from("README.md")],
+            progress: &crate::contract::Silent,
+        };
+        Docs.run(&job).unwrap();
+        let text = std::fs::read_to_string(&outs[0]).unwrap();
+        // small (2 layers = 8 recipes) vs medium (3 layers = 12): 8 shared recipes.
+        assert!(text.contains("| small vs medium | 1.0000 | 8/8 | 8 |"), "{text}");
+        let e = format!("{:#}", Docs.run(&Job { deps: &deps[..2], ..job }).unwrap_err());
+        assert!(e.contains("3 runs but 2 manifests"), "{e}");
     }
 }

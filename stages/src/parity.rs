@@ -73,7 +73,9 @@ fn load_side(label: &'static str, dir: &Path, report: &mut ParityReport) -> Opti
             let mut v: Vec<PathBuf> = rd
                 .filter_map(Result::ok)
                 .map(|e| e.path())
-                .filter(|p| p.is_file() && p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(MANIFEST_SUFFIX)))
+                .filter(|p| {
+                    p.is_file() && p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(MANIFEST_SUFFIX))
+                })
                 .collect();
             v.sort();
             v
@@ -134,7 +136,7 @@ fn type_name(v: &Value) -> &'static str {
 /// Key paths → value types. Objects at `maps` (top-level keys) are collections keyed by
 /// module: their members are merged under `<key>.*`; list items are merged under `[]`.
 pub fn schema(v: &Value, maps: &[&str]) -> BTreeMap<String, BTreeSet<&'static str>> {
-    fn walk<'a>(v: &'a Value, path: String, is_map: bool, maps: &[&str], out: &mut BTreeMap<String, BTreeSet<&'static str>>) {
+    fn walk(v: &Value, path: String, is_map: bool, maps: &[&str], out: &mut BTreeMap<String, BTreeSet<&'static str>>) {
         if !path.is_empty() {
             out.entry(path.clone()).or_default().insert(type_name(v));
         }
@@ -168,7 +170,9 @@ fn schema_drift(file: &str, a: &Value, b: &Value, maps: &[&str], report: &mut Pa
     let (sa, sb) = (schema(a, maps), schema(b, maps));
     for (k, ta) in &sa {
         match sb.get(k) {
-            None => report.drift.push(format!("schema drift in `{file}`: key `{k}` is in committed, missing in candidate")),
+            None => {
+                report.drift.push(format!("schema drift in `{file}`: key `{k}` is in committed, missing in candidate"))
+            }
             Some(tb) if ta != tb => report.drift.push(format!(
                 "schema drift in `{file}`: key `{k}` is {} in committed, {} in candidate",
                 ta.iter().copied().collect::<Vec<_>>().join("|"),
@@ -202,9 +206,7 @@ fn importances(m: &Value) -> Vec<(String, Option<f64>)> {
     m.get("layer_sensitivity")
         .and_then(Value::as_object)
         .map(|ls| {
-            ls.iter()
-                .map(|(k, v)| (normalize(k).to_string(), v.get("importance").and_then(Value::as_f64)))
-                .collect()
+            ls.iter().map(|(k, v)| (normalize(k).to_string(), v.get("importance").and_then(Value::as_f64))).collect()
         })
         .unwrap_or_default()
 }
@@ -221,8 +223,16 @@ pub fn rel_diff(a: f64, b: f64) -> f64 {
 
 fn compare_layers(ma: &Value, mb: &Value, tol: &Tolerance, report: &mut ParityReport) {
     let (ia, ib) = (importances(ma), importances(mb));
-    let raw_a: Vec<&str> = ma.get("layer_sensitivity").and_then(Value::as_object).map(|m| m.keys().map(String::as_str).collect()).unwrap_or_default();
-    let raw_b: Vec<&str> = mb.get("layer_sensitivity").and_then(Value::as_object).map(|m| m.keys().map(String::as_str).collect()).unwrap_or_default();
+    let raw_a: Vec<&str> = ma
+        .get("layer_sensitivity")
+        .and_then(Value::as_object)
+        .map(|m| m.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    let raw_b: Vec<&str> = mb
+        .get("layer_sensitivity")
+        .and_then(Value::as_object)
+        .map(|m| m.keys().map(String::as_str).collect())
+        .unwrap_or_default();
     let renamed = |raw: &[&str]| raw.iter().filter(|k| normalize(k) != **k && !is_vision(k)).count();
     for (label, raw) in [("committed", &raw_a), ("candidate", &raw_b)] {
         let n = renamed(raw);
@@ -405,7 +415,8 @@ pub fn files_named(dir: &Path, suffix: &str) -> Vec<PathBuf> {
 pub(crate) fn legacy_dir() -> Option<PathBuf> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let rel = "reference/legacy-layer-analysis";
-    let found = [repo.join("../shared").join(rel), PathBuf::from("/work/shared").join(rel)].into_iter().find(|p| p.is_dir());
+    let found =
+        [repo.join("../shared").join(rel), PathBuf::from("/work/shared").join(rel)].into_iter().find(|p| p.is_dir());
     if found.is_none() {
         eprintln!("SKIP: legacy artifacts not found at <repo>/../shared/{rel} or /work/shared/{rel}");
     }
@@ -417,8 +428,8 @@ mod tests {
     use super::*;
     use crate::aggregate::build_manifest;
     use crate::aggregate::tests::{scheme, synthetic_state};
-    use crate::render::{markdown, svg, Report};
     use crate::pyjson;
+    use crate::render::{markdown, svg, Report};
 
     /// Write a run folder the way aggregate + render do.
     fn write_run(dir: &Path, manifest: &Value) {
@@ -468,7 +479,10 @@ mod tests {
             m["layer_sensitivity"]["layers.2.mlp.down_proj.quant_recipe"]["importance"] = json!(0.5)
         });
         let r = compare(&a, &b, &Tolerance::default());
-        assert!(r.drift.iter().any(|d| d.contains("layer `layers.2.mlp.down_proj.quant_recipe`: sensitivity 0.5")), "{r:#?}");
+        assert!(
+            r.drift.iter().any(|d| d.contains("layer `layers.2.mlp.down_proj.quant_recipe`: sensitivity 0.5")),
+            "{r:#?}"
+        );
         assert_eq!(r.figures["worst_layer"], json!("layers.2.mlp.down_proj.quant_recipe"));
         // The committed JSON no longer matches its manifest either.
         assert!(r.drift.iter().any(|d| d.contains("committed: layer `layers.2.mlp.down_proj`")), "{r:#?}");
@@ -477,7 +491,8 @@ mod tests {
         let (_t, a, b) = two_runs();
         edit(&a.join(REPORT_JSON), |j| j["layer_sensitivity"][3]["sensitivity"] = json!(1.0e-30));
         let r = compare(&a, &b, &Tolerance::default());
-        let layer = pyjson::read(&a.join(REPORT_JSON)).unwrap()["layer_sensitivity"][3]["layer"].as_str().unwrap().to_string();
+        let layer =
+            pyjson::read(&a.join(REPORT_JSON)).unwrap()["layer_sensitivity"][3]["layer"].as_str().unwrap().to_string();
         assert!(r.drift.iter().any(|d| d.contains(&format!("row 4 (layer `{layer}`), column Sensitivity"))), "{r:#?}");
     }
 
@@ -529,7 +544,10 @@ mod tests {
         });
         let r = compare(&a, &b, &Tolerance::default());
         let has = |s: &str| r.drift.iter().any(|d| d.contains(s));
-        assert!(has("1 baseline-only layer(s), only in committed (baseline): `layers.1.self_attn.o_proj.quant_recipe`"), "{r:#?}");
+        assert!(
+            has("1 baseline-only layer(s), only in committed (baseline): `layers.1.self_attn.o_proj.quant_recipe`"),
+            "{r:#?}"
+        );
         assert!(has("ranking: Spearman"), "{r:#?}");
         assert!(r.figures["spearman"].as_f64().unwrap() < 0.0);
     }
@@ -539,7 +557,10 @@ mod tests {
         let (_t, a, b) = two_runs();
         std::fs::write(b.join(REPORT_JSON), "{ not json").unwrap();
         let r = compare(&a, &b, &Tolerance::default());
-        assert!(r.errors.iter().any(|e| e.contains("per-layer-sensitivity.json") && e.contains("not valid JSON")), "{r:#?}");
+        assert!(
+            r.errors.iter().any(|e| e.contains("per-layer-sensitivity.json") && e.contains("not valid JSON")),
+            "{r:#?}"
+        );
         let r = compare(&a, &a.join("nope"), &Tolerance::default());
         assert!(r.errors.iter().any(|e| e.contains("does not exist")), "{r:#?}");
     }
@@ -553,7 +574,12 @@ mod tests {
         let mut checked = 0;
         for path in files_named(&legacy, MANIFEST_SUFFIX) {
             let theirs = pyjson::read(&path).unwrap();
-            assert_eq!(schema(&ours, &["layers", "layer_sensitivity"]), schema(&theirs, &["layers", "layer_sensitivity"]), "{}", path.display());
+            assert_eq!(
+                schema(&ours, &["layers", "layer_sensitivity"]),
+                schema(&theirs, &["layers", "layer_sensitivity"]),
+                "{}",
+                path.display()
+            );
             let theirs = pyjson::read(&path.parent().unwrap().join(REPORT_JSON)).unwrap();
             assert_eq!(schema(&our_json, &[]), schema(&theirs, &[]), "{}", path.display());
             checked += 1;
@@ -575,7 +601,8 @@ mod tests {
                 stats.insert(normalize(k).to_string(), v.clone());
             }
         }
-        let layers: Vec<&str> = m["layers"].as_object().unwrap().keys().filter(|k| !is_vision(k)).map(|k| normalize(k)).collect();
+        let layers: Vec<&str> =
+            m["layers"].as_object().unwrap().keys().filter(|k| !is_vision(k)).map(|k| normalize(k)).collect();
         let a = &m["autoquant_state"];
         let state = json!({"quantized_layers": layers, "candidate_stats": stats, "constraints": a["constraints"],
                            "best": {"score": a["score"], "is_satisfied": a["is_satisfied"]}});

@@ -24,7 +24,8 @@ use crate::pyjson;
 pub struct Render;
 
 /// Default file names, in the order of the stage's outs.
-pub const OUT_NAMES: [&str; 3] = ["per-layer-sensitivity.json", "per-layer-sensitivity.md", "per-layer-sensitivity.svg"];
+pub const OUT_NAMES: [&str; 3] =
+    ["per-layer-sensitivity.json", "per-layer-sensitivity.md", "per-layer-sensitivity.svg"];
 
 impl Stage for Render {
     fn kind(&self) -> &'static str {
@@ -36,7 +37,12 @@ impl Stage for Render {
     fn run(&self, job: &Job<'_>) -> Result<()> {
         let manifest_path = job.deps.first().ok_or_else(|| anyhow!("`{}`: no manifest in deps", job.id))?;
         if job.outs.len() != 3 {
-            anyhow::bail!("`{}`: render writes 3 files ({}), got {} outs", job.id, OUT_NAMES.join(", "), job.outs.len());
+            anyhow::bail!(
+                "`{}`: render writes 3 files ({}), got {} outs",
+                job.id,
+                OUT_NAMES.join(", "),
+                job.outs.len()
+            );
         }
         let manifest = pyjson::read(manifest_path)?;
         let report = Report::from_manifest(&manifest)
@@ -147,8 +153,14 @@ mod tests {
         assert_eq!(tail, ["layers.0.mlp.gate_proj", "layers.0.mlp.down_proj"]);
         assert_eq!(r.rows[0].num_bits, 8.0);
         let j = r.to_json();
-        assert_eq!(j.as_object().unwrap().keys().collect::<Vec<_>>(), ["scheme", "model", "autoquant_state", "layer_sensitivity"]);
-        assert_eq!(j["layer_sensitivity"][0].as_object().unwrap().keys().collect::<Vec<_>>(), ["layer", "num_bits", "sensitivity", "size_cost"]);
+        assert_eq!(
+            j.as_object().unwrap().keys().collect::<Vec<_>>(),
+            ["scheme", "model", "autoquant_state", "layer_sensitivity"]
+        );
+        assert_eq!(
+            j["layer_sensitivity"][0].as_object().unwrap().keys().collect::<Vec<_>>(),
+            ["layer", "num_bits", "sensitivity", "size_cost"]
+        );
     }
 
     #[test]

@@ -126,7 +126,10 @@ mod tests {
         assert_eq!(lines[9], "**Effective bits (from search):** `8.0000`");
         assert_eq!(lines[11], "**Total AutoQuant score:** `2.700000e-01`");
         assert_eq!(lines[13], "**Constraint satisfied:** `True`");
-        assert!(lines[15].starts_with("![Per-layer sensitivity heatmap") && lines[15].ends_with("(per-layer-sensitivity.svg)"));
+        assert!(
+            lines[15].starts_with("![Per-layer sensitivity heatmap")
+                && lines[15].ends_with("(per-layer-sensitivity.svg)")
+        );
         assert!(md.ends_with("|layers.0.mlp.down_proj|8.0|0.000e+00|6.554e+04|\n"), "{md}");
         assert_eq!(figure_link(&md).as_deref(), Some("per-layer-sensitivity.svg"));
         assert_eq!(strip_figure(&md), render(&report(), None));

@@ -144,7 +144,11 @@ pub fn render(report: &Report) -> String {
     let step = if cw >= 14 { 1 } else { 5 };
     for l in (0..n_layers).step_by(step) {
         let x = left + l * cw + cw / 2;
-        let _ = writeln!(s, "<text x=\"{x}\" y=\"{}\" text-anchor=\"middle\" fill=\"#444\" font-size=\"9\">{l}</text>", top + grid_h + 12);
+        let _ = writeln!(
+            s,
+            "<text x=\"{x}\" y=\"{}\" text-anchor=\"middle\" fill=\"#444\" font-size=\"9\">{l}</text>",
+            top + grid_h + 12
+        );
     }
     let _ = writeln!(
         s,
@@ -161,7 +165,12 @@ pub fn render(report: &Report) -> String {
         let _ = writeln!(s, "<stop offset=\"{:.3}\" stop-color=\"{}\"/>", t, colour(t));
     }
     let _ = writeln!(s, "</linearGradient></defs>");
-    let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" fill=\"#222\">sensitivity</text>", left - 6, legend_y + 10);
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" fill=\"#222\">sensitivity</text>",
+        left - 6,
+        legend_y + 10
+    );
     let _ = writeln!(s, "<rect x=\"{left}\" y=\"{legend_y}\" width=\"{lw}\" height=\"12\" fill=\"url(#scale)\"/>");
     let decades = (hi - lo) as usize;
     let every = decades.div_ceil(8).max(1);
@@ -170,8 +179,14 @@ pub fn render(report: &Report) -> String {
             continue;
         }
         let x = left + (lw * k) / decades;
-        let _ = writeln!(s, "<line x1=\"{x}\" y1=\"{}\" x2=\"{x}\" y2=\"{}\" stroke=\"#222\"/>", legend_y + 12, legend_y + 16);
-        let _ = writeln!(s, "<text x=\"{x}\" y=\"{}\" text-anchor=\"middle\" fill=\"#222\">1e{d}</text>", legend_y + 28);
+        let _ = writeln!(
+            s,
+            "<line x1=\"{x}\" y1=\"{}\" x2=\"{x}\" y2=\"{}\" stroke=\"#222\"/>",
+            legend_y + 12,
+            legend_y + 16
+        );
+        let _ =
+            writeln!(s, "<text x=\"{x}\" y=\"{}\" text-anchor=\"middle\" fill=\"#222\">1e{d}</text>", legend_y + 28);
     }
     let zx = left + lw + 16;
     let _ = writeln!(s, "<rect x=\"{zx}\" y=\"{legend_y}\" width=\"12\" height=\"12\" fill=\"{ZERO_FILL}\"/>");
@@ -197,7 +212,10 @@ mod tests {
     #[test]
     fn decoder_layers_are_recognised() {
         assert_eq!(split_decoder_layer("layers.12.mlp.gate_proj"), Some((12, "mlp.gate_proj")));
-        assert_eq!(split_decoder_layer("model.language_model.layers.3.self_attn.o_proj"), Some((3, "self_attn.o_proj")));
+        assert_eq!(
+            split_decoder_layer("model.language_model.layers.3.self_attn.o_proj"),
+            Some((3, "self_attn.o_proj"))
+        );
         assert_eq!(split_decoder_layer("visual.blocks.0.attn.qkv"), None);
     }
 
@@ -212,7 +230,7 @@ mod tests {
         assert_eq!(svg.matches("<title>layers.").count(), 12);
         assert!(svg.contains("<title>layers.1.mlp.gate_proj: 1.700e-06</title>"), "{svg}");
         assert!(svg.contains("m &amp; &lt;n&gt;"));
-        assert!(svg.contains(&format!("fill=\"{ZERO_FILL}\"><title>") ) || svg.contains(ZERO_FILL));
+        assert!(svg.contains(&format!("fill=\"{ZERO_FILL}\"><title>")) || svg.contains(ZERO_FILL));
         assert!(svg.contains("1 recipe(s) outside the decoder layers"));
         assert!(svg.contains(">1e-8<") && svg.contains(">1e1<"), "{svg}");
         assert!(!svg.contains("<script") && !svg.contains("@import") && !svg.contains("href=\"http"));
