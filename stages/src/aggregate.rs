@@ -18,7 +18,8 @@
 //! - `rank` is the 1-based position in a *stable* ascending sort by importance (ties keep
 //!   the search's order), and `sensitivity_ranking` lists the recipes in that order.
 //! - `autoquant_state.keys` are ModelOpt's state keys present in the state
-//!   (`candidate_stats`, `best`, `constraints`); `score`/`is_satisfied` come from `best`.
+//!   (`candidate_stats`, `best`, `constraints`); `constraints` (the achieved values), `score`
+//!   and `is_satisfied` come from `best`.
 
 use std::path::Path;
 
@@ -154,10 +155,12 @@ pub fn build_manifest(state: &Value, scheme: &Value, model: &Value) -> Result<Va
     let (rank, order) = rank_ascending(&importance);
 
     let best = key(state, "best")?;
-    let constraints = state
+    // The search's outcome (`best.constraints`: the achieved values, what the report
+    // calls "Effective bits (from search)"), else the requested constraints.
+    let constraints = best
         .get("constraints")
-        .or_else(|| best.get("constraints"))
-        .ok_or_else(|| anyhow!("key `constraints` is missing (neither top-level nor in `best`)"))?;
+        .or_else(|| state.get("constraints"))
+        .ok_or_else(|| anyhow!("key `best.constraints` is missing (and there is no top-level `constraints`)"))?;
     let score = key(best, "score").context("in key `best`")?;
     let is_satisfied = key(best, "is_satisfied").context("in key `best`")?;
     let keys: Vec<&str> = MODELOPT_STATE_KEYS.into_iter().filter(|k| state.get(*k).is_some()).collect();
@@ -313,6 +316,17 @@ pub(crate) mod tests {
         }
         let imps: Vec<f64> = ranking.iter().map(|e| e["importance"].as_f64().unwrap()).collect();
         assert!(imps.windows(2).all(|w| w[0] <= w[1]), "{imps:?}");
+    }
+
+    #[test]
+    fn constraints_are_the_searchs_outcome() {
+        let mut s = synthetic_state(1, "FP8");
+        s["best"]["constraints"] = json!({"effective_bits": 7.5});
+        let m = build_manifest(&s, &scheme(), &json!({})).unwrap();
+        assert_eq!(m["autoquant_state"]["constraints"], json!({"effective_bits": 7.5}));
+        s["best"].as_object_mut().unwrap().remove("constraints");
+        let m = build_manifest(&s, &scheme(), &json!({})).unwrap();
+        assert_eq!(m["autoquant_state"]["constraints"], json!({"effective_bits": 8.0}));
     }
 
     #[test]
