@@ -620,9 +620,9 @@ fn docs_instances(ctx: &PlanContext, planned: &[RunPlan]) -> Result<Vec<Instance
         let pair = pair_info(first);
         let doc = PairDoc {
             path: pair_path.clone(),
-            pipeline_file: rel(&ctx.pipeline_file),
-            model: model_info(first),
-            calib: calib_info(first),
+            pipeline_file: workspace_rel(ctx, &ctx.pipeline_file),
+            model: model_info(ctx, first),
+            calib: calib_info(ctx, first),
             pair: pair.clone(),
             runs: run_docs,
             overrides: overrides.clone(),
@@ -653,9 +653,9 @@ fn docs_instances(ctx: &PlanContext, planned: &[RunPlan]) -> Result<Vec<Instance
     for (root, summaries, first) in models {
         let doc = ModelDoc {
             path: root.clone(),
-            pipeline_file: rel(&ctx.pipeline_file),
-            model: model_info(&first.cfg),
-            calib: calib_info(&first.cfg),
+            pipeline_file: workspace_rel(ctx, &ctx.pipeline_file),
+            model: model_info(ctx, &first.cfg),
+            calib: calib_info(ctx, &first.cfg),
             pairs: summaries,
         };
         out.push(Instance {
@@ -671,17 +671,33 @@ fn docs_instances(ctx: &PlanContext, planned: &[RunPlan]) -> Result<Vec<Instance
     Ok(out)
 }
 
-fn model_info(cfg: &RunConfig) -> crate::docs::ModelInfo {
+/// A path for generated docs: workspace-relative when it is inside the workspace, else
+/// `None` (an absolute path would make the docs depend on the machine).
+fn workspace_rel_opt(ctx: &PlanContext, p: &Path) -> Option<String> {
+    if !p.is_absolute() {
+        return Some(rel(p));
+    }
+    let root = ctx.root.canonicalize().unwrap_or_else(|_| ctx.root.clone());
+    p.strip_prefix(&ctx.root).or_else(|_| p.strip_prefix(&root)).ok().map(rel)
+}
+
+/// [`workspace_rel_opt`], falling back to the file name.
+fn workspace_rel(ctx: &PlanContext, p: &Path) -> String {
+    workspace_rel_opt(ctx, p)
+        .unwrap_or_else(|| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+}
+
+fn model_info(ctx: &PlanContext, cfg: &RunConfig) -> crate::docs::ModelInfo {
     let m = &cfg.model;
     crate::docs::ModelInfo {
         name: m.name.clone(),
-        path: m.path.as_deref().filter(|p| !Path::new(p).is_absolute()).map(|p| rel(Path::new(p))),
+        path: m.path.as_deref().and_then(|p| workspace_rel_opt(ctx, Path::new(p))),
         repo: if m.path.is_none() { m.repo.clone() } else { None },
         revision: if m.path.is_none() { m.revision.clone() } else { None },
     }
 }
 
-fn calib_info(cfg: &RunConfig) -> crate::docs::CalibInfo {
+fn calib_info(ctx: &PlanContext, cfg: &RunConfig) -> crate::docs::CalibInfo {
     let d = &cfg.dataset;
     let mut sizes: Vec<crate::docs::SizeInfo> = d
         .size_to_max_samples
@@ -691,7 +707,7 @@ fn calib_info(cfg: &RunConfig) -> crate::docs::CalibInfo {
     sizes.sort_by(|a, b| (a.samples, &a.name).cmp(&(b.samples, &b.name)));
     let a = &cfg.autoquant;
     crate::docs::CalibInfo {
-        captions_path: rel(Path::new(&d.captions_path)),
+        captions_path: workspace_rel(ctx, Path::new(&d.captions_path)),
         seq_len: d.calib_seq_len,
         sizes,
         method: a.method.as_str().into(),
@@ -842,7 +858,7 @@ mod tests {
     fn published_runs_get_pair_and_model_readmes() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("c.txt"), "a\n").unwrap();
-        let ctx = PlanContext { root: dir.path().to_path_buf(), ..ctx() };
+        let ctx = PlanContext { root: dir.path().to_path_buf(), pipeline_file: dir.path().join("pipeline.yaml") };
         let mut runs = Vec::new();
         for size in ["large", "small", "medium"] {
             let mut config = base();
@@ -878,6 +894,7 @@ mod tests {
         assert_eq!(model.id, "docs@models/tiny/layer-analysis");
         assert!(model.deps.is_empty());
         assert_eq!(model.params["pairs"][0]["sizes"], json!(["small", "medium", "large"]));
+        assert_eq!(model.params["pipeline_file"], json!("pipeline.yaml"));
         // Deterministic, and nothing machine-specific in the parameters.
         let again = plan(&ctx, &runs).unwrap();
         assert_eq!(inst, again);
