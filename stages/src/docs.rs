@@ -174,10 +174,10 @@ Do not edit: change pipeline.yaml or the docs stage, then rebuild. -->";
 
 fn model_source(m: &ModelInfo) -> String {
     match (&m.path, &m.repo, &m.revision) {
-        (Some(p), _, _) => format!("the local checkpoint `{p}` (committed with the repository)"),
-        (None, Some(r), Some(rev)) => format!("the hub model `{r}` at revision `{rev}`"),
-        (None, Some(r), None) => format!("the hub model `{r}`"),
-        _ => "a local checkpoint folder outside the workspace (`model.path`)".to_string(),
+        (Some(p), _, _) => format!("local checkpoint `{p}`"),
+        (None, Some(r), Some(rev)) => format!("hub model `{r}` at revision `{rev}`"),
+        (None, Some(r), None) => format!("hub model `{r}`"),
+        _ => "a checkpoint folder outside the workspace, given with `model.path`".to_string(),
     }
 }
 
@@ -187,7 +187,7 @@ fn prerequisites(s: &mut String, m: &ModelInfo, c: &CalibInfo) {
         writeln!(s, "- The `qpipe` binary (`cargo install --path .` in the repository, or `cargo run --release --`).");
     match (&m.path, &m.repo) {
         (Some(p), _) => {
-            let _ = writeln!(s, "- The checkpoint `{p}`: committed, nothing to download.");
+            let _ = writeln!(s, "- The checkpoint folder `{p}` in the workspace (no download).");
         }
         (None, Some(r)) => {
             let _ = writeln!(
@@ -364,7 +364,7 @@ pub fn model_readme(m: &ModelDoc) -> String {
     let _ = writeln!(
         s,
         "Per-layer quantization sensitivity analyses (ModelOpt `auto_quantize` semantics) of the language model \
-         of `{}`, {}. One folder per (weight, activation) pair, one run folder per calibration size.\n",
+         of `{}` ({}). One folder per (weight, activation) pair, one run folder per calibration size.\n",
         m.model.name,
         model_source(&m.model)
     );
@@ -444,7 +444,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn pair_doc() -> PairDoc {
+    pub(crate) fn pair_doc() -> PairDoc {
         let root = "models/tiny/layer-analysis/weight-fp8-act-fp16";
         PairDoc {
             path: root.into(),
