@@ -249,11 +249,11 @@ fn compare_layers(ma: &Value, mb: &Value, tol: &Tolerance, report: &mut ParityRe
     let names_b: BTreeSet<&str> = ib.iter().map(|(k, _)| k.as_str()).collect();
     let only_a: Vec<&str> = names_a.difference(&names_b).copied().collect();
     let only_b: Vec<&str> = names_b.difference(&names_a).copied().collect();
-    for (label, only) in [("committed (baseline)", &only_a), ("candidate", &only_b)] {
+    for (label, only) in [("committed", &only_a), ("candidate", &only_b)] {
         let (vision, lm): (Vec<&str>, Vec<&str>) = only.iter().partition(|k| is_vision(k));
         if !vision.is_empty() {
             report.notes.push(format!(
-                "scope difference: only {label} lists {} vision-tower recipes (e.g. `{}`): it came from a \
+                "scope difference: only the {label} files list {} vision-tower recipes (e.g. `{}`): it came from a \
                  full-model scope, while LM-only runs score the language model alone; they are left out of the \
                  comparison",
                 vision.len(),
@@ -261,7 +261,7 @@ fn compare_layers(ma: &Value, mb: &Value, tol: &Tolerance, report: &mut ParityRe
             ));
         }
         if !lm.is_empty() {
-            let which = if label.starts_with("committed") { "baseline-only" } else { "new" };
+            let which = if label == "committed" { "baseline-only" } else { "new" };
             report.drift.push(format!(
                 "layer set: {} {which} layer(s), only in {label}: {}{}",
                 lm.len(),
@@ -544,10 +544,7 @@ mod tests {
         });
         let r = compare(&a, &b, &Tolerance::default());
         let has = |s: &str| r.drift.iter().any(|d| d.contains(s));
-        assert!(
-            has("1 baseline-only layer(s), only in committed (baseline): `layers.1.self_attn.o_proj.quant_recipe`"),
-            "{r:#?}"
-        );
+        assert!(has("1 baseline-only layer(s), only in committed: `layers.1.self_attn.o_proj.quant_recipe`"), "{r:#?}");
         assert!(has("ranking: Spearman"), "{r:#?}");
         assert!(r.figures["spearman"].as_f64().unwrap() < 0.0);
     }
@@ -614,6 +611,11 @@ mod tests {
         assert!(r.notes.iter().any(|n| n.contains("105 vision-tower recipes")), "{r:#?}");
         assert!(r.notes.iter().any(|n| n.contains("module prefix")), "{r:#?}");
         assert_eq!(r.figures["layers_compared"], json!(144));
+
+        // The other way round (`--baseline` passes the baseline as the candidate).
+        let r = compare(t.path(), &committed, &Tolerance::default());
+        assert!(r.errors.is_empty() && r.drift.is_empty(), "{r:#?}");
+        assert!(r.notes.iter().any(|n| n.contains("only the candidate files list 105 vision-tower recipes")), "{r:#?}");
 
         // Against a synthetic run that shares nothing: drift, still no panic, no errors.
         let (_t, _a, b) = two_runs();
