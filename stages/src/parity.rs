@@ -584,6 +584,36 @@ mod tests {
         assert!(checked >= 7);
     }
 
+    /// The `scheme` and `model` the planner gives aggregate have the legacy key sets.
+    #[test]
+    fn planned_scheme_and_model_have_the_legacy_keys() {
+        let Some(legacy) = legacy_dir() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.txt"), "a\n").unwrap();
+        let config = json!({
+            "model": {"name": "tiny", "path": "."},
+            "dataset": {"name": "captions", "captions_path": "c.txt", "size": "small",
+                        "size_to_max_samples": {"small": 16}, "calib_seq_len": 512},
+            "quant_pair": {"name": "wfp8_afp16", "weight": "fp8", "activation": "fp16",
+                           "format_name": "FP8_WEIGHT_ONLY_CFG"},
+            "quant_granularity": {"name": "default"},
+            "autoquant": {"method": "gradient", "batch_size": 8, "score_size": 128,
+                          "effective_bits": 8.0, "device": "auto"},
+            "output_layout": {"name": "publish", "mode": "publish", "root_dir": "models/tiny/layer-analysis"},
+            "runner": {}
+        });
+        let ctx = crate::contract::PlanContext { root: dir.path().into(), pipeline_file: "pipeline.yaml".into() };
+        let run = crate::contract::Run { config, overrides: vec![], published: false };
+        let inst = crate::plan::plan(&ctx, &[run]).unwrap();
+        let agg = inst.iter().find(|i| i.kind == "aggregate").unwrap();
+        for path in files_named(&legacy, MANIFEST_SUFFIX) {
+            let theirs = pyjson::read(&path).unwrap();
+            for key in ["scheme", "model"] {
+                assert_eq!(schema(&agg.params[key], &[]), schema(&theirs[key], &[]), "`{key}` vs {}", path.display());
+            }
+        }
+    }
+
     /// The legacy INT8 "LM-only" folder as the baseline of an LM-only run made from the same
     /// numbers: scope-difference notes (vision modules, module prefix), no drift, no panic.
     #[test]
