@@ -83,7 +83,8 @@ pub fn render(report: &Report) -> String {
     };
     let t_of = |v: f64| (v.log10() - f64::from(lo)) / f64::from(hi - lo);
 
-    let cw = if n_layers <= 48 { 18 } else { (864 / n_layers).max(6) };
+    // Wide cells for a few layers, 18 px up to 48 layers, thinner beyond.
+    let cw = if n_layers <= 48 { (640 / n_layers.max(1)).clamp(18, 56) } else { (864 / n_layers).max(6) };
     let ch = 24;
     let left = 130;
     let top = 74;
