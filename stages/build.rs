@@ -26,8 +26,8 @@ const SOURCE_SETS: &[(&str, &[&str])] = &[
         ],
     ),
     ("AGGREGATE", &["src/aggregate.rs", "src/pyjson.rs"]),
-    ("RENDER", &["src/render.rs", "src/render", "src/pyjson.rs"]),
-    ("DOCS", &["src/docs.rs", "src/stats.rs"]),
+    ("RENDER", &["src/render.rs", "src/render", "src/aggregate.rs", "src/pyjson.rs"]),
+    ("DOCS", &["src/docs.rs", "src/stats.rs", "src/pyjson.rs"]),
 ];
 
 fn files_under(path: &Path, out: &mut Vec<PathBuf>) {

@@ -571,9 +571,191 @@ fn run_instances(ctx: &PlanContext, cfg: &RunConfig) -> Result<(Vec<Instance>, P
 }
 
 /// One README per published pair folder and one per model's `layer-analysis/` folder.
+///
+/// Only published runs placed by the output layout count (not `runner.output_dir` runs,
+/// nor layouts outside the workspace). Parameters are built from the runs' configs and
+/// hold workspace-relative paths only, so they key the same on every machine.
 fn docs_instances(ctx: &PlanContext, planned: &[RunPlan]) -> Result<Vec<Instance>> {
-    let _ = (ctx, planned);
-    Ok(Vec::new())
+    use crate::docs::{DocsParams, ModelDoc, PairDoc, PairSummary, RunDoc};
+
+    // (layout root, pair dir) → runs, and layout root → pair dirs, in first-seen order.
+    let mut pairs: Vec<((String, String), Vec<&RunPlan>)> = Vec::new();
+    for p in planned {
+        let root = Path::new(&p.cfg.output_layout.root_dir);
+        if !p.run.published || p.cfg.runner.output_dir.is_some() || root.is_absolute() {
+            continue;
+        }
+        let key = (rel(root), p.cfg.pair_dir());
+        match pairs.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, runs)) => runs.push(p),
+            None => pairs.push((key, vec![p])),
+        }
+    }
+    let mut out = Vec::new();
+    let mut models: Vec<(String, Vec<PairSummary>, &RunPlan)> = Vec::new();
+    for ((root, pair_dir), mut runs) in pairs {
+        runs.sort_by(|a, b| {
+            (&a.cfg.quant_granularity.name, a.cfg.num_samples(), &a.cfg.dataset.size).cmp(&(
+                &b.cfg.quant_granularity.name,
+                b.cfg.num_samples(),
+                &b.cfg.dataset.size,
+            ))
+        });
+        let first = &runs[0].cfg;
+        let pair_path = format!("{root}/{pair_dir}");
+        let run_docs: Vec<RunDoc> = runs
+            .iter()
+            .map(|p| {
+                let path = rel(&p.run_dir);
+                RunDoc {
+                    size: p.cfg.dataset.size.clone(),
+                    samples: p.cfg.num_samples(),
+                    granularity: p.cfg.quant_granularity.name.clone(),
+                    rel: path.strip_prefix(&format!("{pair_path}/")).unwrap_or(&path).to_string(),
+                    path,
+                }
+            })
+            .collect();
+        let overrides = sweep_overrides(&runs);
+        let pair = pair_info(first);
+        let doc = PairDoc {
+            path: pair_path.clone(),
+            pipeline_file: workspace_rel(ctx, &ctx.pipeline_file),
+            model: model_info(ctx, first),
+            calib: calib_info(ctx, first),
+            pair: pair.clone(),
+            runs: run_docs,
+            overrides: overrides.clone(),
+        };
+        let mut granularities: Vec<String> = runs.iter().map(|p| p.cfg.quant_granularity.name.clone()).collect();
+        granularities.dedup();
+        let mut sizes: Vec<String> = Vec::new();
+        for p in &runs {
+            if !sizes.contains(&p.cfg.dataset.size) {
+                sizes.push(p.cfg.dataset.size.clone());
+            }
+        }
+        let summary = PairSummary { pair: pair.clone(), granularities, sizes, overrides };
+        match models.iter_mut().find(|(r, _, _)| *r == root) {
+            Some((_, list, _)) => list.push(summary),
+            None => models.push((root.clone(), vec![summary], runs[0])),
+        }
+        out.push(Instance {
+            id: format!("docs@{pair_path}"),
+            kind: "docs".into(),
+            params: serde_json::to_value(DocsParams::Pair(doc))?,
+            locators: json!({}),
+            deps: runs.iter().map(|p| p.manifest.clone()).collect(),
+            outs: vec![OutSpec::tracked(PathBuf::from(&pair_path).join("README.md"))],
+            description: format!("README for {} ({} runs)", pair_path, runs.len()),
+        });
+    }
+    for (root, summaries, first) in models {
+        let doc = ModelDoc {
+            path: root.clone(),
+            pipeline_file: workspace_rel(ctx, &ctx.pipeline_file),
+            model: model_info(ctx, &first.cfg),
+            calib: calib_info(ctx, &first.cfg),
+            pairs: summaries,
+        };
+        out.push(Instance {
+            id: format!("docs@{root}"),
+            kind: "docs".into(),
+            params: serde_json::to_value(DocsParams::Model(doc))?,
+            locators: json!({}),
+            deps: vec![],
+            outs: vec![OutSpec::tracked(PathBuf::from(&root).join("README.md"))],
+            description: format!("README for {root}"),
+        });
+    }
+    Ok(out)
+}
+
+/// A path for generated docs: workspace-relative when it is inside the workspace, else
+/// `None` (an absolute path would make the docs depend on the machine).
+fn workspace_rel_opt(ctx: &PlanContext, p: &Path) -> Option<String> {
+    if !p.is_absolute() {
+        return Some(rel(p));
+    }
+    let root = ctx.root.canonicalize().unwrap_or_else(|_| ctx.root.clone());
+    p.strip_prefix(&ctx.root).or_else(|_| p.strip_prefix(&root)).ok().map(rel)
+}
+
+/// [`workspace_rel_opt`], falling back to the file name.
+fn workspace_rel(ctx: &PlanContext, p: &Path) -> String {
+    workspace_rel_opt(ctx, p)
+        .unwrap_or_else(|| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+}
+
+fn model_info(ctx: &PlanContext, cfg: &RunConfig) -> crate::docs::ModelInfo {
+    let m = &cfg.model;
+    crate::docs::ModelInfo {
+        name: m.name.clone(),
+        path: m.path.as_deref().and_then(|p| workspace_rel_opt(ctx, Path::new(p))),
+        repo: if m.path.is_none() { m.repo.clone() } else { None },
+        revision: if m.path.is_none() { m.revision.clone() } else { None },
+    }
+}
+
+fn calib_info(ctx: &PlanContext, cfg: &RunConfig) -> crate::docs::CalibInfo {
+    let d = &cfg.dataset;
+    let mut sizes: Vec<crate::docs::SizeInfo> = d
+        .size_to_max_samples
+        .iter()
+        .map(|(name, samples)| crate::docs::SizeInfo { name: name.clone(), samples: *samples })
+        .collect();
+    sizes.sort_by(|a, b| (a.samples, &a.name).cmp(&(b.samples, &b.name)));
+    let a = &cfg.autoquant;
+    crate::docs::CalibInfo {
+        captions_path: workspace_rel(ctx, Path::new(&d.captions_path)),
+        seq_len: d.calib_seq_len,
+        sizes,
+        method: a.method.as_str().into(),
+        batch_size: a.batch_size,
+        score_size: a.score_size,
+        effective_bits: a.effective_bits,
+        device: a.device.clone(),
+    }
+}
+
+fn pair_info(cfg: &RunConfig) -> crate::docs::PairInfo {
+    let q = &cfg.quant_pair;
+    crate::docs::PairInfo {
+        name: q.name.clone(),
+        dir: cfg.pair_dir(),
+        weight: q.weight.as_str().into(),
+        activation: q.activation.as_str().into(),
+        format_name: q.format_name.clone(),
+        experimental: q.experimental,
+        scheme: cfg.scheme_name(),
+    }
+}
+
+/// The runs' overrides merged into one sweep (`dataset.size=small,medium,large`). A run
+/// without recorded overrides (built from the defaults) is described by its selections.
+fn sweep_overrides(runs: &[&RunPlan]) -> Vec<String> {
+    let mut keys: Vec<(String, Vec<String>)> = Vec::new();
+    for p in runs {
+        let own: Vec<String> = if p.run.overrides.is_empty() {
+            let mut v = vec![format!("model={}", p.cfg.model.name), format!("quant_pair={}", p.cfg.quant_pair.name)];
+            if p.cfg.quant_granularity.name != "default" {
+                v.push(format!("quant_granularity={}", p.cfg.quant_granularity.name));
+            }
+            v.push(format!("dataset.size={}", p.cfg.dataset.size));
+            v
+        } else {
+            p.run.overrides.clone()
+        };
+        for o in own {
+            let (k, v) = o.split_once('=').unwrap_or((o.as_str(), ""));
+            match keys.iter_mut().find(|(key, _)| key == k) {
+                Some((_, vals)) if !vals.iter().any(|x| x == v) => vals.push(v.to_string()),
+                Some(_) => {}
+                None => keys.push((k.to_string(), vec![v.to_string()])),
+            }
+        }
+    }
+    keys.into_iter().map(|(k, v)| format!("{k}={}", v.join(","))).collect()
 }
 
 #[cfg(test)]
@@ -670,5 +852,59 @@ mod tests {
         assert_eq!(calib.params["max_samples"], json!(16));
         assert_eq!(inst[2].deps[1], calib.outs[0].path);
         assert!(inst[2].outs[1].path.ends_with("wfp8_afp16_autoquant_lm_autoquant_state.json"));
+    }
+
+    #[test]
+    fn published_runs_get_pair_and_model_readmes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.txt"), "a\n").unwrap();
+        let ctx = PlanContext { root: dir.path().to_path_buf(), pipeline_file: dir.path().join("pipeline.yaml") };
+        let mut runs = Vec::new();
+        for size in ["large", "small", "medium"] {
+            let mut config = base();
+            config["dataset"]["size"] = json!(size);
+            let overrides =
+                vec!["model=tiny".to_string(), "quant_pair=wfp8_afp16".into(), format!("dataset.size={size}")];
+            runs.push(Run { config, overrides, published: true });
+        }
+        let mut scratch = base();
+        scratch["runner"]["output_dir"] = json!("tmp/x");
+        runs.push(Run { config: scratch, overrides: vec![], published: true });
+        runs.push(Run { config: base(), overrides: vec![], published: false });
+        let inst = plan(&ctx, &runs).unwrap();
+        let docs: Vec<&Instance> = inst.iter().filter(|i| i.kind == "docs").collect();
+        assert_eq!(docs.len(), 2, "{docs:#?}");
+        let pair = docs[0];
+        assert_eq!(pair.id, "docs@models/tiny/layer-analysis/weight-fp8-act-fp16");
+        assert_eq!(pair.outs, [OutSpec::tracked("models/tiny/layer-analysis/weight-fp8-act-fp16/README.md")]);
+        let sizes: Vec<_> =
+            pair.params["runs"].as_array().unwrap().iter().map(|r| r["size"].as_str().unwrap()).collect();
+        assert_eq!(sizes, ["small", "medium", "large"]);
+        assert_eq!(pair.deps.len(), 3);
+        assert!(
+            pair.deps[0].ends_with("tiny_autoquant_wfp8_afp16_lm_small/wfp8_afp16_autoquant_lm_quant_manifest.json")
+        );
+        assert_eq!(
+            pair.params["overrides"],
+            json!(["model=tiny", "quant_pair=wfp8_afp16", "dataset.size=small,medium,large"])
+        );
+        assert_eq!(pair.params["runs"][0]["rel"], json!("tiny_autoquant_wfp8_afp16_lm_small"));
+        assert_eq!(pair.params["calib"]["sizes"][2], json!({"name": "large", "samples": 512}));
+        let model = docs[1];
+        assert_eq!(model.id, "docs@models/tiny/layer-analysis");
+        assert!(model.deps.is_empty());
+        assert_eq!(model.params["pairs"][0]["sizes"], json!(["small", "medium", "large"]));
+        assert_eq!(model.params["pipeline_file"], json!("pipeline.yaml"));
+        // Deterministic, and nothing machine-specific in the parameters.
+        let again = plan(&ctx, &runs).unwrap();
+        assert_eq!(inst, again);
+        for d in &docs {
+            let text = d.params.to_string();
+            assert!(!text.contains(&dir.path().display().to_string()), "{text}");
+        }
+        // The params are what the docs stage reads.
+        for d in &docs {
+            serde_json::from_value::<crate::docs::DocsParams>(d.params.clone()).unwrap();
+        }
     }
 }
