@@ -317,6 +317,14 @@ fn describe_cycle(graph: &DiGraph<(), ()>, instances: &[Instance], start: NodeIn
     if path.last() != Some(&start) {
         path.push(start);
     }
+    // Start the cycle at its smallest id, so the message does not depend on graph order.
+    path.pop();
+    if let Some(k) = (0..path.len()).min_by_key(|&k| &instances[path[k].index()].id) {
+        path.rotate_left(k);
+    }
+    if let Some(&first) = path.first() {
+        path.push(first);
+    }
     path.iter().map(|n| format!("`{}`", instances[n.index()].id)).collect::<Vec<_>>().join(" → ")
 }
 
