@@ -144,6 +144,7 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
 
             // 2. Launch what may run now.
             let mut k = 0;
+            let mut dry_progress = false;
             while k < queue.len() && running < jobs && failure.is_none() {
                 let i = queue[k];
                 let inst = &dag.instances[i];
@@ -160,6 +161,7 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
                     state[i] = State::Done;
                     ran[i] = true;
                     report.ran.push(inst.id.clone());
+                    dry_progress = true;
                     continue;
                 }
                 ui.status("Running", &inst.id);
@@ -213,6 +215,9 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
             }
 
             if running == 0 {
+                if dry_progress {
+                    continue;
+                }
                 if failure.is_some() || queue.is_empty() {
                     break;
                 }
