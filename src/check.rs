@@ -113,7 +113,11 @@ impl Checker<'_> {
     /// The hash of instance `i`'s dependency `d`.
     pub fn dep_hash(&mut self, locks: &Locks, i: usize, d: usize) -> Result<Option<String>> {
         let path = &self.dag.dep_paths[i][d];
-        if let Some(h) = self.cache.hash(&self.ws.abs(path))? {
+        let dag = self.dag;
+        let skip = |p: &std::path::Path| {
+            p.strip_prefix(&dag.root).is_ok_and(|rel| dag.intermediates.contains(rel.to_string_lossy().as_ref()))
+        };
+        if let Some(h) = self.cache.hash_skipping(&self.ws.abs(path), &skip)? {
             return Ok(Some(h));
         }
         Ok(self

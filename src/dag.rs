@@ -74,6 +74,8 @@ pub struct Dag {
     pub out_paths: Vec<Vec<String>>,
     /// Topological order.
     pub order: Vec<usize>,
+    /// Normalized paths of every declared intermediate output.
+    pub intermediates: std::collections::HashSet<String>,
     by_id: HashMap<String, usize>,
 }
 
@@ -149,7 +151,9 @@ impl Dag {
             Ok(o) => o.into_iter().map(|n| n.index()).collect(),
             Err(cycle) => bail!("dependency cycle: {}", describe_cycle(&graph, &instances, cycle.node_id())),
         };
-        Ok(Dag { root: root.to_path_buf(), instances, graph, outs, dep_paths, out_paths, order, by_id })
+        let intermediates =
+            outs.iter().filter(|(_, &(i, j))| instances[i].outs[j].intermediate).map(|(p, _)| p.clone()).collect();
+        Ok(Dag { root: root.to_path_buf(), instances, graph, outs, dep_paths, out_paths, order, intermediates, by_id })
     }
 
     pub fn index_of(&self, id: &str) -> Option<usize> {

@@ -159,12 +159,19 @@ impl StatCache {
 
     /// Content hash of a file or directory, `None` when it does not exist.
     pub fn hash(&mut self, path: &Path) -> Result<Option<String>> {
+        self.hash_skipping(path, &|_| false)
+    }
+
+    /// Like [`hash`](Self::hash), but a directory's hash leaves out the files `skip` names
+    /// (declared intermediates, which `qpipe clean` may delete) and qpipe's own temporary
+    /// files (a stage may be writing beside them).
+    pub fn hash_skipping(&mut self, path: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<Option<String>> {
         if let Some(h) = self.memo.get(path) {
             return Ok(h.clone());
         }
         let h = match fs::metadata(path) {
             Err(_) => None,
-            Ok(m) if m.is_dir() => Some(self.dir_hash(path)?),
+            Ok(m) if m.is_dir() => Some(self.dir_hash(path, skip)?),
             Ok(m) => Some(self.file_hash(path, &m)?),
         };
         self.memo.insert(path.to_path_buf(), h.clone());
@@ -193,12 +200,15 @@ impl StatCache {
         Ok(hash)
     }
 
-    fn dir_hash(&mut self, dir: &Path) -> Result<String> {
+    fn dir_hash(&mut self, dir: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<String> {
         let mut h = blake3::Hasher::new();
         h.update(b"qpipe-dir/1\0");
         for entry in walkdir::WalkDir::new(dir).follow_links(true).sort_by_file_name() {
             let entry = entry.with_context(|| format!("cannot list `{}`", dir.display()))?;
-            if !entry.file_type().is_file() {
+            if !entry.file_type().is_file()
+                || entry.file_name().to_string_lossy().contains(".qpipe-tmp")
+                || skip(entry.path())
+            {
                 continue;
             }
             let rel = entry.path().strip_prefix(dir).unwrap_or(entry.path());

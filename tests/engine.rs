@@ -285,6 +285,21 @@ fn a_missing_intermediate_is_remade_only_when_a_consumer_must_run() {
 }
 
 #[test]
+fn directory_inputs_wait_for_every_producer_and_ignore_intermediates() {
+    let env = Env::new();
+    let args = ["build", "summary=true", "source=a", "size=small,large"];
+    let ran = env.ok(&args);
+    assert_eq!(ran.last().map(String::as_str), Some("summary@a"), "{ran:?}");
+    assert_eq!(env.read("summaries/a.md"), "6 files");
+    let status = ["status", "summary=true", "source=a", "size=small,large"];
+    fs::remove_file(env.path("out/a/small/state.pt")).unwrap();
+    assert_eq!(env.qp(&status).code, 0, "a deleted intermediate changed a directory input");
+    fs::write(env.path("out/a/extra.txt"), "new").unwrap();
+    let r = env.qp(&status);
+    assert!(r.out.contains("stale summary@a") && r.out.contains("input `out/a` changed"), "{}", r.out);
+}
+
+#[test]
 fn clean_deletes_only_ignored_declared_intermediates() {
     if !have_git() {
         return;

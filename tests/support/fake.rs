@@ -22,6 +22,7 @@ config:
   sleep_ms: 0
   cycle: false
   escape: false
+  summary: false
   out_dir: out/${source.name}/${size}
   runner: {output_dir: null}
 groups:
@@ -129,6 +130,14 @@ impl FakeStage {
             }
             "render" => write(&job.outs[0], &format!("# report\n{}", read(&job.deps[0])?)),
             "loop" => write(&job.outs[0], "x"),
+            "summary" => {
+                let n = walkdir::WalkDir::new(&job.deps[0])
+                    .into_iter()
+                    .flatten()
+                    .filter(|e| e.file_type().is_file())
+                    .count();
+                write(&job.outs[0], &format!("{n} files"))
+            }
             other => bail!("unknown fake kind {other}"),
         }
     }
@@ -141,6 +150,7 @@ pub struct Fake {
     pub score: FakeStage,
     pub render: FakeStage,
     pub looper: FakeStage,
+    pub summary: FakeStage,
 }
 
 impl Fake {
@@ -153,6 +163,7 @@ impl Fake {
             score: st("score", exclusive_score),
             render: st("render", false),
             looper: st("loop", false),
+            summary: st("summary", false),
         }
     }
 }
@@ -163,7 +174,7 @@ fn s(v: &Value, key: &str) -> Result<String> {
 
 impl Domain for Fake {
     fn stages(&self) -> Vec<&dyn Stage> {
-        vec![&self.prep, &self.score, &self.render, &self.looper]
+        vec![&self.prep, &self.score, &self.render, &self.looper, &self.summary]
     }
 
     fn plan(&self, _ctx: &PlanContext, runs: &[Run]) -> Result<Vec<Instance>> {
@@ -216,6 +227,17 @@ impl Domain for Fake {
                 outs: vec![OutSpec::tracked(out_dir.join("report.md"))],
                 description: format!("report for {run_id}"),
             });
+            if c["summary"] == json!(true) {
+                push(Instance {
+                    id: format!("summary@{name}"),
+                    kind: "summary".into(),
+                    params: json!({}),
+                    locators: json!({}),
+                    deps: vec![PathBuf::from(format!("out/{name}"))],
+                    outs: vec![OutSpec::tracked(format!("summaries/{name}.md"))],
+                    description: format!("summary of out/{name}"),
+                });
+            }
             if c["cycle"] == json!(true) {
                 for (a, b) in [("a", "b"), ("b", "a")] {
                     push(Instance {
