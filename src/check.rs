@@ -145,7 +145,9 @@ impl Checker<'_> {
         let missing = || {
             deps.iter()
                 .zip(&self.dag.dep_paths[i])
-                .filter(|(h, _)| h.is_none())
+                // A missing input that another instance makes is reported as that
+                // instance being stale.
+                .filter(|(h, p)| h.is_none() && self.dag.producer_of(p).is_none())
                 .map(|(_, p)| Reason::DepMissing(p.clone()))
                 .collect::<Vec<_>>()
         };
@@ -198,6 +200,7 @@ impl Checker<'_> {
         let mut out = Vec::new();
         for ((path, h), rec) in now.iter().zip(deps).zip(&e.deps) {
             match h {
+                None if self.dag.producer_of(path).is_some() => {}
                 None => out.push(Reason::DepMissing(path.clone())),
                 Some(h) if *h != rec.hash => out.push(Reason::DepChanged(path.clone())),
                 Some(_) => {}

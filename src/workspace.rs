@@ -137,13 +137,23 @@ impl BuildLock {
             .write(true)
             .open(&path)
             .with_context(|| format!("cannot open `{}`", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => Ok(BuildLock { _file: file }),
-            Err(std::fs::TryLockError::WouldBlock) => bail!(
-                "another qpipe process is building `{}` (it holds `{BUILD_LOCK}`); wait for it to finish",
-                root.display()
-            ),
-            Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("cannot lock `{}`", path.display())),
+        // A brief grace period: a lock can outlive its holder by the instant a forked child
+        // (a stage's subprocess, a test's `git`) takes to exec and drop inherited files.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(300);
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(BuildLock { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => bail!(
+                    "another qpipe process is building `{}` (it holds `{BUILD_LOCK}`); wait for it to finish",
+                    root.display()
+                ),
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("cannot lock `{}`", path.display()))
+                }
+            }
         }
     }
 }
