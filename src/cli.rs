@@ -194,6 +194,20 @@ fn dispatch(cli: Cli, domain: &dyn Domain, cwd: &Path, ui: &Ui) -> Result<i32> {
             let sel = planned.dag.select(&targets, cwd)?;
             let opts = BuildOptions { dry_run: a.dry_run, force: a.force, jobs: a.jobs.unwrap_or_else(default_jobs) };
             let report = build(&ws, &planned, &sel, &opts, ui)?;
+            if overrides.is_empty() && targets.is_empty() && !a.dry_run {
+                // The whole publish matrix is built: forget what it no longer publishes.
+                let keep = planned.dag.instances.iter().map(|i| i.id.as_str()).collect();
+                let pruned = crate::lock::Locks::load(&ws.root)?.prune_committed(&keep)?;
+                if pruned > 0 {
+                    ui.status(
+                        "Pruned",
+                        &format!(
+                            "{pruned} entries of {} the pipeline no longer publishes",
+                            crate::lock::COMMITTED_LOCK
+                        ),
+                    );
+                }
+            }
             let selected = sel.iter().filter(|s| **s).count();
             let verb = if a.dry_run { "would run" } else { "ran" };
             ui.status(

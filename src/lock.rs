@@ -131,6 +131,19 @@ impl Locks {
         self.committed.save()
     }
 
+    /// Drop committed entries whose ids are not in `keep` (instances the pipeline no longer
+    /// publishes); returns how many went.
+    pub fn prune_committed(&mut self, keep: &std::collections::HashSet<&str>) -> Result<usize> {
+        let before = self.committed.entries.len();
+        self.committed.entries.retain(|id, _| keep.contains(id.as_str()));
+        let n = before - self.committed.entries.len();
+        if n > 0 {
+            self.committed.dirty = true;
+            self.committed.save()?;
+        }
+        Ok(n)
+    }
+
     /// Every recorded entry, committed first.
     pub fn all(&self) -> impl Iterator<Item = (&String, &LockEntry)> {
         self.committed.entries.iter().chain(self.scratch.entries.iter())

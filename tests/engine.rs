@@ -105,6 +105,13 @@ fn build_everything_then_a_noop_build_runs_nothing() {
     let st = env.qp(&["status"]);
     assert_eq!(st.code, 0, "{}{}", st.out, st.err);
     assert!(st.out.contains("up to date: 10 instances"), "{}", st.out);
+    // Dropping runs from `publish` prunes their entries from qpipe.lock on the next full build.
+    fs::write(env.path("pipeline.yaml"), PIPELINE.replace("source: [a, b]", "source: [a]")).unwrap();
+    let r = env.qp(&["build"]);
+    assert!(r.err.contains("Pruned 5 entries of qpipe.lock"), "{}", r.err);
+    assert!(!env.read("qpipe.lock").contains("out/b/"));
+    fs::write(env.path("pipeline.yaml"), PIPELINE).unwrap();
+    assert_eq!(env.ok(&["build"]).len(), 5, "pruned entries are built again when published again");
     // --force reruns the selection.
     assert_eq!(env.ok(&["build", "--force", "render"]).len(), 10);
 }
