@@ -108,3 +108,17 @@ fn help_and_version() {
     }
     assert_eq!(qpipe(&repo(), &["verify"]).status.code(), Some(2), "--parity is required");
 }
+
+#[test]
+fn verify_selects_published_runs_by_folder_name() {
+    let dir = workspace_copy();
+    let o = qpipe(dir.path(), &["verify", "--parity", "weight-int8-act-int8"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "nothing is committed in a fresh copy: {out}{err}");
+    assert_eq!(out.matches("does not exist").count(), 3, "{out}");
+    assert!(out.contains("tiny_qwen3_vl_autoquant_int8_lm_medium"), "{out}");
+    let o = qpipe(dir.path(), &["verify", "--parity", "weight-int9-act-int8"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(err.contains("did you mean `weight-int8-act-int8`?"), "{err}");
+}
