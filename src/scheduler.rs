@@ -283,8 +283,18 @@ fn temp_outputs(ws: &Workspace<'_>, dag: &crate::dag::Dag, i: usize) -> Result<V
             Some((s, e)) if !s.is_empty() => (s.to_string(), format!(".{e}")),
             _ => (name.clone(), String::new()),
         };
+        // What a killed build left for this output (the build lock says no one else is writing).
+        let prefix = format!(".{stem}.");
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with(&prefix) && n.ends_with(&format!(".qpipe-tmp{ext}")) {
+                    std::fs::remove_file(e.path()).ok();
+                }
+            }
+        }
         let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{stem}."))
+            .prefix(&prefix)
             .suffix(&format!(".qpipe-tmp{ext}"))
             .tempfile_in(dir)
             .with_context(|| format!("cannot create a temporary file in `{}`", dir.display()))?

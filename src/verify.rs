@@ -87,19 +87,46 @@ pub fn select<'a>(
     Ok(hits)
 }
 
-/// Find the baseline's folder for a run: `baseline/**/<run folder name>`, or the
-/// baseline itself when it is a run folder and one run is checked.
+/// Find the baseline's folder for a run: a folder of the same name anywhere under the
+/// baseline; else, inside a folder named like the run's parent (the pair folder), the
+/// one whose name ends like the run's (`…_autoquant_int8_lm_small` matches
+/// `qwen3_vl_4b_autoquant_int8_lm_small`), when exactly one is best; else the baseline
+/// itself when it is a run folder and one run is checked.
 fn baseline_dir(baseline: &Path, run_dir: &str, single: bool) -> Option<PathBuf> {
-    let name = run_dir.rsplit('/').next().unwrap_or(run_dir);
-    for e in walkdir::WalkDir::new(baseline).max_depth(4).into_iter().flatten() {
-        if e.file_type().is_dir() && e.file_name().to_string_lossy() == name {
-            return Some(e.into_path());
+    let mut parts = run_dir.rsplit('/');
+    let name = parts.next().unwrap_or(run_dir);
+    let parent = parts.next();
+    let dirs: Vec<walkdir::DirEntry> =
+        walkdir::WalkDir::new(baseline).max_depth(4).into_iter().flatten().filter(|e| e.file_type().is_dir()).collect();
+    if let Some(e) = dirs.iter().find(|e| e.depth() > 0 && e.file_name().to_string_lossy() == name) {
+        return Some(e.path().to_path_buf());
+    }
+    if let Some(parent) = parent {
+        let mut best: Vec<(usize, PathBuf)> = Vec::new();
+        for e in dirs.iter().filter(|e| {
+            e.depth() > 0 && e.path().parent().and_then(Path::file_name).is_some_and(|p| p.to_string_lossy() == parent)
+        }) {
+            let n = common_suffix_tokens(&e.file_name().to_string_lossy(), name);
+            if n > 0 {
+                best.push((n, e.path().to_path_buf()));
+            }
+        }
+        best.sort_by_key(|b| std::cmp::Reverse(b.0));
+        match best.as_slice() {
+            [(n, p), (m, _), ..] if n > m => return Some(p.clone()),
+            [(_, p)] => return Some(p.clone()),
+            _ => {}
         }
     }
     let has_files = std::fs::read_dir(baseline)
         .map(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "json" || x == "md")))
         .unwrap_or(false);
     (single && has_files).then(|| baseline.to_path_buf())
+}
+
+/// How many trailing `_`-separated tokens two names share.
+fn common_suffix_tokens(a: &str, b: &str) -> usize {
+    a.rsplit('_').zip(b.rsplit('_')).take_while(|(x, y)| x == y).count()
 }
 
 /// Outcome of a whole verification.
@@ -189,7 +216,11 @@ pub fn verify(ws: &Workspace<'_>, opts: &VerifyOptions, cwd: &Path, ui: &Ui) -> 
                 Some(_) if !committed.is_dir() => {
                     error_report(&committed, format!("committed run folder `{}` does not exist", r.dir))
                 }
-                Some(b) => ws.domain.compare(&committed, &b, &opts.tol),
+                Some(b) => {
+                    let mut report = ws.domain.compare(&committed, &b, &opts.tol);
+                    report.notes.insert(0, format!("baseline folder: {}", b.display()));
+                    report
+                }
             };
             reports.push(report);
         }
@@ -251,4 +282,32 @@ pub fn verify(ws: &Workspace<'_>, opts: &VerifyOptions, cwd: &Path, ui: &Ui) -> 
         }
     }
     Ok(VerifyOutcome { reports })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn baseline_folders_match_by_name_or_by_suffix_within_the_pair() {
+        let d = tempfile::tempdir().unwrap();
+        for sub in [
+            "weight-int8-act-int8/qwen3_vl_4b_autoquant_int8_lm_small",
+            "weight-int8-act-int8/qwen3_vl_4b_autoquant_int8_lm_large",
+            "weight-int8-act-int8/qwen3_vl_4b_autoquant_all_layers_int8_small",
+            "weight-fp8-act-fp16/tiny_autoquant_wfp8_afp16_lm_small",
+        ] {
+            std::fs::create_dir_all(d.path().join(sub)).unwrap();
+        }
+        let b = d.path();
+        let got =
+            baseline_dir(b, "models/tiny/layer-analysis/weight-int8-act-int8/tiny_autoquant_int8_lm_small", false);
+        assert_eq!(got.unwrap(), b.join("weight-int8-act-int8/qwen3_vl_4b_autoquant_int8_lm_small"));
+        let got =
+            baseline_dir(&b.join("weight-int8-act-int8"), "m/weight-int8-act-int8/x_autoquant_int8_lm_large", false);
+        assert_eq!(got.unwrap(), b.join("weight-int8-act-int8/qwen3_vl_4b_autoquant_int8_lm_large"));
+        let got = baseline_dir(b, "m/weight-fp8-act-fp16/tiny_autoquant_wfp8_afp16_lm_small", false);
+        assert_eq!(got.unwrap(), b.join("weight-fp8-act-fp16/tiny_autoquant_wfp8_afp16_lm_small"));
+        assert_eq!(baseline_dir(b, "m/weight-int4-act-int4/x_lm_small", false), None);
+    }
 }

@@ -236,6 +236,9 @@ fn a_failing_or_panicking_stage_leaves_no_half_written_output_and_no_lock_entry(
         assert!(lock.contains("prep@a") && !lock.contains("score@"), "{lock}");
         env.fake.log.take();
     }
+    // What a killed build left behind is swept when the output is next written.
+    fs::create_dir_all(env.path("out/a/small")).unwrap();
+    fs::write(env.path("out/a/small/.result.Zx81.qpipe-tmp.txt"), "killed half-way").unwrap();
     // With a good build in place, a failed rebuild keeps the old outputs and entry.
     env.ok(&["build"]);
     let (before, lock_before) = (env.read("out/a/small/result.txt"), env.read("qpipe.lock"));
