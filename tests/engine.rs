@@ -5,7 +5,7 @@
 mod fake;
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -248,6 +248,44 @@ fn a_failing_or_panicking_stage_leaves_no_half_written_output_and_no_lock_entry(
     assert_eq!(env.read("qpipe.lock"), lock_before);
     assert!(env.temp_leftovers().is_empty());
     assert!(r.err.contains("not built"), "{}", r.err);
+}
+
+/// Not a test by itself: the body of the child process that
+/// `a_killed_build_leaves_no_half_written_output_and_no_lock_entry` starts and kills.
+#[test]
+fn child_build_that_stalls() {
+    let Ok(dir) = std::env::var("QPIPE_TEST_CHILD_DIR") else { return };
+    let (ui, _, _) = Ui::captured();
+    let fake = Fake::new(false);
+    qpipe::cli::run(["qpipe", "build", "-j", "1", "stall_ms=60000", "out/a/small"], &fake, Path::new(&dir), ui);
+}
+
+#[test]
+fn a_killed_build_leaves_no_half_written_output_and_no_lock_entry() {
+    let env = Env::new();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_build_that_stalls", "--nocapture"])
+        .env("QPIPE_TEST_CHILD_DIR", env.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while env.temp_leftovers().is_empty() {
+        assert!(t.elapsed().as_secs() < 30, "the child never started scoring");
+        assert!(child.try_wait().unwrap().is_none(), "the child exited early");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL: no destructor runs
+    child.wait().unwrap();
+    assert!(!env.path("out/a/small/result.txt").exists(), "a half-written output is in place");
+    let lock = fs::read_to_string(env.path("qpipe.lock")).unwrap_or_default()
+        + &fs::read_to_string(env.path("tmp/qpipe/scratch.lock")).unwrap_or_default();
+    assert!(lock.contains("prep@a") && !lock.contains("score@"), "{lock}");
+    assert_eq!(env.temp_leftovers().len(), 1, "the half-written temporary file is all that is left");
+    // The next build is not confused, and sweeps the leftover.
+    assert_eq!(env.ok(&["build", "out/a/small"]), ["render@out/a/small", "score@out/a/small"]);
+    assert!(env.temp_leftovers().is_empty(), "{:?}", env.temp_leftovers());
 }
 
 #[test]

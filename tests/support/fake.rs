@@ -20,6 +20,7 @@ config:
   fail: false
   panic: false
   sleep_ms: 0
+  stall_ms: 0
   cycle: false
   escape: false
   summary: false
@@ -121,6 +122,10 @@ impl FakeStage {
                     write(&job.outs[1], "half a resu")?;
                     bail!("scoring failed half-way (fail=true)");
                 }
+                if let Some(ms) = p.get("stall_ms").and_then(Value::as_u64).filter(|ms| *ms > 0) {
+                    write(&job.outs[1], "half a resu")?;
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                }
                 if p["panic"] == json!(true) {
                     write(&job.outs[1], "half a resu")?;
                     panic!("scoring panicked half-way (panic=true)");
@@ -212,7 +217,7 @@ impl Domain for Fake {
                 id: format!("score@{run_id}"),
                 kind: "score".into(),
                 params: json!({"size": c["size"], "scale": c["scale"], "fail": c["fail"], "panic": c["panic"],
-                               "sleep_ms": c["sleep_ms"]}),
+                               "sleep_ms": c["sleep_ms"], "stall_ms": c["stall_ms"]}),
                 locators: json!({}),
                 deps: vec![prep_out.clone()],
                 outs: score_outs,
