@@ -234,7 +234,7 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
                 exclusive_running = false;
             }
             let ev = evals[f.node].take().expect("running instances are evaluated");
-            let outcome = f.result.and_then(|()| commit(ws, planned, f.node, &ev, f.temps, &mut locks, &mut cache));
+            let outcome = f.result.and_then(|()| commit(ws, planned, f.node, &ev, f.temps, &mut locks, &mut cache, ui));
             match outcome {
                 Ok(()) => {
                     state[f.node] = State::Done;
@@ -306,6 +306,7 @@ fn temp_outputs(ws: &Workspace<'_>, dag: &crate::dag::Dag, i: usize) -> Result<V
 }
 
 /// Move a successful stage's outputs into place, then record its lock entry.
+#[allow(clippy::too_many_arguments)]
 fn commit(
     ws: &Workspace<'_>,
     planned: &Planned,
@@ -314,6 +315,7 @@ fn commit(
     temps: Vec<TempPath>,
     locks: &mut Locks,
     cache: &mut StatCache,
+    ui: &Ui,
 ) -> Result<()> {
     let dag = &planned.dag;
     let inst = &dag.instances[i];
@@ -354,5 +356,18 @@ fn commit(
         deps,
         outs,
     };
+    // Same key, different bytes: the stage is not deterministic, so re-making a cleaned
+    // intermediate (or `--force`) changes what its consumers are keyed on.
+    if let Some(old) = locks.get(&inst.id).filter(|old| old.key == entry.key) {
+        for o in &entry.outs {
+            if old.out(&o.path).is_some_and(|r| r.hash != o.hash) {
+                ui.warn(&format!(
+                    "`{}` wrote different bytes to `{}` from the same inputs; stages should be deterministic, \
+                     or what reads it re-runs",
+                    inst.id, o.path
+                ));
+            }
+        }
+    }
     locks.put(&inst.id, entry, planned.published[i])
 }

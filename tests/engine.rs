@@ -330,6 +330,10 @@ fn a_missing_intermediate_is_remade_only_when_a_consumer_must_run() {
     let ran = env.ok(&["build", "out/a/small"]);
     assert_eq!(ran, ["prep@a", "render@out/a/small", "score@out/a/small"]);
     assert!(env.path("tmp/prep/a.txt").is_file());
+    // A stage that writes different bytes from the same inputs is called out.
+    env.fake.prep.nondeterministic.store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = env.qp(&["build", "--force", "prep@a"]);
+    assert!(r.err.contains("warning: `prep@a` wrote different bytes to `tmp/prep/a.txt`"), "{}", r.err);
 }
 
 #[test]

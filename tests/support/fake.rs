@@ -67,6 +67,8 @@ impl Log {
 }
 
 pub struct FakeStage {
+    /// Append a run counter to the output (a non-deterministic stage).
+    pub nondeterministic: std::sync::atomic::AtomicBool,
     kind: &'static str,
     version: Mutex<&'static str>,
     exclusive: bool,
@@ -112,7 +114,13 @@ impl FakeStage {
             std::thread::sleep(std::time::Duration::from_millis(ms));
         }
         match self.kind {
-            "prep" => write(&job.outs[0], &read(&job.deps[0])?.to_uppercase()),
+            "prep" => {
+                let mut text = read(&job.deps[0])?.to_uppercase();
+                if self.nondeterministic.load(Ordering::SeqCst) {
+                    text.push_str(&format!(" #{}", self.log.ran.lock().unwrap().len()));
+                }
+                write(&job.outs[0], &text)
+            }
             "score" => {
                 let input = read(&job.deps[0])?;
                 let result = format!("result of {} size={} scale={}\n", input.trim(), p["size"], p["scale"]);
@@ -161,7 +169,13 @@ pub struct Fake {
 impl Fake {
     pub fn new(exclusive_score: bool) -> Fake {
         let log: &'static Log = Box::leak(Box::default());
-        let st = |kind, exclusive| FakeStage { kind, version: Mutex::new("v1"), exclusive, log };
+        let st = |kind, exclusive| FakeStage {
+            nondeterministic: Default::default(),
+            kind,
+            version: Mutex::new("v1"),
+            exclusive,
+            log,
+        };
         Fake {
             log,
             prep: st("prep", false),
