@@ -36,6 +36,7 @@ publish:
 YAML
 cd "$ws"
 n="$("$qpipe" dag --format json | grep -c '"kind":')"
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
 echo "profile: $profile; grid: $(echo "$pairs" | tr , '\n' | wc -l) pairs × 3 sizes = $n stage instances"
 
 ms() { date +%s%N; }
@@ -52,7 +53,9 @@ if command -v hyperfine >/dev/null; then
   python3 - "$ws/h.json" <<'PY'
 import json, sys
 for r in json.load(open(sys.argv[1]))["results"]:
-    print(f"{r['command'].split('/')[-1]:<14} median {r['median']*1000:6.1f} ms  (min {r['min']*1000:.1f}, max {r['max']*1000:.1f}, {len(r['times'])} runs)")
+    cpu = (r['user'] + r['system']) * 1000
+    print(f"{r['command'].split('/')[-1]:<14} median {r['median']*1000:6.1f} ms  (min {r['min']*1000:.1f}, max {r['max']*1000:.1f}, "
+          f"CPU {cpu:.1f} ms, {len(r['times'])} runs)")
 PY
 else
   for cmd in status build; do

@@ -152,9 +152,12 @@ impl StatCache {
         Ok(())
     }
 
-    /// Forget what this process computed about `path` (it was just rewritten).
+    /// Forget what this process computed about the file `path` (it was just rewritten)
+    /// and about the directories holding it.
     pub fn invalidate(&mut self, path: &Path) {
-        self.memo.retain(|p, _| !p.starts_with(path) && !path.starts_with(p));
+        for p in path.ancestors() {
+            self.memo.remove(p);
+        }
     }
 
     /// Content hash of a file or directory, `None` when it does not exist.

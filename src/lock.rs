@@ -117,9 +117,9 @@ impl Locks {
         self.committed.entries.get(id).or_else(|| self.scratch.entries.get(id))
     }
 
-    /// Record an entry in the committed lock (`published`) or the scratch lock, and write
-    /// the changed file(s).
-    pub fn put(&mut self, id: &str, entry: LockEntry, published: bool) -> Result<()> {
+    /// Record an entry in the committed lock (`published`) or the scratch lock (in memory;
+    /// [`save`](Self::save) writes the changed files).
+    pub fn put(&mut self, id: &str, entry: LockEntry, published: bool) {
         let (into, other) =
             if published { (&mut self.committed, &mut self.scratch) } else { (&mut self.scratch, &mut self.committed) };
         if other.entries.remove(id).is_some() {
@@ -127,6 +127,10 @@ impl Locks {
         }
         into.entries.insert(id.to_string(), entry);
         into.dirty = true;
+    }
+
+    /// Write the lock files that changed.
+    pub fn save(&mut self) -> Result<()> {
         self.scratch.save()?;
         self.committed.save()
     }

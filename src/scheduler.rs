@@ -21,6 +21,9 @@ use crate::lock::{LockEntry, LockedDep, LockedOut, Locks};
 use crate::ui::Ui;
 use crate::workspace::{Planned, Workspace, STAT_CACHE};
 
+/// Lock entries of stages quicker than this are written in batches.
+const LOCK_BATCH: Duration = Duration::from_millis(100);
+
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
     pub dry_run: bool,
@@ -74,6 +77,7 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
         let mut queue: VecDeque<usize> = VecDeque::new();
         let mut running = 0usize;
         let mut exclusive_running = false;
+        let mut last_lock_write = Instant::now();
         loop {
             // 1. Check every waiting instance whose producers are done.
             let mut progressed = true;
@@ -227,7 +231,18 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
             }
 
             // 3. Wait for one stage to finish.
-            let f = rx.recv().context("a worker thread vanished")?;
+            // Entries of quick stages are written in batches, but never later than
+            // LOCK_BATCH after the stage finished.
+            let f = loop {
+                match rx.recv_timeout(LOCK_BATCH) {
+                    Ok(f) => break f,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        locks.save()?;
+                        last_lock_write = Instant::now();
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => bail!("a worker thread vanished"),
+                }
+            };
             running -= 1;
             let inst = &dag.instances[f.node];
             if ws.stage(&inst.kind)?.exclusive() {
@@ -235,6 +250,11 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
             }
             let ev = evals[f.node].take().expect("running instances are evaluated");
             let outcome = f.result.and_then(|()| commit(ws, planned, f.node, &ev, f.temps, &mut locks, &mut cache, ui));
+            // The entry of a stage that took a while is written at once.
+            if outcome.is_ok() && (f.elapsed >= LOCK_BATCH || last_lock_write.elapsed() >= LOCK_BATCH) {
+                locks.save()?;
+                last_lock_write = Instant::now();
+            }
             match outcome {
                 Ok(()) => {
                     state[f.node] = State::Done;
@@ -256,8 +276,10 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
         }
         Ok(())
     });
+    let saved = locks.save();
     cache.save().ok();
     result?;
+    saved?;
     report.elapsed = start.elapsed();
     if let Some(e) = failure {
         let left = (0..n).filter(|&i| sel[i] && state[i] != State::Done).count();
@@ -369,5 +391,6 @@ fn commit(
             }
         }
     }
-    locks.put(&inst.id, entry, planned.published[i])
+    locks.put(&inst.id, entry, planned.published[i]);
+    Ok(())
 }

@@ -271,7 +271,10 @@ fn a_killed_build_leaves_no_half_written_output_and_no_lock_entry() {
         .spawn()
         .unwrap();
     let t = Instant::now();
-    while env.temp_leftovers().is_empty() {
+    // Wait until score is half-way through writing, and prep's entry (written at most
+    // ~100 ms after it finished) is in the lock.
+    let prep_locked = || fs::read_to_string(env.path("qpipe.lock")).is_ok_and(|l| l.contains("prep@a"));
+    while env.temp_leftovers().is_empty() || !prep_locked() {
         assert!(t.elapsed().as_secs() < 30, "the child never started scoring");
         assert!(child.try_wait().unwrap().is_none(), "the child exited early");
         std::thread::sleep(std::time::Duration::from_millis(20));
