@@ -110,9 +110,14 @@ pub fn parse_value(s: &str) -> Result<Value> {
     if s.is_empty() {
         return Ok(Value::String(String::new()));
     }
-    let y: serde_yaml::Value =
-        serde_yaml::from_str(s).with_context(|| format!("`{s}` is not a valid YAML value (quote it?)"))?;
-    yaml_to_json(&y)
+    let flow = s.starts_with(['[', '{']);
+    match serde_yaml::from_str::<serde_yaml::Value>(s) {
+        // `a=b: c` is the string `b: c`, not a mapping (only `{…}` and `[…]` are collections).
+        Ok(serde_yaml::Value::Mapping(_) | serde_yaml::Value::Sequence(_)) if !flow => Ok(Value::String(s.to_string())),
+        Ok(y) => yaml_to_json(&y),
+        Err(_) if !flow => Ok(Value::String(s.to_string())),
+        Err(e) => Err(anyhow!("`{s}` is not a valid YAML value: {e}")),
+    }
 }
 
 fn object(v: Value, what: &str) -> Result<Map<String, Value>> {
@@ -496,6 +501,10 @@ publish:
         assert_eq!(runs[0].config["copy"], json!(0.001));
         let runs = pl.override_runs(&["batch=null".into()]).unwrap();
         assert_eq!(runs[0].config["copy"], Value::Null);
+        assert_eq!(parse_value("b: c").unwrap(), json!("b: c"));
+        assert_eq!(parse_value("- x").unwrap(), json!("- x"));
+        assert_eq!(parse_value("[1, a]").unwrap(), json!([1, "a"]));
+        assert!(parse_value("[1, a").is_err());
         let runs = pl.override_runs(&["+extra.deep=true".into()]).unwrap();
         assert_eq!(runs[0].config["extra"]["deep"], json!(true));
     }
