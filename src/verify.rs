@@ -224,6 +224,11 @@ pub fn verify(ws: &Workspace<'_>, opts: &VerifyOptions, cwd: &Path, ui: &Ui) -> 
             };
             reports.push(report);
         }
+        for r in &mut reports {
+            if let Ok(rel) = r.run_dir.strip_prefix(&ws.root) {
+                r.run_dir = rel.to_path_buf();
+            }
+        }
         return Ok(VerifyOutcome { reports });
     }
 
@@ -279,6 +284,12 @@ pub fn verify(ws: &Workspace<'_>, opts: &VerifyOptions, cwd: &Path, ui: &Ui) -> 
                     reports.push(ws.domain.compare(committed, scratch, &opts.tol));
                 }
             }
+        }
+    }
+    // Name run folders relative to the root in what people read.
+    for r in &mut reports {
+        if let Ok(rel) = r.run_dir.strip_prefix(&ws.root) {
+            r.run_dir = rel.to_path_buf();
         }
     }
     Ok(VerifyOutcome { reports })
