@@ -1,3 +1,3 @@
 fn main() {
-    eprintln!("qpipe: the engine is being built");
+    std::process::exit(qpipe::cli::main(&qpipe_stages::Qwen3Vl));
 }

@@ -1,0 +1,124 @@
+//! End-to-end tests of the real `qpipe` binary (the Qwen3-VL domain) that run no stage:
+//! planning the repository's pipeline, errors, help, the cross-process build lock.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn qpipe(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qpipe")).current_dir(cwd).args(args).env("NO_COLOR", "1").output().unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A copy of the repository's pipeline, embedded checkpoint and captions.
+fn workspace_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    fs::copy(repo().join("pipeline.yaml"), dir.path().join("pipeline.yaml")).unwrap();
+    for sub in ["models/tiny_qwen3_vl/checkpoint", "data/calibration"] {
+        for e in walkdir::WalkDir::new(repo().join(sub)).into_iter().flatten().filter(|e| e.file_type().is_file()) {
+            let rel = e.path().strip_prefix(repo()).unwrap();
+            fs::create_dir_all(dir.path().join(rel).parent().unwrap()).unwrap();
+            fs::copy(e.path(), dir.path().join(rel)).unwrap();
+        }
+    }
+    dir
+}
+
+#[test]
+fn the_repository_pipeline_plans_into_a_dag() {
+    let o = qpipe(&repo(), &["dag"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("fetch-model@models/tiny_qwen3_vl/checkpoint"), "{out}");
+    assert!(out.contains("weight-fp8-act-fp16") && out.contains("weight-int8-act-int8"), "{out}");
+    let o = qpipe(&repo(), &["dag", "--format", "json", "quant_pair=wfp8_afp16", "dataset.size=small,medium,large"]);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let scores = j["nodes"].as_array().unwrap().iter().filter(|n| n["kind"] == "score").count();
+    assert_eq!(scores, 3);
+}
+
+#[test]
+fn unknown_pairs_suggest_the_nearest() {
+    let o = qpipe(&repo(), &["dag", "quant_pair=wfp8_afp61"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.starts_with("error: unknown option `wfp8_afp61` for group `quant_pair`"), "{err}");
+    assert!(err.contains("did you mean `wfp8_afp16`?"), "{err}");
+    let o = qpipe(&repo(), &["status", "autoquant.batchsize=4"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(err.contains("did you mean `autoquant.batch_size`?"), "{err}");
+}
+
+#[test]
+fn malformed_yaml_points_at_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("bad.yaml"), "version: 1\ndefaults:\n  model: [tiny\n").unwrap();
+    let o = qpipe(dir.path(), &["status", "--pipeline", "bad.yaml"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(err.contains("bad.yaml:4:1:") || err.contains("bad.yaml:3:"), "{err}");
+}
+
+#[test]
+fn a_fresh_workspace_is_stale_and_dry_run_writes_nothing() {
+    let dir = workspace_copy();
+    let o = qpipe(dir.path(), &["status"]);
+    let (out, _) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(out.contains("never built"), "{out}");
+    let o = qpipe(dir.path(), &["build", "--dry-run", "models/tiny_qwen3_vl/layer-analysis/weight-fp8-act-fp16"]);
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("Would run fetch-model@") && err.contains("Would run score@"), "{err}");
+    assert!(!err.contains("weight-int8-act-int8"), "{err}");
+    assert!(!dir.path().join("qpipe.lock").exists());
+    assert!(!dir.path().join("models/tiny_qwen3_vl/layer-analysis").exists());
+}
+
+#[test]
+fn two_processes_cannot_build_the_same_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("pipeline.yaml"), "version: 1\n").unwrap();
+    fs::create_dir_all(dir.path().join("tmp/qpipe")).unwrap();
+    let f = fs::File::create(dir.path().join("tmp/qpipe/build.lock")).unwrap();
+    f.try_lock().unwrap();
+    let o = qpipe(dir.path(), &["build"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("another qpipe process is building"), "{err}");
+    drop(f);
+    let o = qpipe(dir.path(), &["build"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+}
+
+#[test]
+fn help_and_version() {
+    for args in [&["--help"][..], &["build", "--help"], &["verify", "--help"], &["--version"]] {
+        let o = qpipe(&repo(), args);
+        assert!(o.status.success(), "{args:?}");
+        assert!(!o.stdout.is_empty());
+    }
+    assert_eq!(qpipe(&repo(), &["verify"]).status.code(), Some(2), "--parity is required");
+}
+
+#[test]
+fn verify_selects_published_runs_by_folder_name() {
+    let dir = workspace_copy();
+    let o = qpipe(dir.path(), &["verify", "--parity", "weight-int8-act-int8"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "nothing is committed in a fresh copy: {out}{err}");
+    assert_eq!(out.matches("does not exist").count(), 3, "{out}");
+    assert!(out.contains("tiny_qwen3_vl_autoquant_int8_lm_medium"), "{out}");
+    let o = qpipe(dir.path(), &["verify", "--parity", "weight-int9-act-int8"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(err.contains("did you mean `weight-int8-act-int8`?"), "{err}");
+}
