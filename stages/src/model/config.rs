@@ -270,3 +270,34 @@ pub(crate) mod tests {
         assert_eq!(c.pad_token_id, Some(0));
     }
 }
+
+impl TextConfig {
+    /// A text config of the given size (head_dim 64, rope θ 5e6, eps 1e-6, untied
+    /// `lm_head`, `max_position_embeddings` 4096) — for synthetic models.
+    pub fn synthetic(
+        hidden: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        intermediate: usize,
+        vocab: usize,
+    ) -> Self {
+        TextConfig {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: intermediate,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim: hidden / heads,
+            max_position_embeddings: 4096,
+            rms_norm_eps: 1e-6,
+            rope_theta: 5e6,
+            mrope_section: Vec::new(),
+            mrope_interleaved: false,
+            tie_word_embeddings: false,
+            pad_token_id: Some(0),
+            dialect: ConfigDialect::Transformers5,
+        }
+    }
+}

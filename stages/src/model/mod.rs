@@ -44,6 +44,7 @@
 //! propagates through a Linear as `dx = dy·w` with its unquantized weight.
 
 pub mod config;
+mod fused;
 pub mod loss;
 pub mod names;
 pub mod ops;
@@ -346,7 +347,7 @@ impl TextModel {
             let n2 = ops::rms_norm(&h_mid, &nw.post_attention_layernorm, eps)?;
             let gate = self.linear(i0 + 4, &n2, tap)?;
             let up = self.linear(i0 + 5, &n2, tap)?;
-            let a = (ops::silu(&gate)? * &up)?;
+            let a = ops::swiglu(&gate, &up)?;
             h = (&h_mid + self.linear(i0 + 6, &a, tap)?)?;
             if keep {
                 acts.push(LayerActs { x, q_raw, k_raw, q, k, v, p, h_mid, gate, up });
@@ -383,11 +384,10 @@ impl TextModel {
             let i0 = l * LINEARS_PER_LAYER;
             // MLP: h = h_mid + down(silu(gate)·up)
             let dact = dh.matmul(&lw[i0 + 6])?;
-            let dgate = ((&dact * &a.up)? * ops::silu_grad(&a.gate)?)?;
-            let dup = (&dact * ops::silu(&a.gate)?)?;
+            let (dgate, dup) = ops::swiglu_backward(&a.gate, &a.up, &dact)?;
             let dn2 = (dgate.matmul(&lw[i0 + 4])? + dup.matmul(&lw[i0 + 5])?)?;
             let dh_mid = (&dh + ops::rms_norm_backward(&a.h_mid, &nw.post_attention_layernorm, eps, &dn2)?)?;
-            grads[i0 + 6] = Some(dh);
+            grads[i0 + 6] = Some(dh.clone());
             grads[i0 + 4] = Some(dgate);
             grads[i0 + 5] = Some(dup);
 
@@ -410,8 +410,11 @@ impl TextModel {
             let dq = ops::rms_norm_backward(&a.q_raw, &nw.q_norm, eps, &dq)?.reshape((n, hq * d))?;
             let dk = ops::rms_norm_backward(&a.k_raw, &nw.k_norm, eps, &dk)?.reshape((n, hkv * d))?;
             let dv = dv.transpose(1, 2)?.contiguous()?.reshape((n, hkv * d))?;
-            let dn1 = ((dq.matmul(&lw[i0])? + dk.matmul(&lw[i0 + 1])?)? + dv.matmul(&lw[i0 + 2])?)?;
-            dh = (&dh_mid + ops::rms_norm_backward(&a.x, &nw.input_layernorm, eps, &dn1)?)?;
+            if l > 0 {
+                // nothing before layer 0 needs a gradient
+                let dn1 = ((dq.matmul(&lw[i0])? + dk.matmul(&lw[i0 + 1])?)? + dv.matmul(&lw[i0 + 2])?)?;
+                dh = (&dh_mid + ops::rms_norm_backward(&a.x, &nw.input_layernorm, eps, &dn1)?)?;
+            }
             grads[i0] = Some(dq);
             grads[i0 + 1] = Some(dk);
             grads[i0 + 2] = Some(dv);

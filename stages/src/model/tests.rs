@@ -225,3 +225,73 @@ fn bad_checkpoints_and_inputs_are_named() {
     let err = format!("{:#}", TextModel::load(dir.path()).err().unwrap());
     assert!(err.contains("config.json"), "{err}");
 }
+
+/// Timing of the mid-size synthetic model (hidden 512, 8 layers, 8/4 heads, intermediate
+/// 1536, vocab 4096; batch 8 × 128 tokens, some left padding):
+/// `cargo test -p qpipe-stages --lib model::tests::bench_midsize -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bench_midsize() {
+    let cfg = TextConfig::synthetic(512, 8, 8, 4, 1536, 4096);
+    let w = LmWeights::synthetic(&cfg, 7, DType::F32, &Device::Cpu).unwrap();
+    let m = TextModel::from_parts(cfg, w, DType::F32, &Device::Cpu);
+    let (b, t) = (8usize, 128usize);
+    let ids: Vec<Vec<u32>> = (0..b).map(|r| (0..t).map(|i| ((r * 131 + i * 17) % 4000 + 3) as u32).collect()).collect();
+    let mask: Vec<Vec<u32>> = (0..b).map(|r| (0..t).map(|i| u32::from(i >= r * 9)).collect()).collect();
+    let ids: Vec<Vec<u32>> = ids.into_iter().zip(&mask).map(|(r, m)| r.iter().zip(m).map(|(x, k)| x * k).collect()).collect();
+    let batch = Batch::new(ids, mask).unwrap();
+    let _ = m.forward(&batch, &mut NoTap).unwrap();
+    let reps = 3;
+    let t0 = std::time::Instant::now();
+    for _ in 0..reps {
+        let _ = m.forward(&batch, &mut NoTap).unwrap();
+    }
+    let fwd = t0.elapsed().as_secs_f64() / reps as f64;
+    let t0 = std::time::Instant::now();
+    let mut tf = 0.0;
+    for _ in 0..reps {
+        let t1 = std::time::Instant::now();
+        let fw = m.forward_for_backward(&batch, &mut NoTap).unwrap();
+        let ce = loss::shifted_cross_entropy(fw.logits(), &batch.input_ids, Some(0)).unwrap();
+        tf += t1.elapsed().as_secs_f64();
+        let g = m.backward(&fw, &ce.dlogits).unwrap();
+        assert_eq!(g.len(), 56);
+    }
+    let fb = t0.elapsed().as_secs_f64() / reps as f64;
+    eprintln!(
+        "midsize 8x128: forward {:.3} s; forward+CE {:.3} s + backward {:.3} s = {:.3} s per batch",
+        fwd,
+        tf / reps as f64,
+        fb - tf / reps as f64,
+        fb
+    );
+}
+
+#[test]
+#[ignore]
+fn bench_matmul() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (1024, 512), &dev).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (1536, 512), &dev).unwrap();
+    let wt = w.t().unwrap().contiguous().unwrap();
+    for (name, rhs) in [("w.t()", w.t().unwrap()), ("wt contiguous", wt.clone())] {
+        let _ = x.matmul(&rhs).unwrap();
+        let t0 = std::time::Instant::now();
+        for _ in 0..10 {
+            let _ = x.matmul(&rhs).unwrap();
+        }
+        let s = t0.elapsed().as_secs_f64() / 10.0;
+        eprintln!("matmul 1024x512x1536 {name}: {:.2} ms, {:.1} GFLOP/s", s * 1e3, 2.0 * 1024.0 * 512.0 * 1536.0 / s / 1e9);
+    }
+    let y = Tensor::randn(0f32, 1.0, (1024, 1536), &dev).unwrap();
+    let t0 = std::time::Instant::now();
+    for _ in 0..10 {
+        let _ = (&y * &y).unwrap();
+    }
+    eprintln!("mul 1024x1536: {:.2} ms", t0.elapsed().as_secs_f64() / 10.0 * 1e3);
+    let t0 = std::time::Instant::now();
+    for _ in 0..10 {
+        let _ = candle_nn::ops::silu(&y).unwrap();
+    }
+    eprintln!("silu 1024x1536: {:.2} ms", t0.elapsed().as_secs_f64() / 10.0 * 1e3);
+}
