@@ -179,3 +179,48 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32], weights: &[f32]) -> 
     })?;
     Some((loss, Tensor::from_vec(grad, (n, v), logits.device()).ok()?))
 }
+
+/// Masked, scaled softmax over the last dim of attention scores `s: [B, Hkv, G, T, T]`
+/// with the additive mask `[B, 1, 1, T, T]` (0 = visible, anything else = masked):
+/// `softmax(scale·s + mask)`. Rows with no visible key become 0 (`zero_empty_rows`, SDPA)
+/// or uniform over all keys (eager's `finfo.min` mask).
+pub fn masked_softmax(s: &Tensor, scale: f32, mask: &Tensor, zero_empty_rows: bool) -> Option<Tensor> {
+    let &[b, hkv, g, t, t2] = s.dims() else { return None };
+    if t != t2 || mask.dims() != [b, 1, 1, t, t] {
+        return None;
+    }
+    let out = with_f32(s, |s| {
+        with_f32(mask, |mask| {
+            let mut p = vec![0f32; s.len()];
+            let per_batch = hkv * g * t * t;
+            let c = rows_per_task(t) * t;
+            p.par_chunks_mut(c).zip(s.par_chunks(c)).enumerate().for_each(|(ci, (p, s))| {
+                for (ri, (p, s)) in p.chunks_mut(t).zip(s.chunks(t)).enumerate() {
+                    let flat = ci * c + ri * t; // offset of this row in s
+                    let (bi, qi) = (flat / per_batch, (flat / t) % t);
+                    let m = &mask[(bi * t + qi) * t..(bi * t + qi + 1) * t];
+                    let mut max = f32::NEG_INFINITY;
+                    for (&x, &mk) in s.iter().zip(m) {
+                        if mk == 0.0 {
+                            max = max.max(x * scale);
+                        }
+                    }
+                    if max == f32::NEG_INFINITY {
+                        let fill = if zero_empty_rows { 0.0 } else { 1.0 / t as f32 };
+                        p.iter_mut().for_each(|v| *v = fill);
+                        continue;
+                    }
+                    let mut sum = 0f32;
+                    for ((p, &x), &mk) in p.iter_mut().zip(s).zip(m) {
+                        *p = if mk == 0.0 { (x * scale - max).exp() } else { 0.0 };
+                        sum += *p;
+                    }
+                    let inv = 1.0 / sum;
+                    p.iter_mut().for_each(|v| *v *= inv);
+                }
+            });
+            p
+        })
+    })??;
+    Tensor::from_vec(out, s.shape(), s.device()).ok()
+}

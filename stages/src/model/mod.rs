@@ -160,7 +160,6 @@ pub struct ForwardCache {
     h_last: Tensor,
     cos: Tensor,
     sin: Tensor,
-    masks: AttnMasks,
     dims: (usize, usize),
 }
 
@@ -335,14 +334,10 @@ impl TextModel {
             let k = ops::rms_norm(&k_raw, &nw.k_norm, eps)?.reshape((b, t, hkv, d))?.transpose(1, 2)?.contiguous()?;
             let k = ops::rope(&k, &cos, &sin)?;
             let v = v.reshape((b, t, hkv, d))?.transpose(1, 2)?.contiguous()?;
-            let s = (q.matmul(&k.t()?)? * scale)?.reshape((b, hkv, g, t, t))?.broadcast_add(&masks.additive)?;
-            let p = ops::softmax_last_dim(&s)?.reshape((b, hkv, g * t, t))?;
-            let mut o = p.matmul(&v)?.reshape((b, hkv, g, t, d))?;
-            if self.attn == AttnImpl::Sdpa {
-                o = o.broadcast_mul(&masks.row_valid)?;
-            }
-            // [B,Hkv,G,T,D] → [B,T,Hkv,G,D] → [N, Hq·D]
-            let o = o.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((n, hq * d))?;
+            let s = q.matmul(&k.t()?)?.reshape((b, hkv, g, t, t))?;
+            let p = ops::masked_softmax(&s, scale, &masks, self.attn == AttnImpl::Sdpa)?.reshape((b, hkv, g * t, t))?;
+            // [B,Hkv,G·T,D] → [B,Hkv,G,T,D] → [B,T,Hkv,G,D] → [N, Hq·D]
+            let o = p.matmul(&v)?.reshape((b, hkv, g, t, d))?.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((n, hq * d))?;
             let h_mid = (&x + self.linear(i0 + 3, &o, tap)?)?;
             let n2 = ops::rms_norm(&h_mid, &nw.post_attention_layernorm, eps)?;
             let gate = self.linear(i0 + 4, &n2, tap)?;
@@ -357,7 +352,7 @@ impl TextModel {
         let logits = hidden.matmul(&self.w.output_weight().t()?)?.reshape((b, t, c.vocab_size))?;
         let kept = keep.then(|| Kept {
             hidden,
-            cache: ForwardCache { logits: logits.clone(), layers: acts, h_last: h, cos, sin, masks, dims: (b, t) },
+            cache: ForwardCache { logits: logits.clone(), layers: acts, h_last: h, cos, sin, dims: (b, t) },
         });
         Ok((logits, kept))
     }
@@ -393,11 +388,8 @@ impl TextModel {
 
             // attention: h_mid = x + o_proj(attn)
             let dattn = dh_mid.matmul(&lw[i0 + 3])?;
-            let mut d_o = dattn.reshape((b, t, hkv, g, d))?.permute((0, 2, 3, 1, 4))?.contiguous()?;
-            if self.attn == AttnImpl::Sdpa {
-                d_o = d_o.broadcast_mul(&fw.masks.row_valid)?;
-            }
-            let d_o = d_o.reshape((b, hkv, g * t, d))?;
+            // rows that saw no key have p = 0 under SDPA, so they pass no gradient on
+            let d_o = dattn.reshape((b, t, hkv, g, d))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, hkv, g * t, d))?;
             let dp = d_o.matmul(&a.v.t()?)?;
             let dv = a.p.t()?.matmul(&d_o)?; // [B,Hkv,T,D]
             let ds = (ops::softmax_backward(&a.p, &dp)? * scale)?;

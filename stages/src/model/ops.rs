@@ -114,6 +114,16 @@ pub fn rope_backward(dy: &Tensor, cos: &Tensor, neg_sin: &Tensor) -> Result<Tens
     rope(dy, cos, neg_sin)
 }
 
+/// Attention probabilities `softmax(scale·s + mask)` for `s: [B, Hkv, G, T, T]`; with
+/// `zero_empty_rows` (SDPA) rows that see no key are 0.
+pub fn masked_softmax(s: &Tensor, scale: f64, masks: &AttnMasks, zero_empty_rows: bool) -> Result<Tensor> {
+    if let Some(p) = super::fused::masked_softmax(s, scale as f32, &masks.additive, zero_empty_rows) {
+        return Ok(p);
+    }
+    let p = softmax_last_dim(&(s * scale)?.broadcast_add(&masks.additive)?)?;
+    Ok(if zero_empty_rows { p.broadcast_mul(&masks.row_valid)? } else { p })
+}
+
 /// Masks of a left- (or otherwise) padded batch as transformers builds them.
 pub struct AttnMasks {
     /// Additive mask `[b, 1, 1, t, t]`: 0 where query i may see key j (j ≤ i and j is a
@@ -209,6 +219,19 @@ mod tests {
         let s = super::super::fused::softmax_backward(&p, &dy).unwrap();
         let dot = (&dy * &p).unwrap().sum_keepdim(D::Minus1).unwrap();
         close(&s, &(&p * dy.broadcast_sub(&dot).unwrap()).unwrap(), 1e-5);
+    }
+
+    #[test]
+    fn fused_masked_softmax_matches_composed() {
+        let dev = Device::Cpu;
+        let s = Tensor::randn(0f32, 3.0, (2, 2, 3, 5, 5), &dev).unwrap();
+        let m = AttnMasks::new(&[vec![0, 0, 1, 1, 1], vec![1, 1, 1, 1, 1]], 5, DType::F32, &dev).unwrap();
+        for zero in [true, false] {
+            let fused = super::super::fused::masked_softmax(&s, 0.125, &m.additive, zero).unwrap();
+            let p = softmax_last_dim(&(&s * 0.125).unwrap().broadcast_add(&m.additive).unwrap()).unwrap();
+            let want = if zero { p.broadcast_mul(&m.row_valid).unwrap() } else { p };
+            close(&fused, &want, 1e-6);
+        }
     }
 
     #[test]
