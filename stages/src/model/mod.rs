@@ -45,6 +45,7 @@
 
 pub mod config;
 mod fused;
+pub mod gemm;
 pub mod loss;
 pub mod names;
 pub mod ops;
@@ -283,7 +284,7 @@ impl TextModel {
 
     fn linear(&self, idx: usize, x: &Tensor, tap: &mut dyn LinearTap) -> Result<Tensor> {
         let w = &self.w.linears[idx];
-        let y = x.matmul(&w.t()?)?;
+        let y = matmul_xwt(x, w)?;
         match tap.on_linear(idx, &self.names[idx], x, w, &y).with_context(|| format!("tap on {}", self.names[idx]))? {
             None => Ok(y),
             Some(y2) => {
@@ -349,7 +350,7 @@ impl TextModel {
             }
         }
         let hidden = ops::rms_norm(&h, &self.w.norm, eps)?;
-        let logits = hidden.matmul(&self.w.output_weight().t()?)?.reshape((b, t, c.vocab_size))?;
+        let logits = matmul_xwt(&hidden, self.w.output_weight())?.reshape((b, t, c.vocab_size))?;
         let kept = keep.then(|| Kept {
             hidden,
             cache: ForwardCache { logits: logits.clone(), layers: acts, h_last: h, cos, sin, dims: (b, t) },
@@ -371,23 +372,23 @@ impl TextModel {
         let lw = &self.w.linears;
         let mut grads: Vec<Option<Tensor>> = vec![None; self.names.len()];
 
-        let dhidden = dlogits.reshape((n, c.vocab_size))?.matmul(self.w.output_weight())?;
+        let dhidden = matmul_xw(&dlogits.reshape((n, c.vocab_size))?, self.w.output_weight())?;
         let mut dh = ops::rms_norm_backward(&fw.h_last, &self.w.norm, eps, &dhidden)?;
 
         for (l, a) in fw.layers.iter().enumerate().rev() {
             let nw = &self.w.norms[l];
             let i0 = l * LINEARS_PER_LAYER;
             // MLP: h = h_mid + down(silu(gate)·up)
-            let dact = dh.matmul(&lw[i0 + 6])?;
+            let dact = matmul_xw(&dh, &lw[i0 + 6])?;
             let (dgate, dup) = ops::swiglu_backward(&a.gate, &a.up, &dact)?;
-            let dn2 = (dgate.matmul(&lw[i0 + 4])? + dup.matmul(&lw[i0 + 5])?)?;
+            let dn2 = (matmul_xw(&dgate, &lw[i0 + 4])? + matmul_xw(&dup, &lw[i0 + 5])?)?;
             let dh_mid = (&dh + ops::rms_norm_backward(&a.h_mid, &nw.post_attention_layernorm, eps, &dn2)?)?;
             grads[i0 + 6] = Some(dh.clone());
             grads[i0 + 4] = Some(dgate);
             grads[i0 + 5] = Some(dup);
 
             // attention: h_mid = x + o_proj(attn)
-            let dattn = dh_mid.matmul(&lw[i0 + 3])?;
+            let dattn = matmul_xw(&dh_mid, &lw[i0 + 3])?;
             // rows that saw no key have p = 0 under SDPA, so they pass no gradient on
             let d_o = dattn.reshape((b, t, hkv, g, d))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, hkv, g * t, d))?;
             let dp = d_o.matmul(&a.v.t()?)?;
@@ -404,7 +405,7 @@ impl TextModel {
             let dv = dv.transpose(1, 2)?.contiguous()?.reshape((n, hkv * d))?;
             if l > 0 {
                 // nothing before layer 0 needs a gradient
-                let dn1 = ((dq.matmul(&lw[i0])? + dk.matmul(&lw[i0 + 1])?)? + dv.matmul(&lw[i0 + 2])?)?;
+                let dn1 = ((matmul_xw(&dq, &lw[i0])? + matmul_xw(&dk, &lw[i0 + 1])?)? + matmul_xw(&dv, &lw[i0 + 2])?)?;
                 dh = (&dh_mid + ops::rms_norm_backward(&a.x, &nw.input_layernorm, eps, &dn1)?)?;
             }
             grads[i0] = Some(dq);
@@ -414,6 +415,24 @@ impl TextModel {
         }
         Ok(grads.into_iter().map(|g| g.expect("every linear gets a gradient")).collect())
     }
+}
+
+/// `x · wᵀ` for `x: [N, in]`, `w: [out, in]` — the product every Linear of the model
+/// computes (AVX-512 kernel where available, else candle's matmul). Use it to compute
+/// replacement outputs so that an identity replacement reproduces `y` bit for bit.
+pub fn matmul_xwt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if let Some(y) = gemm::matmul(x, w, gemm::RhsLayout::Transposed) {
+        return Ok(y);
+    }
+    Ok(x.matmul(&w.t()?)?)
+}
+
+/// `dy · w` for `dy: [N, out]`, `w: [out, in]` (a Linear's input gradient).
+pub fn matmul_xw(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if let Some(dx) = gemm::matmul(dy, w, gemm::RhsLayout::Normal) {
+        return Ok(dx);
+    }
+    Ok(dy.matmul(w)?)
 }
 
 struct Kept {
