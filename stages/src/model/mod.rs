@@ -115,9 +115,19 @@ impl Batch {
         ensure!(!input_ids.is_empty(), "empty batch");
         let t = input_ids[0].len();
         ensure!(t > 0, "batch rows are empty");
-        ensure!(input_ids.len() == attention_mask.len(), "input_ids has {} rows, attention_mask {}", input_ids.len(), attention_mask.len());
+        ensure!(
+            input_ids.len() == attention_mask.len(),
+            "input_ids has {} rows, attention_mask {}",
+            input_ids.len(),
+            attention_mask.len()
+        );
         for (i, (a, m)) in input_ids.iter().zip(&attention_mask).enumerate() {
-            ensure!(a.len() == t && m.len() == t, "row {i}: input_ids/attention_mask length {}/{} != {t}", a.len(), m.len());
+            ensure!(
+                a.len() == t && m.len() == t,
+                "row {i}: input_ids/attention_mask length {}/{} != {t}",
+                a.len(),
+                m.len()
+            );
         }
         Ok(Batch { input_ids, attention_mask })
     }
@@ -338,7 +348,12 @@ impl TextModel {
             let s = q.matmul(&k.t()?)?.reshape((b, hkv, g, t, t))?;
             let p = ops::masked_softmax(&s, scale, &masks, self.attn == AttnImpl::Sdpa)?.reshape((b, hkv, g * t, t))?;
             // [B,Hkv,G·T,D] → [B,Hkv,G,T,D] → [B,T,Hkv,G,D] → [N, Hq·D]
-            let o = p.matmul(&v)?.reshape((b, hkv, g, t, d))?.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((n, hq * d))?;
+            let o = p
+                .matmul(&v)?
+                .reshape((b, hkv, g, t, d))?
+                .permute((0, 3, 1, 2, 4))?
+                .contiguous()?
+                .reshape((n, hq * d))?;
             let h_mid = (&x + self.linear(i0 + 3, &o, tap)?)?;
             let n2 = ops::rms_norm(&h_mid, &nw.post_attention_layernorm, eps)?;
             let gate = self.linear(i0 + 4, &n2, tap)?;
@@ -365,7 +380,12 @@ impl TextModel {
         let (b, t) = fw.dims;
         let (hq, hkv, d, g) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.group_size());
         let n = b * t;
-        ensure!(dlogits.dims() == [b, t, c.vocab_size], "dlogits shape {:?} != [{b}, {t}, {}]", dlogits.dims(), c.vocab_size);
+        ensure!(
+            dlogits.dims() == [b, t, c.vocab_size],
+            "dlogits shape {:?} != [{b}, {t}, {}]",
+            dlogits.dims(),
+            c.vocab_size
+        );
         let eps = c.rms_norm_eps;
         let scale = 1.0 / (d as f64).sqrt();
         let neg_sin = fw.sin.neg()?;
@@ -390,7 +410,12 @@ impl TextModel {
             // attention: h_mid = x + o_proj(attn)
             let dattn = matmul_xw(&dh_mid, &lw[i0 + 3])?;
             // rows that saw no key have p = 0 under SDPA, so they pass no gradient on
-            let d_o = dattn.reshape((b, t, hkv, g, d))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, hkv, g * t, d))?;
+            let d_o = dattn.reshape((b, t, hkv, g, d))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((
+                b,
+                hkv,
+                g * t,
+                d,
+            ))?;
             let dp = d_o.matmul(&a.v.t()?)?;
             let dv = a.p.t()?.matmul(&d_o)?; // [B,Hkv,T,D]
             let ds = (ops::softmax_backward(&a.p, &dp)? * scale)?;

@@ -169,7 +169,8 @@ fn sharded_checkpoint_with_f32_shard_gives_same_outputs() {
     names.sort();
     let (a, b) = names.split_at(names.len() / 2);
     let mut weight_map = serde_json::Map::new();
-    for (file, part, f32) in [("model-00001-of-00002.safetensors", a, false), ("model-00002-of-00002.safetensors", b, true)]
+    for (file, part, f32) in
+        [("model-00001-of-00002.safetensors", a, false), ("model-00002-of-00002.safetensors", b, true)]
     {
         let shard: HashMap<String, Tensor> = part
             .iter()
@@ -238,7 +239,8 @@ fn bench_midsize() {
     let (b, t) = (8usize, 128usize);
     let ids: Vec<Vec<u32>> = (0..b).map(|r| (0..t).map(|i| ((r * 131 + i * 17) % 4000 + 3) as u32).collect()).collect();
     let mask: Vec<Vec<u32>> = (0..b).map(|r| (0..t).map(|i| u32::from(i >= r * 9)).collect()).collect();
-    let ids: Vec<Vec<u32>> = ids.into_iter().zip(&mask).map(|(r, m)| r.iter().zip(m).map(|(x, k)| x * k).collect()).collect();
+    let ids: Vec<Vec<u32>> =
+        ids.into_iter().zip(&mask).map(|(r, m)| r.iter().zip(m).map(|(x, k)| x * k).collect()).collect();
     let batch = Batch::new(ids, mask).unwrap();
     let _ = m.forward(&batch, &mut NoTap).unwrap();
     // minimum over repetitions: robust against other processes on a shared machine
@@ -273,7 +275,11 @@ fn bench_matmul() {
             let _ = x.matmul(&rhs).unwrap();
             s = s.min(t0.elapsed().as_secs_f64());
         }
-        eprintln!("matmul 1024x512x1536 {name}: {:.2} ms, {:.1} GFLOP/s", s * 1e3, 2.0 * 1024.0 * 512.0 * 1536.0 / s / 1e9);
+        eprintln!(
+            "matmul 1024x512x1536 {name}: {:.2} ms, {:.1} GFLOP/s",
+            s * 1e3,
+            2.0 * 1024.0 * 512.0 * 1536.0 / s / 1e9
+        );
     }
     for (name, layout, rhs) in
         [("avx512 x·wᵀ", gemm::RhsLayout::Transposed, w.clone()), ("avx512 x·wt", gemm::RhsLayout::Normal, wt.clone())]
@@ -287,7 +293,11 @@ fn bench_matmul() {
             }
             s = s.min(t0.elapsed().as_secs_f64());
         }
-        eprintln!("matmul 1024x512x1536 {name}: {:.2} ms, {:.1} GFLOP/s", s * 1e3, 2.0 * 1024.0 * 512.0 * 1536.0 / s / 1e9);
+        eprintln!(
+            "matmul 1024x512x1536 {name}: {:.2} ms, {:.1} GFLOP/s",
+            s * 1e3,
+            2.0 * 1024.0 * 512.0 * 1536.0 / s / 1e9
+        );
     }
     let y = Tensor::randn(0f32, 1.0, (1024, 1536), &dev).unwrap();
     let t0 = std::time::Instant::now();
