@@ -25,7 +25,10 @@
 //! A [`LinearTap`] sees every Linear call in module order with its input
 //! `x: [N, in]` (N = B·T rows, batch-major), weight `w: [out, in]` and output
 //! `y = x·wᵀ: [N, out]`, and may return a replacement output (e.g.
-//! `fake_quant(x)·fake_quant(w)ᵀ`) that the rest of the forward then uses.
+//! `fake_quant(x)·fake_quant(w)ᵀ`) that the rest of the forward then uses. Compute
+//! replacements with [`matmul_xwt`] (the kernel the model uses), so an identity
+//! replacement reproduces `y` exactly. A closure
+//! `|idx, name, x, w, y| -> anyhow::Result<Option<Tensor>>` is a tap.
 //!
 //! # Gradients of Linear outputs
 //!
@@ -41,7 +44,20 @@
 //!
 //! or in one call [`TextModel::linear_output_grads`]. `dy[idx]` is dL/dy of linear `idx`
 //! for the forward that was run (with whatever outputs the tap substituted); the backward
-//! propagates through a Linear as `dx = dy·w` with its unquantized weight.
+//! propagates through a Linear as `dx = dy·w` with its unquantized weight. Custom
+//! losses: pass any dL/dlogits `[B, T, V]` to [`TextModel::backward`]. For KL scores use
+//! [`loss::log_softmax`] on the logits of [`TextModel::forward`].
+//!
+//! # Cost
+//!
+//! Linears run on an AVX-512 packed GEMM ([`gemm`]) when the CPU has it, element-wise
+//! parts on fused rayon kernels. A [`ForwardCache`] holds, per layer,
+//! 4 bytes × [N·(2·H + 2·Hq·D + 3·Hkv·D + 2·I) + B·Hq·T²] (H hidden, I intermediate,
+//! Hq/Hkv heads, D head_dim) plus logits: ≈ 230 MB for hidden 512 / 8 layers / 8×128
+//! tokens. On the shared 2-core dev box that mid-size batch takes ≈ 0.5–0.9 s forward and
+//! ≈ 0.6–1.1 s backward (min of 5) while PyTorch 2.15 takes ≈ 1.2 s and ≈ 2 s under the
+//! same load (`cargo test -p qpipe-stages --lib model::tests::bench_midsize -- --ignored
+//! --nocapture`).
 
 pub mod config;
 mod fused;

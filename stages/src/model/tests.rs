@@ -311,3 +311,33 @@ fn bench_matmul() {
     }
     eprintln!("silu 1024x1536: {:.2} ms", t0.elapsed().as_secs_f64() / 10.0 * 1e3);
 }
+
+#[test]
+fn untied_lm_head_is_used_and_absent_one_falls_back_to_embeddings() {
+    let f = fixture();
+    let batch = fixture_batch(&f);
+    let base = TextModel::load(&ckpt()).unwrap().forward(&batch, &mut NoTap).unwrap();
+    let all = candle_core::safetensors::load(ckpt().join("model.safetensors"), &Device::Cpu).unwrap();
+    let embed = all["model.language_model.embed_tokens.weight"].to_dtype(DType::F32).unwrap();
+    let untie = |dir: &Path| {
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(ckpt().join("config.json")).unwrap()).unwrap();
+        cfg["tie_word_embeddings"] = false.into();
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    };
+    // untied, lm_head = 2 × embed_tokens → logits double
+    let dir = tempfile::tempdir().unwrap();
+    checkpoint_with(dir.path(), "lm_head.weight", (&embed * 2.0).unwrap());
+    untie(dir.path());
+    let m = TextModel::load(dir.path()).unwrap();
+    assert!(m.weights().lm_head.is_some());
+    let l = m.forward(&batch, &mut NoTap).unwrap();
+    assert!(rel(&l, &(&base * 2.0).unwrap()) < 1e-6);
+    // untied in config but no lm_head.weight → tied
+    let dir = tempfile::tempdir().unwrap();
+    copy_checkpoint(dir.path());
+    untie(dir.path());
+    let m = TextModel::load(dir.path()).unwrap();
+    assert!(m.weights().lm_head.is_none());
+    assert_eq!(max_abs_diff(&m.forward(&batch, &mut NoTap).unwrap(), &base), 0.0);
+}
