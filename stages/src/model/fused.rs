@@ -224,3 +224,8 @@ pub fn masked_softmax(s: &Tensor, scale: f32, mask: &Tensor, zero_empty_rows: bo
     })??;
     Tensor::from_vec(out, s.shape(), s.device()).ok()
 }
+
+/// Whether every value is finite (`None` when the fast path does not apply).
+pub fn all_finite(t: &Tensor) -> Option<bool> {
+    with_f32(t, |v| v.par_chunks(MIN_ELEMS_PER_TASK).all(|c| c.iter().all(|x| x.is_finite())))
+}

@@ -376,11 +376,13 @@ impl TextModel {
             let up = self.linear(i0 + 5, &n2, tap)?;
             let a = ops::swiglu(&gate, &up)?;
             h = (&h_mid + self.linear(i0 + 6, &a, tap)?)?;
+            ensure_finite(&h, || format!("the output of decoder layer layers.{l}"))?;
             if keep {
                 acts.push(LayerActs { x, q_raw, k_raw, q, k, v, p, h_mid, gate, up });
             }
         }
         let hidden = ops::rms_norm(&h, &self.w.norm, eps)?;
+        ensure_finite(&hidden, || "the final norm's output".to_string())?;
         let logits = matmul_xwt(&hidden, self.w.output_weight())?.reshape((b, t, c.vocab_size))?;
         let kept = keep.then(|| Kept {
             hidden,
@@ -456,6 +458,22 @@ impl TextModel {
         }
         Ok(grads.into_iter().map(|g| g.expect("every linear gets a gradient")).collect())
     }
+}
+
+/// Errors naming `what` when `t` holds NaN or ±Inf (activations overflowing or a tap
+/// returning non-finite outputs).
+fn ensure_finite(t: &Tensor, what: impl FnOnce() -> String) -> Result<()> {
+    let finite = match fused::all_finite(t) {
+        Some(f) => f,
+        None => weights::check_finite(t).is_ok(),
+    };
+    if !finite {
+        bail!(
+            "non-finite activation (NaN or Inf) in {}; check the checkpoint and the tap's replacement outputs",
+            what()
+        );
+    }
+    Ok(())
 }
 
 /// `x · wᵀ` for `x: [N, in]`, `w: [out, in]` — the product every Linear of the model

@@ -225,6 +225,14 @@ fn bad_checkpoints_and_inputs_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let err = format!("{:#}", TextModel::load(dir.path()).err().unwrap());
     assert!(err.contains("config.json"), "{err}");
+
+    // a non-finite activation names the layer
+    let batch = fixture_batch(&fixture());
+    let mut tap = |_: usize, name: &str, _: &Tensor, _: &Tensor, y: &Tensor| -> Result<Option<Tensor>> {
+        Ok((name == "layers.2.mlp.up_proj").then(|| (y * f64::INFINITY).unwrap()))
+    };
+    let err = format!("{:#}", m.forward(&batch, &mut tap).unwrap_err());
+    assert!(err.contains("layers.2") && err.contains("non-finite"), "{err}");
 }
 
 /// Timing of the mid-size synthetic model (hidden 512, 8 layers, 8/4 heads, intermediate
