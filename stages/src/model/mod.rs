@@ -286,12 +286,12 @@ impl TextModel {
     /// Final hidden states (after the last norm) `[B, T, H]`.
     pub fn forward_hidden(&self, batch: &Batch, tap: &mut dyn LinearTap) -> Result<Tensor> {
         let (b, t) = batch.dims();
-        Ok(self.run(batch, tap, true)?.1.unwrap().hidden.reshape((b, t, self.cfg.hidden_size))?)
+        Ok(self.run(batch, tap, false)?.1.reshape((b, t, self.cfg.hidden_size))?)
     }
 
     /// Forward that keeps the activations [`Self::backward`] needs.
     pub fn forward_for_backward(&self, batch: &Batch, tap: &mut dyn LinearTap) -> Result<ForwardCache> {
-        Ok(self.run(batch, tap, true)?.1.unwrap().cache)
+        Ok(self.run(batch, tap, true)?.2.expect("kept"))
     }
 
     /// Forward, shifted cross-entropy with `ignore_index`, backward: the loss, logits and
@@ -322,7 +322,13 @@ impl TextModel {
         }
     }
 
-    fn run(&self, batch: &Batch, tap: &mut dyn LinearTap, keep: bool) -> Result<(Tensor, Option<Kept>)> {
+    /// Logits `[B, T, V]`, final hidden states `[N, H]`, and the cache when `keep`.
+    fn run(
+        &self,
+        batch: &Batch,
+        tap: &mut dyn LinearTap,
+        keep: bool,
+    ) -> Result<(Tensor, Tensor, Option<ForwardCache>)> {
         let c = &self.cfg;
         let (b, t) = batch.dims();
         if t > c.max_position_embeddings {
@@ -384,11 +390,9 @@ impl TextModel {
         let hidden = ops::rms_norm(&h, &self.w.norm, eps)?;
         ensure_finite(&hidden, || "the final norm's output".to_string())?;
         let logits = matmul_xwt(&hidden, self.w.output_weight())?.reshape((b, t, c.vocab_size))?;
-        let kept = keep.then(|| Kept {
-            hidden,
-            cache: ForwardCache { logits: logits.clone(), layers: acts, h_last: h, cos, sin, dims: (b, t) },
-        });
-        Ok((logits, kept))
+        let kept =
+            keep.then(|| ForwardCache { logits: logits.clone(), layers: acts, h_last: h, cos, sin, dims: (b, t) });
+        Ok((logits, hidden, kept))
     }
 
     /// dL/dy of every Linear output (module order, each `[N, out]`) given dL/dlogits
@@ -492,11 +496,6 @@ pub fn matmul_xw(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
         return Ok(dx);
     }
     Ok(dy.matmul(w)?)
-}
-
-struct Kept {
-    hidden: Tensor,
-    cache: ForwardCache,
 }
 
 #[cfg(test)]
