@@ -229,3 +229,31 @@ pub fn masked_softmax(s: &Tensor, scale: f32, mask: &Tensor, zero_empty_rows: bo
 pub fn all_finite(t: &Tensor) -> Option<bool> {
     with_f32(t, |v| v.par_chunks(MIN_ELEMS_PER_TASK).all(|c| c.iter().all(|x| x.is_finite())))
 }
+
+/// `Σ clamp(g·(a − b), ±1e10)²` accumulated in f64 (`None` when the fast path does not
+/// apply).
+pub fn grad_diff_score(g: &Tensor, a: &Tensor, b: &Tensor) -> Option<f64> {
+    if g.dims() != a.dims() || g.dims() != b.dims() {
+        return None;
+    }
+    with_f32(g, |g| {
+        with_f32(a, |a| {
+            with_f32(b, |b| {
+                let c = MIN_ELEMS_PER_TASK;
+                g.par_chunks(c)
+                    .zip(a.par_chunks(c).zip(b.par_chunks(c)))
+                    .map(|(g, (a, b))| {
+                        let mut s = 0f64;
+                        for i in 0..g.len() {
+                            let x = (g[i] * (a[i] - b[i])).clamp(-1e10, 1e10);
+                            s += f64::from(x * x);
+                        }
+                        s
+                    })
+                    .sum::<f64>()
+            })
+        })
+    })
+    .flatten()
+    .flatten()
+}

@@ -480,6 +480,27 @@ fn ensure_finite(t: &Tensor, what: impl FnOnce() -> String) -> Result<()> {
     Ok(())
 }
 
+/// ModelOpt's gradient score term of one Linear and batch:
+/// `Σ clamp(dy·(y_q − y), −1e10, 1e10)²` (`_get_auto_quantize_score`), accumulated in f64.
+/// `dy` is dL/dy from [`TextModel::backward`], `y_q` the output with the recipe applied,
+/// `y` the unquantized output; all `[N, out]`.
+pub fn gradient_score(dy: &Tensor, y_q: &Tensor, y: &Tensor) -> Result<f64> {
+    ensure!(
+        dy.dims() == y_q.dims() && dy.dims() == y.dims(),
+        "gradient_score: shapes {:?} {:?} {:?} differ",
+        dy.dims(),
+        y_q.dims(),
+        y.dims()
+    );
+    let (dy, y_q, y) = (dy.contiguous()?, y_q.contiguous()?, y.contiguous()?);
+    if let Some(s) = fused::grad_diff_score(&dy, &y_q, &y) {
+        return Ok(s);
+    }
+    // f32 element-wise as ModelOpt, f64 sum
+    let x = (&dy * (&y_q - &y)?)?.clamp(-1e10f32, 1e10f32)?.sqr()?;
+    Ok(x.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+}
+
 /// `x · wᵀ` for `x: [N, in]`, `w: [out, in]` — the product every Linear of the model
 /// computes (AVX-512 kernel where available, else candle's matmul). Use it to compute
 /// replacement outputs so that an identity replacement reproduces `y` bit for bit.

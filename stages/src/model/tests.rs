@@ -349,3 +349,24 @@ fn untied_lm_head_is_used_and_absent_one_falls_back_to_embeddings() {
     assert!(m.weights().lm_head.is_none());
     assert_eq!(max_abs_diff(&m.forward(&batch, &mut NoTap).unwrap(), &base), 0.0);
 }
+
+#[test]
+fn gradient_score_matches_composed_formula() {
+    let dev = Device::Cpu;
+    let g = Tensor::randn(0f32, 1.0, (33, 70), &dev).unwrap();
+    let a = Tensor::randn(0f32, 1.0, (33, 70), &dev).unwrap();
+    let b = Tensor::randn(0f32, 1.0, (33, 70), &dev).unwrap();
+    let want = (&g * (&a - &b).unwrap()).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let got = gradient_score(&g, &a, &b).unwrap();
+    assert!((got - f64::from(want)).abs() / f64::from(want) < 1e-5, "{got} vs {want}");
+    // tracked inputs take the composed path
+    let v = Var::from_tensor(&g).unwrap();
+    let got2 = gradient_score(v.as_tensor(), &a, &b).unwrap();
+    assert!((got2 - got).abs() / got < 1e-9);
+    // clamping as ModelOpt does
+    let big = Tensor::from_vec(vec![1e6f32, 1.0], 2, &dev).unwrap();
+    let z = Tensor::zeros(2, DType::F32, &dev).unwrap();
+    // 1e6·1e12 clamps to 1e10; squares are f32 as in torch
+    let want = f64::from(1e10f32 * 1e10f32) + f64::from(1e6f32 * 1e6f32);
+    assert_eq!(gradient_score(&big, &(&big * 1e6).unwrap(), &z).unwrap(), want);
+}
