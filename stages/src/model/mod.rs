@@ -367,11 +367,10 @@ impl TextModel {
             let k = ops::rms_norm(&k_raw, &nw.k_norm, eps)?.reshape((b, t, hkv, d))?.transpose(1, 2)?.contiguous()?;
             let k = ops::rope(&k, &cos, &sin)?;
             let v = v.reshape((b, t, hkv, d))?.transpose(1, 2)?.contiguous()?;
-            let s = q.matmul(&k.t()?)?.reshape((b, hkv, g, t, t))?;
+            let s = bmm_t(&q, &k)?.reshape((b, hkv, g, t, t))?;
             let p = ops::masked_softmax(&s, scale, &masks, self.attn == AttnImpl::Sdpa)?.reshape((b, hkv, g * t, t))?;
             // [B,Hkv,G·T,D] → [B,Hkv,G,T,D] → [B,T,Hkv,G,D] → [N, Hq·D]
-            let o = p
-                .matmul(&v)?
+            let o = bmm_n(&p, &v)?
                 .reshape((b, hkv, g, t, d))?
                 .permute((0, 3, 1, 2, 4))?
                 .contiguous()?
@@ -438,10 +437,10 @@ impl TextModel {
                 g * t,
                 d,
             ))?;
-            let dp = d_o.matmul(&a.v.t()?)?;
+            let dp = bmm_t(&d_o, &a.v)?;
             let dv = a.p.t()?.matmul(&d_o)?; // [B,Hkv,T,D]
             let ds = (ops::softmax_backward(&a.p, &dp)? * scale)?;
-            let dq = ds.matmul(&a.k)?; // [B,Hkv,G·T,D]
+            let dq = bmm_n(&ds, &a.k)?; // [B,Hkv,G·T,D]
             let dk = ds.t()?.matmul(&a.q)?; // [B,Hkv,T,D]
             let dq = ops::rope_backward(&dq.reshape((b, hq, t, d))?, &fw.cos, &neg_sin)?;
             let dk = ops::rope_backward(&dk, &fw.cos, &neg_sin)?;
@@ -499,6 +498,22 @@ pub fn gradient_score(dy: &Tensor, y_q: &Tensor, y: &Tensor) -> Result<f64> {
     // f32 element-wise as ModelOpt, f64 sum
     let x = (&dy * (&y_q - &y)?)?.clamp(-1e10f32, 1e10f32)?.sqr()?;
     Ok(x.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+}
+
+/// Batched `a · bᵀ` (attention scores).
+fn bmm_t(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if let Some(y) = gemm::batched_matmul(a, b, gemm::RhsLayout::Transposed) {
+        return Ok(y);
+    }
+    Ok(a.matmul(&b.t()?)?)
+}
+
+/// Batched `a · b`.
+fn bmm_n(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if let Some(y) = gemm::batched_matmul(a, b, gemm::RhsLayout::Normal) {
+        return Ok(y);
+    }
+    Ok(a.matmul(b)?)
 }
 
 /// `x · wᵀ` for `x: [N, in]`, `w: [out, in]` — the product every Linear of the model
