@@ -589,6 +589,7 @@ mod tests {
     fn planned_scheme_and_model_have_the_legacy_keys() {
         let Some(legacy) = legacy_dir() else { return };
         let dir = tempfile::tempdir().unwrap();
+        crate::plan::tests::copy_tiny_config(dir.path());
         std::fs::write(dir.path().join("c.txt"), "a\n").unwrap();
         let config = json!({
             "model": {"name": "tiny", "path": "."},

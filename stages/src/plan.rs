@@ -406,8 +406,10 @@ pub fn plan(ctx: &PlanContext, runs: &[Run]) -> Result<Vec<Instance>> {
     };
 
     let mut planned: Vec<RunPlan> = Vec::new();
+    let mut shapes = ShapeCache::default();
     for run in runs {
         let cfg = RunConfig::from_value(&run.config).with_context(|| format!("in run {}", describe_run(run)))?;
+        check_format(ctx, &cfg, &mut shapes).with_context(|| format!("in run {}", describe_run(run)))?;
         let (instances, run_dir, manifest) = run_instances(ctx, &cfg)?;
         for inst in instances {
             push(inst, &mut out)?;
@@ -418,6 +420,38 @@ pub fn plan(ctx: &PlanContext, runs: &[Run]) -> Result<Vec<Instance>> {
         push(inst, &mut out)?;
     }
     Ok(out)
+}
+
+/// Linear shapes `(in_features, out_features)` of each local checkpoint, read once per plan.
+#[derive(Default)]
+struct ShapeCache(BTreeMap<PathBuf, Vec<(usize, usize)>>);
+
+impl ShapeCache {
+    /// The shapes of every distinct Linear of the checkpoint's language model, or `None` for a
+    /// hub model not read yet (the score stage checks those shapes when it loads the weights).
+    fn get(&mut self, ctx: &PlanContext, cfg: &RunConfig) -> Result<Option<&[(usize, usize)]>> {
+        let CheckpointSource::Local { path } = cfg.checkpoint() else { return Ok(None) };
+        let dir = ctx.root.join(&path);
+        if !self.0.contains_key(&dir) {
+            let c = crate::model::TextConfig::from_dir(&dir)
+                .with_context(|| format!("key `model.path`: cannot read the model config in `{path}`"))?;
+            let (h, q, kv, i) =
+                (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size);
+            self.0.insert(dir.clone(), vec![(h, q), (h, kv), (q, h), (h, i), (i, h)]);
+        }
+        Ok(self.0.get(&dir).map(Vec::as_slice))
+    }
+}
+
+/// Rejects, before any stage runs, a pair × granularity that cannot be built: an unknown
+/// format, an overlay that makes no sense for it, a block size that does not divide a
+/// Linear's input dimension.
+fn check_format(ctx: &PlanContext, cfg: &RunConfig, shapes: &mut ShapeCache) -> Result<()> {
+    let q = &cfg.quant_pair;
+    let g = &cfg.quant_granularity;
+    let shapes = shapes.get(ctx, cfg)?.unwrap_or(&[]);
+    crate::quant::check_combination(&q.name, &g.name, &q.format_name, &g.quant_cfg_overrides, shapes)?;
+    Ok(())
 }
 
 fn describe_run(run: &Run) -> String {
@@ -759,7 +793,7 @@ fn sweep_overrides(runs: &[&RunPlan]) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn base() -> Value {
@@ -777,6 +811,12 @@ mod tests {
             "output_layout": {"name": "publish", "mode": "publish", "root_dir": "models/tiny/layer-analysis"},
             "runner": {"output_dir": null}
         })
+    }
+
+    /// The embedded checkpoint's config.json in `dir`, which `"path": "."` then names.
+    pub(crate) fn copy_tiny_config(dir: &Path) {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny_qwen3_vl/checkpoint/config.json");
+        std::fs::copy(src, dir.join("config.json")).unwrap();
     }
 
     fn ctx() -> PlanContext {
@@ -821,6 +861,33 @@ mod tests {
     }
 
     #[test]
+    fn combinations_that_cannot_be_built_are_rejected_before_any_stage() {
+        let dir = tempfile::tempdir().unwrap();
+        copy_tiny_config(dir.path());
+        std::fs::write(dir.path().join("c.txt"), "a\n").unwrap();
+        let ctx = PlanContext { root: dir.path().to_path_buf(), ..ctx() };
+        let run = |v: Value| Run { config: v, overrides: vec!["quant_pair=x".into()], published: false };
+        // FP4 has no per-channel scale: the overlay is rejected, naming pair and overlay.
+        let mut v = base();
+        v["quant_pair"] = json!({"name": "wfp4_afp16", "weight": "fp4", "activation": "fp16",
+                                  "format_name": "NVFP4_WEIGHT_ONLY_CFG"});
+        v["quant_granularity"] = json!({"name": "w_per_out_channel",
+                                         "quant_cfg_overrides": {"*weight_quantizer": {"axis": 0}}});
+        let e = format!("{:#}", plan(&ctx, &[run(v.clone())]).unwrap_err());
+        assert!(e.contains("wfp4_afp16") && e.contains("w_per_out_channel"), "{e}");
+        // A group size that does not divide an input dimension (hidden 128 here).
+        v["quant_pair"] = json!({"name": "wint4_afp16", "weight": "int4", "activation": "fp16",
+                                  "format_name": "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"});
+        v["quant_granularity"] = json!({"name": "w_group96",
+                                         "quant_cfg_overrides": {"*weight_quantizer": {"block_sizes": {"-1": 96}}}});
+        let e = format!("{:#}", plan(&ctx, &[run(v.clone())]).unwrap_err());
+        assert!(e.contains("w_group96") && e.contains("96"), "{e}");
+        // The same overlay with a dividing size plans.
+        v["quant_granularity"]["quant_cfg_overrides"]["*weight_quantizer"]["block_sizes"]["-1"] = json!(64);
+        assert!(plan(&ctx, &[run(v)]).is_ok());
+    }
+
+    #[test]
     fn hub_models_need_a_pinned_revision() {
         let mut v = base();
         v["model"] = json!({"name": "m", "repo": "Qwen/Qwen3-VL-4B-Instruct", "revision": "main"});
@@ -840,6 +907,7 @@ mod tests {
         let runs: Vec<Run> =
             [a, b].into_iter().map(|config| Run { config, overrides: vec![], published: false }).collect();
         let dir = tempfile::tempdir().unwrap();
+        copy_tiny_config(dir.path());
         std::fs::write(dir.path().join("c.txt"), "a\n").unwrap();
         let ctx = PlanContext { root: dir.path().to_path_buf(), ..ctx() };
         let inst = plan(&ctx, &runs).unwrap();
@@ -857,6 +925,7 @@ mod tests {
     #[test]
     fn published_runs_get_pair_and_model_readmes() {
         let dir = tempfile::tempdir().unwrap();
+        copy_tiny_config(dir.path());
         std::fs::write(dir.path().join("c.txt"), "a\n").unwrap();
         let ctx = PlanContext { root: dir.path().to_path_buf(), pipeline_file: dir.path().join("pipeline.yaml") };
         let mut runs = Vec::new();
