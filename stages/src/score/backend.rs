@@ -1,0 +1,72 @@
+//! What the scorer needs from a language model, and from a quantization format.
+//!
+//! The scorer never runs the model once per layer: it asks the model for one unquantized
+//! forward + backward per score batch and receives, per linear, the input `X` and the
+//! gradient of the loss with respect to the output `dL/dY`; everything else is matmuls on
+//! those. `kl_div` needs whole-model forwards with one recipe's linears replaced.
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use super::recipes::LinearInfo;
+
+/// One batch of calibration tokens (left padded).
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `[B, T]` token ids.
+    pub input_ids: Vec<Vec<u32>>,
+    /// `[B, T]` 1 = token, 0 = pad.
+    pub attention_mask: Vec<Vec<u32>>,
+    /// Labels are the input ids; positions whose label is this id are ignored by the loss.
+    pub pad_token_id: u32,
+}
+
+/// A replaced linear for a quantized forward: `y = q_in(x) · w^T`.
+pub struct LinearOverride<'a> {
+    /// The fake-quantized weight `[out, in]`.
+    pub weight: Tensor,
+    /// Fake-quantizes the input, when the format quantizes activations.
+    pub input: Option<&'a (dyn Fn(&Tensor) -> Result<Tensor> + Sync)>,
+}
+
+/// Receives one linear's tensors during the backward pass: its name, its input `X`
+/// (`[tokens, in]`) and `dL/dY` (`[tokens, out]`), both f32.
+pub type GradSink<'a> = dyn FnMut(&str, &Tensor, &Tensor) -> Result<()> + 'a;
+
+/// Receives one linear's input `X` (`[tokens, in]`) during a calibration forward.
+pub type InputSink<'a> = dyn FnMut(&str, &Tensor) -> Result<()> + 'a;
+
+/// The language model as the scorer drives it.
+pub trait ScoreModel {
+    /// Every scorable linear, in module order.
+    fn linears(&self) -> Vec<LinearInfo>;
+    /// The unquantized weight of a linear, `[out, in]`, f32.
+    fn weight(&self, name: &str) -> Result<Tensor>;
+    /// One unquantized forward; `sink` gets every linear's input.
+    fn forward_inputs(&self, batch: &Batch, sink: &mut InputSink<'_>) -> Result<()>;
+    /// One unquantized forward and backward of the mean cross-entropy of the shifted logits
+    /// (ignore_index = pad id); `sink` gets every linear's input and output gradient.
+    /// Returns the loss.
+    fn forward_backward(&self, batch: &Batch, sink: &mut GradSink<'_>) -> Result<f64>;
+    /// Logits `[B, T, V]` (f32) with the named linears replaced.
+    fn logits(&self, batch: &Batch, overrides: &HashMap<String, LinearOverride<'_>>) -> Result<Tensor>;
+}
+
+/// One quantization format as the scorer uses it (see `score::format` for the adapter to
+/// the `quant` module).
+pub trait ScoreFormat: Sync {
+    /// The name ModelOpt prints (`INT8_DEFAULT_CFG`, `CUSTOM_0`, …).
+    fn name(&self) -> &str;
+    /// Effective bits for the cost model (ModelOpt's `estimate_quant_compression` × 16).
+    fn effective_bits(&self) -> f64;
+    /// Whether inputs are quantized with a *static* range that needs max calibration.
+    fn input_needs_calibration(&self) -> bool;
+    /// Whether inputs are quantized at all.
+    fn quantizes_input(&self) -> bool;
+    /// Fake-quantized weight (ranges from the weight itself).
+    fn quant_weight(&self, linear: &str, w: &Tensor) -> Result<Tensor>;
+    /// Fake-quantized input; `amax` is the calibrated static range (None for dynamic formats).
+    fn quant_input(&self, linear: &str, x: &Tensor, amax: Option<f32>) -> Result<Tensor>;
+}

@@ -1,0 +1,203 @@
+//! Calibration and the two scorers, on top of [`ScoreModel`] and [`ScoreFormat`].
+//!
+//! Calibration ("max"): for formats with static input ranges, input amax of every linear
+//! = max |x| over all calibration batches of the *unquantized* model (ModelOpt calibrates
+//! with every quantizer in calibration mode, which does not quantize), pad positions
+//! included. Weight ranges come from the weights themselves (inside the format).
+//!
+//! `gradient`: per score batch one forward + backward of the unquantized model; per linear
+//! and recipe `Σ clamp(dL/dY ⊙ (Y_q − Y), ±1e10)²` where `Y_q` uses the fake-quantized
+//! weight (and input, if the format quantizes inputs) — `_get_auto_quantize_score` in
+//! ModelOpt. A recipe's score is the sum over its members and score batches.
+//!
+//! `kl_div`: per score batch the unquantized log-probabilities, then one recipe at a time
+//! quantized in the whole model: `Σ p_fp · (log p_fp − log p_q)` over every position
+//! (pads included) and the vocabulary (`F.kl_div(..., reduction="sum", log_target=True)`).
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, D};
+
+use super::backend::{Batch, LinearOverride, ScoreFormat, ScoreModel};
+use super::recipes::Recipe;
+use crate::contract::Progress;
+
+/// Error unless every element of `t` is finite, naming what it is.
+pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
+    let bad = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().any(|v| !v.is_finite());
+    if bad {
+        bail!("{what} contains NaN or Inf; check the checkpoint's weights and the calibration tokens");
+    }
+    Ok(())
+}
+
+/// Max |x| per linear over the calibration batches (static input ranges).
+pub fn calibrate_inputs(
+    model: &dyn ScoreModel,
+    batches: &[Batch],
+    progress: &dyn Progress,
+) -> Result<HashMap<String, f32>> {
+    progress.phase("calibrate", Some(batches.len() as u64));
+    let mut amax: HashMap<String, f32> = HashMap::new();
+    for (bi, b) in batches.iter().enumerate() {
+        model
+            .forward_inputs(b, &mut |name, x| {
+                let m = x.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                if !m.is_finite() {
+                    bail!("the input of linear `{name}` contains NaN or Inf (calibration batch {bi})");
+                }
+                let e = amax.entry(name.to_string()).or_insert(0.0);
+                *e = e.max(m);
+                Ok(())
+            })
+            .with_context(|| format!("calibration forward, batch {bi}"))?;
+        progress.advance(1);
+    }
+    Ok(amax)
+}
+
+/// Per-linear prepared tensors for the gradient scorer.
+struct Prepared {
+    /// `W^T` `[in, out]` (for `Y = X W^T` when inputs are quantized).
+    w_t: Tensor,
+    /// `Wq^T`.
+    wq_t: Tensor,
+    /// `(Wq − W)^T`.
+    dw_t: Tensor,
+}
+
+/// `Σ clamp(g ⊙ d, ±1e10)²`, accumulated in f64.
+pub fn grad_score(g: &Tensor, d: &Tensor) -> Result<f64> {
+    let p = (g * d)?.clamp(-1e10f32, 1e10f32)?;
+    Ok(p.sqr()?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+}
+
+/// The `gradient` scores of one format: per recipe, Σ over members and score batches.
+pub fn gradient_scores(
+    model: &dyn ScoreModel,
+    format: &dyn ScoreFormat,
+    recipes: &[Recipe],
+    input_amax: &HashMap<String, f32>,
+    batches: &[Batch],
+    progress: &dyn Progress,
+) -> Result<Vec<f64>> {
+    let mut prepared: HashMap<String, Prepared> = HashMap::new();
+    for r in recipes {
+        for m in &r.members {
+            let w = model.weight(m)?;
+            check_finite(&w, &format!("the weight of linear `{m}`"))?;
+            let wq = format.quant_weight(m, &w).with_context(|| format!("fake-quantizing the weight of `{m}`"))?;
+            let dw_t = (&wq - &w)?.t()?.contiguous()?;
+            prepared.insert(
+                m.clone(),
+                Prepared { w_t: w.t()?.contiguous()?, wq_t: wq.t()?.contiguous()?, dw_t },
+            );
+        }
+    }
+    let mut per_linear: HashMap<String, f64> = HashMap::new();
+    progress.phase("score (gradient)", Some(batches.len() as u64));
+    for (bi, b) in batches.iter().enumerate() {
+        model
+            .forward_backward(b, &mut |name, x, g| {
+                let Some(p) = prepared.get(name) else { return Ok(()) };
+                let d = if format.quantizes_input() {
+                    let amax = if format.input_needs_calibration() {
+                        Some(*input_amax.get(name).with_context(|| format!("no calibrated input range for `{name}`"))?)
+                    } else {
+                        None
+                    };
+                    let xq = format.quant_input(name, x, amax)?;
+                    (xq.matmul(&p.wq_t)? - x.matmul(&p.w_t)?)?
+                } else {
+                    x.matmul(&p.dw_t)?
+                };
+                let s = grad_score(g, &d)?;
+                if !s.is_finite() {
+                    bail!("the score of linear `{name}` is not finite (batch {bi}): its input or gradient has NaN/Inf");
+                }
+                *per_linear.entry(name.to_string()).or_insert(0.0) += s;
+                Ok(())
+            })
+            .with_context(|| format!("score forward/backward, batch {bi}"))?;
+        progress.advance(1);
+    }
+    recipes
+        .iter()
+        .map(|r| {
+            r.members
+                .iter()
+                .map(|m| per_linear.get(m).copied().with_context(|| format!("linear `{m}` got no gradient")))
+                .sum()
+        })
+        .collect()
+}
+
+/// `Σ exp(lp) · (lp − lq)` in f64, `lp`/`lq` log-probabilities of the same shape.
+pub fn kl_sum(log_p: &Tensor, log_q: &Tensor) -> Result<f64> {
+    let t = (log_p.exp()? * (log_p - log_q)?)?;
+    Ok(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+}
+
+/// The `kl_div` scores of one format: per recipe, Σ over score batches.
+pub fn kl_div_scores(
+    model: &dyn ScoreModel,
+    format: &dyn ScoreFormat,
+    recipes: &[Recipe],
+    input_amax: &HashMap<String, f32>,
+    batches: &[Batch],
+    progress: &dyn Progress,
+) -> Result<Vec<f64>> {
+    let mut qweights: HashMap<String, Tensor> = HashMap::new();
+    for r in recipes {
+        for m in &r.members {
+            let w = model.weight(m)?;
+            check_finite(&w, &format!("the weight of linear `{m}`"))?;
+            qweights.insert(m.clone(), format.quant_weight(m, &w)?);
+        }
+    }
+    // One closure per linear that fake-quantizes its input with its calibrated range.
+    type InputFn<'f> = Box<dyn Fn(&Tensor) -> Result<Tensor> + Sync + 'f>;
+    let mut input_fns: HashMap<String, InputFn<'_>> = HashMap::new();
+    if format.quantizes_input() {
+        for r in recipes {
+            for m in &r.members {
+                let amax = if format.input_needs_calibration() {
+                    Some(*input_amax.get(m).with_context(|| format!("no calibrated input range for `{m}`"))?)
+                } else {
+                    None
+                };
+                let name = m.clone();
+                input_fns.insert(m.clone(), Box::new(move |x: &Tensor| format.quant_input(&name, x, amax)));
+            }
+        }
+    }
+    let mut scores = vec![0.0; recipes.len()];
+    progress.phase("score (kl_div)", Some((batches.len() * recipes.len()) as u64));
+    for (bi, b) in batches.iter().enumerate() {
+        let logits = model.logits(b, &HashMap::new()).with_context(|| format!("unquantized forward, batch {bi}"))?;
+        check_finite(&logits, &format!("the unquantized logits of batch {bi}"))?;
+        let log_p = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        for (ri, r) in recipes.iter().enumerate() {
+            let mut ov: HashMap<String, LinearOverride<'_>> = HashMap::new();
+            for m in &r.members {
+                ov.insert(
+                    m.clone(),
+                    LinearOverride {
+                        weight: qweights[m].clone(),
+                        input: input_fns.get(m).map(|f| f.as_ref() as &(dyn Fn(&Tensor) -> Result<Tensor> + Sync)),
+                    },
+                );
+            }
+            let lq = model.logits(b, &ov).with_context(|| format!("forward with `{}` quantized, batch {bi}", r.name))?;
+            let log_q = candle_nn::ops::log_softmax(&lq, D::Minus1)?;
+            let s = kl_sum(&log_p, &log_q)?;
+            if !s.is_finite() {
+                bail!("the KL divergence with `{}` quantized is not finite (batch {bi})", r.name);
+            }
+            scores[ri] += s;
+            progress.advance(1);
+        }
+    }
+    Ok(scores)
+}
