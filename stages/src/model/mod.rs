@@ -1,1 +1,430 @@
-//! (in progress)
+//! The Qwen3-VL language model in candle, with hookable Linears and a hand-written
+//! backward pass that yields dL/dy of every Linear output.
+//!
+//! # Structure
+//!
+//! `embed_tokens` → per layer [`input_layernorm` (RMSNorm) → `self_attn` (q/k/v proj,
+//! per-head `q_norm`/`k_norm` RMSNorm, RoPE, GQA causal attention, `o_proj`) → residual →
+//! `post_attention_layernorm` → SwiGLU `mlp` (gate/up/down) → residual] → `norm` →
+//! `lm_head` (tied to `embed_tokens` when `tie_word_embeddings` or `lm_head.weight` is
+//! absent). Text-only input: position ids are `0..T-1` on all three MRoPE axes regardless
+//! of padding, so MRoPE is plain RoPE (see [`ops::rope_tables`]). Padding is masked as
+//! transformers 5.x does for the extracted language model called with `input_ids` and
+//! `attention_mask`: keys that are pads are never attended; with [`AttnImpl::Sdpa`]
+//! (transformers' default) a query row that sees no key at all (a left pad) gets attention
+//! output 0, with [`AttnImpl::Eager`] it averages all values uniformly.
+//!
+//! # Hookable Linears
+//!
+//! Every Linear except `lm_head` has an index and a stable name ([`names`]):
+//! `idx = layer*7 + k`, k over `q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+//! down_proj`; names `layers.{i}.self_attn.q_proj` … `layers.{i}.mlp.down_proj`.
+//! [`TextModel::linear_names`], [`TextModel::linear_weight`] (`[out, in]`),
+//! [`TextModel::linear_index`].
+//!
+//! A [`LinearTap`] sees every Linear call in module order with its input
+//! `x: [N, in]` (N = B·T rows, batch-major), weight `w: [out, in]` and output
+//! `y = x·wᵀ: [N, out]`, and may return a replacement output (e.g.
+//! `fake_quant(x)·fake_quant(w)ᵀ`) that the rest of the forward then uses.
+//!
+//! # Gradients of Linear outputs
+//!
+//! candle's autograd drops the gradients of intermediate tensors and always computes
+//! weight gradients, so the model has its own backward pass that computes activation
+//! gradients only:
+//!
+//! ```ignore
+//! let fw = model.forward_for_backward(&batch, &mut NoTap)?;      // keeps activations
+//! let ce = loss::shifted_cross_entropy(fw.logits(), &batch.input_ids, Some(pad_id))?;
+//! let dy: Vec<Tensor> = model.backward(&fw, &ce.dlogits)?;      // dL/dy per linear, [N, out]
+//! ```
+//!
+//! or in one call [`TextModel::linear_output_grads`]. `dy[idx]` is dL/dy of linear `idx`
+//! for the forward that was run (with whatever outputs the tap substituted); the backward
+//! propagates through a Linear as `dx = dy·w` with its unquantized weight.
+
+pub mod config;
+pub mod loss;
+pub mod names;
+pub mod ops;
+pub mod weights;
+
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+pub use config::{ConfigDialect, TextConfig};
+pub use names::{linear_at, linear_index, linear_name, linear_names, LinearKind, LINEARS_PER_LAYER};
+pub use weights::LmWeights;
+
+use ops::AttnMasks;
+
+/// How padded query rows that see no key are treated (the only place the attention
+/// implementations of transformers differ for this model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttnImpl {
+    /// `torch.nn.functional.scaled_dot_product_attention` (transformers' default on CPU):
+    /// fully-masked rows output 0.
+    #[default]
+    Sdpa,
+    /// transformers' eager attention: the additive mask is `finfo.min`, so fully-masked
+    /// rows softmax to uniform weights over all keys.
+    Eager,
+}
+
+/// Observes (and optionally replaces) each Linear's output during a forward pass.
+pub trait LinearTap {
+    /// Called once per Linear in module order. `x: [N, in]`, `w: [out, in]`,
+    /// `y = x·wᵀ: [N, out]`. Return `Some(y')` (same shape) to make the model continue
+    /// with `y'`, `None` to keep `y`. Tensors are cheap to clone (reference-counted).
+    fn on_linear(&mut self, idx: usize, name: &str, x: &Tensor, w: &Tensor, y: &Tensor) -> Result<Option<Tensor>>;
+}
+
+/// A tap that does nothing.
+pub struct NoTap;
+
+impl LinearTap for NoTap {
+    fn on_linear(&mut self, _: usize, _: &str, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+impl<F> LinearTap for F
+where
+    F: FnMut(usize, &str, &Tensor, &Tensor, &Tensor) -> Result<Option<Tensor>>,
+{
+    fn on_linear(&mut self, idx: usize, name: &str, x: &Tensor, w: &Tensor, y: &Tensor) -> Result<Option<Tensor>> {
+        self(idx, name, x, w, y)
+    }
+}
+
+/// A batch of token rows of equal length `T` (left padding expected but not required).
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `[B][T]` token ids.
+    pub input_ids: Vec<Vec<u32>>,
+    /// `[B][T]`, 1 = token, 0 = pad.
+    pub attention_mask: Vec<Vec<u32>>,
+}
+
+impl Batch {
+    pub fn new(input_ids: Vec<Vec<u32>>, attention_mask: Vec<Vec<u32>>) -> Result<Self> {
+        ensure!(!input_ids.is_empty(), "empty batch");
+        let t = input_ids[0].len();
+        ensure!(t > 0, "batch rows are empty");
+        ensure!(input_ids.len() == attention_mask.len(), "input_ids has {} rows, attention_mask {}", input_ids.len(), attention_mask.len());
+        for (i, (a, m)) in input_ids.iter().zip(&attention_mask).enumerate() {
+            ensure!(a.len() == t && m.len() == t, "row {i}: input_ids/attention_mask length {}/{} != {t}", a.len(), m.len());
+        }
+        Ok(Batch { input_ids, attention_mask })
+    }
+
+    /// A batch without padding.
+    pub fn unpadded(input_ids: Vec<Vec<u32>>) -> Result<Self> {
+        let mask = input_ids.iter().map(|r| vec![1; r.len()]).collect();
+        Self::new(input_ids, mask)
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.input_ids.len(), self.input_ids[0].len())
+    }
+}
+
+/// Activations of one decoder layer kept for the backward pass.
+struct LayerActs {
+    /// Residual stream entering the layer `[N, H]`.
+    x: Tensor,
+    /// q_proj / k_proj outputs before q_norm/k_norm, `[N·heads, D]`.
+    q_raw: Tensor,
+    k_raw: Tensor,
+    /// Rotated queries `[B, Hkv, G·T, D]`, keys `[B, Hkv, T, D]`, values `[B, Hkv, T, D]`.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// Attention probabilities `[B, Hkv, G·T, T]`.
+    p: Tensor,
+    /// Residual after attention `[N, H]`.
+    h_mid: Tensor,
+    /// gate_proj / up_proj outputs `[N, I]`.
+    gate: Tensor,
+    up: Tensor,
+}
+
+/// A forward pass with everything [`TextModel::backward`] needs.
+pub struct ForwardCache {
+    logits: Tensor,
+    layers: Vec<LayerActs>,
+    /// Residual stream before the final norm `[N, H]`.
+    h_last: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    masks: AttnMasks,
+    dims: (usize, usize),
+}
+
+impl ForwardCache {
+    /// `[B, T, V]`.
+    pub fn logits(&self) -> &Tensor {
+        &self.logits
+    }
+}
+
+/// Loss and per-Linear output gradients of one batch.
+pub struct LinearGrads {
+    pub loss: f32,
+    /// `[B, T, V]`.
+    pub logits: Tensor,
+    /// dL/dy per Linear in module order, each `[N, out]`.
+    pub grads: Vec<Tensor>,
+}
+
+/// The Qwen3-VL language model.
+pub struct TextModel {
+    cfg: TextConfig,
+    w: LmWeights,
+    names: Vec<String>,
+    attn: AttnImpl,
+    device: Device,
+    dtype: DType,
+}
+
+impl TextModel {
+    /// Loads the language model of the checkpoint folder `dir` in f32 on the CPU.
+    pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_with(dir, DType::F32, &Device::Cpu)
+    }
+
+    pub fn load_with(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg = TextConfig::from_dir(dir)?;
+        let w = LmWeights::load(dir, &cfg, dtype, device)?;
+        Ok(Self::from_parts(cfg, w, dtype, device))
+    }
+
+    pub fn from_parts(cfg: TextConfig, w: LmWeights, dtype: DType, device: &Device) -> Self {
+        let names = linear_names(cfg.num_hidden_layers);
+        TextModel { cfg, w, names, attn: AttnImpl::default(), device: device.clone(), dtype }
+    }
+
+    pub fn with_attn_impl(mut self, attn: AttnImpl) -> Self {
+        self.attn = attn;
+        self
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+
+    pub fn weights(&self) -> &LmWeights {
+        &self.w
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Hookable Linear names in module order (`layers.0.self_attn.q_proj`, …).
+    pub fn linear_names(&self) -> &[String] {
+        &self.names
+    }
+
+    pub fn num_linears(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Index of a Linear by name.
+    pub fn linear_index(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+
+    /// `[out, in]` weight of Linear `idx`.
+    pub fn linear_weight(&self, idx: usize) -> &Tensor {
+        &self.w.linears[idx]
+    }
+
+    /// `[out, in]` weight of a Linear by name.
+    pub fn linear_weight_by_name(&self, name: &str) -> Option<&Tensor> {
+        self.linear_index(name).map(|i| &self.w.linears[i])
+    }
+
+    /// Logits `[B, T, V]`.
+    pub fn forward(&self, batch: &Batch, tap: &mut dyn LinearTap) -> Result<Tensor> {
+        Ok(self.run(batch, tap, false)?.0)
+    }
+
+    /// Final hidden states (after the last norm) `[B, T, H]`.
+    pub fn forward_hidden(&self, batch: &Batch, tap: &mut dyn LinearTap) -> Result<Tensor> {
+        let (b, t) = batch.dims();
+        Ok(self.run(batch, tap, true)?.1.unwrap().hidden.reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// Forward that keeps the activations [`Self::backward`] needs.
+    pub fn forward_for_backward(&self, batch: &Batch, tap: &mut dyn LinearTap) -> Result<ForwardCache> {
+        Ok(self.run(batch, tap, true)?.1.unwrap().cache)
+    }
+
+    /// Forward, shifted cross-entropy with `ignore_index`, backward: the loss, logits and
+    /// dL/dy of every Linear. `tap` sees the forward.
+    pub fn linear_output_grads(
+        &self,
+        batch: &Batch,
+        ignore_index: Option<u32>,
+        tap: &mut dyn LinearTap,
+    ) -> Result<LinearGrads> {
+        let fw = self.forward_for_backward(batch, tap)?;
+        let ce = loss::shifted_cross_entropy(fw.logits(), &batch.input_ids, ignore_index)?;
+        let grads = self.backward(&fw, &ce.dlogits)?;
+        Ok(LinearGrads { loss: ce.loss, logits: fw.logits, grads })
+    }
+
+    fn linear(&self, idx: usize, x: &Tensor, tap: &mut dyn LinearTap) -> Result<Tensor> {
+        let w = &self.w.linears[idx];
+        let y = x.matmul(&w.t()?)?;
+        match tap.on_linear(idx, &self.names[idx], x, w, &y).with_context(|| format!("tap on {}", self.names[idx]))? {
+            None => Ok(y),
+            Some(y2) => {
+                if y2.dims() != y.dims() {
+                    bail!("tap on {} replaced output of shape {:?} with {:?}", self.names[idx], y.dims(), y2.dims());
+                }
+                Ok(y2)
+            }
+        }
+    }
+
+    fn run(&self, batch: &Batch, tap: &mut dyn LinearTap, keep: bool) -> Result<(Tensor, Option<Kept>)> {
+        let c = &self.cfg;
+        let (b, t) = batch.dims();
+        if t > c.max_position_embeddings {
+            bail!(
+                "sequence length {t} exceeds max_position_embeddings {} of the model; truncate the calibration \
+                 tokens (max_length) to at most that",
+                c.max_position_embeddings
+            );
+        }
+        let (hq, hkv, d, g) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.group_size());
+        let n = b * t;
+        let eps = c.rms_norm_eps;
+        let dev = &self.device;
+
+        let flat: Vec<u32> = batch.input_ids.iter().flatten().copied().collect();
+        if let Some(bad) = flat.iter().find(|&&id| id as usize >= c.vocab_size) {
+            bail!("token id {bad} is outside the vocabulary (vocab_size {})", c.vocab_size);
+        }
+        let ids = Tensor::from_vec(flat, n, dev)?;
+        let mut h = self.w.embed_tokens.index_select(&ids, 0)?;
+        let (cos, sin) = ops::rope_tables(t, d, c.rope_theta, self.dtype, dev)?;
+        let masks = AttnMasks::new(&batch.attention_mask, t, self.dtype, dev)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut acts = Vec::with_capacity(if keep { c.num_hidden_layers } else { 0 });
+
+        for (l, nw) in self.w.norms.iter().enumerate() {
+            let i0 = l * LINEARS_PER_LAYER;
+            let x = h;
+            let n1 = ops::rms_norm(&x, &nw.input_layernorm, eps)?;
+            let q_raw = self.linear(i0, &n1, tap)?.reshape((n * hq, d))?;
+            let k_raw = self.linear(i0 + 1, &n1, tap)?.reshape((n * hkv, d))?;
+            let v = self.linear(i0 + 2, &n1, tap)?;
+            // [B,T,Hkv,G,D] → [B,Hkv,G,T,D] = [B,Hq,T,D] with query head = kv·G + g
+            let q = ops::rms_norm(&q_raw, &nw.q_norm, eps)?.reshape((b, t, hq, d))?.transpose(1, 2)?.contiguous()?;
+            let q = ops::rope(&q, &cos, &sin)?.reshape((b, hkv, g * t, d))?;
+            let k = ops::rms_norm(&k_raw, &nw.k_norm, eps)?.reshape((b, t, hkv, d))?.transpose(1, 2)?.contiguous()?;
+            let k = ops::rope(&k, &cos, &sin)?;
+            let v = v.reshape((b, t, hkv, d))?.transpose(1, 2)?.contiguous()?;
+            let s = (q.matmul(&k.t()?)? * scale)?.reshape((b, hkv, g, t, t))?.broadcast_add(&masks.additive)?;
+            let p = ops::softmax_last_dim(&s)?.reshape((b, hkv, g * t, t))?;
+            let mut o = p.matmul(&v)?.reshape((b, hkv, g, t, d))?;
+            if self.attn == AttnImpl::Sdpa {
+                o = o.broadcast_mul(&masks.row_valid)?;
+            }
+            // [B,Hkv,G,T,D] → [B,T,Hkv,G,D] → [N, Hq·D]
+            let o = o.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((n, hq * d))?;
+            let h_mid = (&x + self.linear(i0 + 3, &o, tap)?)?;
+            let n2 = ops::rms_norm(&h_mid, &nw.post_attention_layernorm, eps)?;
+            let gate = self.linear(i0 + 4, &n2, tap)?;
+            let up = self.linear(i0 + 5, &n2, tap)?;
+            let a = (ops::silu(&gate)? * &up)?;
+            h = (&h_mid + self.linear(i0 + 6, &a, tap)?)?;
+            if keep {
+                acts.push(LayerActs { x, q_raw, k_raw, q, k, v, p, h_mid, gate, up });
+            }
+        }
+        let hidden = ops::rms_norm(&h, &self.w.norm, eps)?;
+        let logits = hidden.matmul(&self.w.output_weight().t()?)?.reshape((b, t, c.vocab_size))?;
+        let kept = keep.then(|| Kept {
+            hidden,
+            cache: ForwardCache { logits: logits.clone(), layers: acts, h_last: h, cos, sin, masks, dims: (b, t) },
+        });
+        Ok((logits, kept))
+    }
+
+    /// dL/dy of every Linear output (module order, each `[N, out]`) given dL/dlogits
+    /// `[B, T, V]` of the forward in `fw`.
+    pub fn backward(&self, fw: &ForwardCache, dlogits: &Tensor) -> Result<Vec<Tensor>> {
+        let c = &self.cfg;
+        let (b, t) = fw.dims;
+        let (hq, hkv, d, g) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.group_size());
+        let n = b * t;
+        ensure!(dlogits.dims() == [b, t, c.vocab_size], "dlogits shape {:?} != [{b}, {t}, {}]", dlogits.dims(), c.vocab_size);
+        let eps = c.rms_norm_eps;
+        let scale = 1.0 / (d as f64).sqrt();
+        let neg_sin = fw.sin.neg()?;
+        let lw = &self.w.linears;
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.names.len()];
+
+        let dhidden = dlogits.reshape((n, c.vocab_size))?.matmul(self.w.output_weight())?;
+        let mut dh = ops::rms_norm_backward(&fw.h_last, &self.w.norm, eps, &dhidden)?;
+
+        for (l, a) in fw.layers.iter().enumerate().rev() {
+            let nw = &self.w.norms[l];
+            let i0 = l * LINEARS_PER_LAYER;
+            // MLP: h = h_mid + down(silu(gate)·up)
+            let dact = dh.matmul(&lw[i0 + 6])?;
+            let dgate = ((&dact * &a.up)? * ops::silu_grad(&a.gate)?)?;
+            let dup = (&dact * ops::silu(&a.gate)?)?;
+            let dn2 = (dgate.matmul(&lw[i0 + 4])? + dup.matmul(&lw[i0 + 5])?)?;
+            let dh_mid = (&dh + ops::rms_norm_backward(&a.h_mid, &nw.post_attention_layernorm, eps, &dn2)?)?;
+            grads[i0 + 6] = Some(dh);
+            grads[i0 + 4] = Some(dgate);
+            grads[i0 + 5] = Some(dup);
+
+            // attention: h_mid = x + o_proj(attn)
+            let dattn = dh_mid.matmul(&lw[i0 + 3])?;
+            let mut d_o = dattn.reshape((b, t, hkv, g, d))?.permute((0, 2, 3, 1, 4))?.contiguous()?;
+            if self.attn == AttnImpl::Sdpa {
+                d_o = d_o.broadcast_mul(&fw.masks.row_valid)?;
+            }
+            let d_o = d_o.reshape((b, hkv, g * t, d))?;
+            let dp = d_o.matmul(&a.v.t()?)?;
+            let dv = a.p.t()?.matmul(&d_o)?; // [B,Hkv,T,D]
+            let ds = (ops::softmax_backward(&a.p, &dp)? * scale)?;
+            let dq = ds.matmul(&a.k)?; // [B,Hkv,G·T,D]
+            let dk = ds.t()?.matmul(&a.q)?; // [B,Hkv,T,D]
+            let dq = ops::rope_backward(&dq.reshape((b, hq, t, d))?, &fw.cos, &neg_sin)?;
+            let dk = ops::rope_backward(&dk, &fw.cos, &neg_sin)?;
+            let dq = dq.transpose(1, 2)?.contiguous()?.reshape((n * hq, d))?;
+            let dk = dk.transpose(1, 2)?.contiguous()?.reshape((n * hkv, d))?;
+            let dq = ops::rms_norm_backward(&a.q_raw, &nw.q_norm, eps, &dq)?.reshape((n, hq * d))?;
+            let dk = ops::rms_norm_backward(&a.k_raw, &nw.k_norm, eps, &dk)?.reshape((n, hkv * d))?;
+            let dv = dv.transpose(1, 2)?.contiguous()?.reshape((n, hkv * d))?;
+            let dn1 = ((dq.matmul(&lw[i0])? + dk.matmul(&lw[i0 + 1])?)? + dv.matmul(&lw[i0 + 2])?)?;
+            dh = (&dh_mid + ops::rms_norm_backward(&a.x, &nw.input_layernorm, eps, &dn1)?)?;
+            grads[i0] = Some(dq);
+            grads[i0 + 1] = Some(dk);
+            grads[i0 + 2] = Some(dv);
+            grads[i0 + 3] = Some(dh_mid);
+        }
+        Ok(grads.into_iter().map(|g| g.expect("every linear gets a gradient")).collect())
+    }
+}
+
+struct Kept {
+    hidden: Tensor,
+    cache: ForwardCache,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1 @@
+//! Parity and gradient tests of the model on the committed tiny checkpoint.
