@@ -108,17 +108,15 @@ pub fn run_scoring(
     let linears = model.linears();
     let recipes = recipes::group(&linears);
     let score_steps = num_score_steps(settings.score_size, settings.batch_size, batches.len());
-    let amax = if format.input_needs_calibration() {
-        scorer::calibrate_inputs(model, batches, progress)?
-    } else {
-        Default::default()
-    };
+    if format.input_needs_calibration() {
+        scorer::calibrate_inputs(model, format, batches, progress)?;
+    }
     let score_batches = &batches[..score_steps];
     let scores = match settings.method {
-        Method::Gradient => scorer::gradient_scores(model, format, &recipes, &amax, score_batches, progress)?,
-        Method::KlDiv => scorer::kl_div_scores(model, format, &recipes, &amax, score_batches, progress)?,
+        Method::Gradient => scorer::gradient_scores(model, format, &recipes, score_batches, progress)?,
+        Method::KlDiv => scorer::kl_div_scores(model, format, &recipes, score_batches, progress)?,
     };
-    let stats = state::candidate_stats(&recipes, format.name(), format.effective_bits(), &scores);
+    let stats = state::candidate_stats(&recipes, &format.display_name(), format.effective_bits(), &scores);
     let cands = state::to_candidates(&stats);
     let total: f64 = recipes.iter().map(|r| r.cost(16.0)).sum();
     let max_cost = total * settings.effective_bits / 16.0;

@@ -7,7 +7,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use super::backend::{Batch, ScoreFormat, ScoreModel};
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+
+use super::backend::{Batch, GradSink, InputSink, LinearOverride, ScoreFormat, ScoreModel};
+use super::recipes::LinearInfo;
+use crate::model::{self, TextModel};
 use super::FormatParams;
 use crate::contract::Job;
 
@@ -24,9 +30,65 @@ pub fn checkpoint_dir(job: &Job<'_>) -> Result<PathBuf> {
     }
 }
 
-/// The language model behind the scorer.
+/// The language model behind the scorer: the candle Qwen3-VL text model, f32 on the CPU.
 pub fn load_model(dir: &Path) -> Result<Box<dyn ScoreModel>> {
-    bail!("loading {}: the candle Qwen3-VL language model is not merged into `score` yet", dir.display())
+    let m = TextModel::load(dir).with_context(|| format!("loading the language model of {}", dir.display()))?;
+    Ok(Box::new(m))
+}
+
+fn model_batch(b: &Batch) -> Result<model::Batch> {
+    model::Batch::new(b.input_ids.clone(), b.attention_mask.clone())
+}
+
+impl ScoreModel for TextModel {
+    fn linears(&self) -> Vec<LinearInfo> {
+        (0..self.num_linears())
+            .map(|i| LinearInfo { name: self.linear_names()[i].clone(), weight_numel: self.linear_weight(i).elem_count() })
+            .collect()
+    }
+
+    fn weight(&self, name: &str) -> Result<Tensor> {
+        let w = self.linear_weight_by_name(name).with_context(|| format!("the model has no linear `{name}`"))?;
+        Ok(w.to_dtype(DType::F32)?)
+    }
+
+    fn forward_inputs(&self, batch: &Batch, sink: &mut InputSink<'_>) -> Result<()> {
+        let mut tap = |_: usize, name: &str, x: &Tensor, _: &Tensor, _: &Tensor| -> Result<Option<Tensor>> {
+            sink(name, x)?;
+            Ok(None)
+        };
+        self.forward(&model_batch(batch)?, &mut tap)?;
+        Ok(())
+    }
+
+    fn forward_backward(&self, batch: &Batch, sink: &mut GradSink<'_>) -> Result<f64> {
+        let mb = model_batch(batch)?;
+        let mut inputs: Vec<Tensor> = Vec::with_capacity(self.num_linears());
+        let mut tap = |_: usize, name: &str, x: &Tensor, _: &Tensor, y: &Tensor| -> Result<Option<Tensor>> {
+            if !y.sum_all()?.to_scalar::<f32>()?.is_finite() {
+                bail!("the output of linear `{name}` contains NaN or Inf");
+            }
+            inputs.push(x.clone());
+            Ok(None)
+        };
+        let lg = self.linear_output_grads(&mb, Some(batch.pad_token_id), &mut tap)?;
+        for (i, (x, g)) in inputs.iter().zip(&lg.grads).enumerate() {
+            sink(&self.linear_names()[i], x, g)?;
+        }
+        Ok(f64::from(lg.loss))
+    }
+
+    fn logits(&self, batch: &Batch, overrides: &HashMap<String, LinearOverride<'_>>) -> Result<Tensor> {
+        let mut tap = |_: usize, name: &str, x: &Tensor, _: &Tensor, _: &Tensor| -> Result<Option<Tensor>> {
+            let Some(o) = overrides.get(name) else { return Ok(None) };
+            let xq = match o.input {
+                Some(f) => f(x)?,
+                None => x.clone(),
+            };
+            Ok(Some(xq.matmul(&o.weight.t()?)?))
+        };
+        self.forward(&model_batch(batch)?, &mut tap)
+    }
 }
 
 /// The fake-quant format of a run.

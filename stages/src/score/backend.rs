@@ -54,19 +54,23 @@ pub trait ScoreModel {
     fn logits(&self, batch: &Batch, overrides: &HashMap<String, LinearOverride<'_>>) -> Result<Tensor>;
 }
 
-/// One quantization format as the scorer uses it (see `score::format` for the adapter to
-/// the `quant` module).
+/// One quantization format as the scorer uses it (see `score::adapters` for the adapter to
+/// the `quant` module). It keeps the calibrated input ranges of every linear itself.
 pub trait ScoreFormat: Sync {
-    /// The name ModelOpt prints (`INT8_DEFAULT_CFG`, `CUSTOM_0`, …).
-    fn name(&self) -> &str;
+    /// `NAME(effective-bits: B)` as ModelOpt prints the recipe.
+    fn display_name(&self) -> String;
     /// Effective bits for the cost model (ModelOpt's `estimate_quant_compression` × 16).
     fn effective_bits(&self) -> f64;
-    /// Whether inputs are quantized with a *static* range that needs max calibration.
-    fn input_needs_calibration(&self) -> bool;
     /// Whether inputs are quantized at all.
     fn quantizes_input(&self) -> bool;
-    /// Fake-quantized weight (ranges from the weight itself).
+    /// Whether inputs need max calibration (static ranges) before scoring.
+    fn input_needs_calibration(&self) -> bool;
+    /// Fold one calibration batch's input `x` (`[tokens, in]`) of `linear` into its range.
+    fn observe_input(&self, linear: &str, x: &Tensor) -> Result<()>;
+    /// The calibrated per-tensor input amax of `linear` (its max, for diagnostics).
+    fn input_amax(&self, linear: &str) -> Option<f32>;
+    /// Fake-quantized weight `[out, in]` (ranges from the weight itself).
     fn quant_weight(&self, linear: &str, w: &Tensor) -> Result<Tensor>;
-    /// Fake-quantized input; `amax` is the calibrated static range (None for dynamic formats).
-    fn quant_input(&self, linear: &str, x: &Tensor, amax: Option<f32>) -> Result<Tensor>;
+    /// Fake-quantized input `[tokens, in]` with the calibrated (or dynamic) range.
+    fn quant_input(&self, linear: &str, x: &Tensor) -> Result<Tensor>;
 }

@@ -32,29 +32,27 @@ pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Max |x| per linear over the calibration batches (static input ranges).
+/// Max calibration: every calibration batch through the unquantized model, each linear's
+/// input folded into the format's range observer. Errors name the linear on NaN/Inf.
 pub fn calibrate_inputs(
     model: &dyn ScoreModel,
+    format: &dyn ScoreFormat,
     batches: &[Batch],
     progress: &dyn Progress,
-) -> Result<HashMap<String, f32>> {
+) -> Result<()> {
     progress.phase("calibrate", Some(batches.len() as u64));
-    let mut amax: HashMap<String, f32> = HashMap::new();
     for (bi, b) in batches.iter().enumerate() {
         model
             .forward_inputs(b, &mut |name, x| {
-                let m = x.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-                if !m.is_finite() {
+                if !x.sum_all()?.to_scalar::<f32>()?.is_finite() {
                     bail!("the input of linear `{name}` contains NaN or Inf (calibration batch {bi})");
                 }
-                let e = amax.entry(name.to_string()).or_insert(0.0);
-                *e = e.max(m);
-                Ok(())
+                format.observe_input(name, x).with_context(|| format!("calibrating the input range of `{name}`"))
             })
             .with_context(|| format!("calibration forward, batch {bi}"))?;
         progress.advance(1);
     }
-    Ok(amax)
+    Ok(())
 }
 
 /// Per-linear prepared tensors for the gradient scorer.
@@ -78,7 +76,6 @@ pub fn gradient_scores(
     model: &dyn ScoreModel,
     format: &dyn ScoreFormat,
     recipes: &[Recipe],
-    input_amax: &HashMap<String, f32>,
     batches: &[Batch],
     progress: &dyn Progress,
 ) -> Result<Vec<f64>> {
@@ -102,12 +99,7 @@ pub fn gradient_scores(
             .forward_backward(b, &mut |name, x, g| {
                 let Some(p) = prepared.get(name) else { return Ok(()) };
                 let d = if format.quantizes_input() {
-                    let amax = if format.input_needs_calibration() {
-                        Some(*input_amax.get(name).with_context(|| format!("no calibrated input range for `{name}`"))?)
-                    } else {
-                        None
-                    };
-                    let xq = format.quant_input(name, x, amax)?;
+                    let xq = format.quant_input(name, x)?;
                     (xq.matmul(&p.wq_t)? - x.matmul(&p.w_t)?)?
                 } else {
                     x.matmul(&p.dw_t)?
@@ -144,7 +136,6 @@ pub fn kl_div_scores(
     model: &dyn ScoreModel,
     format: &dyn ScoreFormat,
     recipes: &[Recipe],
-    input_amax: &HashMap<String, f32>,
     batches: &[Batch],
     progress: &dyn Progress,
 ) -> Result<Vec<f64>> {
@@ -162,13 +153,8 @@ pub fn kl_div_scores(
     if format.quantizes_input() {
         for r in recipes {
             for m in &r.members {
-                let amax = if format.input_needs_calibration() {
-                    Some(*input_amax.get(m).with_context(|| format!("no calibrated input range for `{m}`"))?)
-                } else {
-                    None
-                };
                 let name = m.clone();
-                input_fns.insert(m.clone(), Box::new(move |x: &Tensor| format.quant_input(&name, x, amax)));
+                input_fns.insert(m.clone(), Box::new(move |x: &Tensor| format.quant_input(&name, x)));
             }
         }
     }

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::recipes::{display_name, none_display, Recipe};
+use super::recipes::{none_display, Recipe};
 use super::search::{Candidates, Selection};
 
 /// Per recipe, what ModelOpt's `initialize_candidate_stats` records.
@@ -20,12 +20,12 @@ pub struct CandidateStats {
 /// Candidate stats for one format plus NONE, in ModelOpt's format order (by compression:
 /// the format, then NONE, unless the format is not smaller than 16 bits), scores made
 /// non-increasing along that order (`score = min(score, prev_score)`, as ModelOpt does).
-pub fn candidate_stats(recipes: &[Recipe], format_name: &str, effective_bits: f64, scores: &[f64]) -> Vec<CandidateStats> {
+pub fn candidate_stats(recipes: &[Recipe], format_display: &str, effective_bits: f64, scores: &[f64]) -> Vec<CandidateStats> {
     recipes
         .iter()
         .zip(scores)
         .map(|(r, &s)| {
-            let mut choices = vec![(display_name(format_name, effective_bits), effective_bits, s), (none_display(), 16.0, 0.0)];
+            let mut choices = vec![(format_display.to_string(), effective_bits, s), (none_display(), 16.0, 0.0)];
             if effective_bits >= 16.0 {
                 choices.reverse();
             }
@@ -104,6 +104,7 @@ pub fn to_json(info: &RunInfo, stats: &[CandidateStats], sel: &Selection, effect
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::score::recipes::display_name;
     use crate::score::search;
 
     #[test]
@@ -112,7 +113,7 @@ mod tests {
             Recipe { name: "layers.0.self_attn.q_proj.quant_recipe".into(), members: vec!["layers.0.self_attn.q_proj".into()], weight_numel: 64 },
             Recipe { name: "layers.0.self_attn.o_proj.quant_recipe".into(), members: vec!["layers.0.self_attn.o_proj".into()], weight_numel: 32 },
         ];
-        let stats = candidate_stats(&recipes, "FP8_DEFAULT_CFG", 8.0, &[0.5, -1e-9]);
+        let stats = candidate_stats(&recipes, &display_name("FP8_DEFAULT_CFG", 8.0), 8.0, &[0.5, -1e-9]);
         assert_eq!(stats[0].formats, ["FP8_DEFAULT_CFG(effective-bits: 8.0)", "NONE(effective-bits: 16.0)"]);
         assert_eq!(stats[0].costs, [32.0, 64.0]);
         assert_eq!(stats[0].scores, [0.5, 0.0]);
