@@ -102,8 +102,8 @@ pub fn load_batches(path: &Path, batch_size: usize) -> Result<Vec<Batch>> {
     bail!("reading {}: the calibration reader is not merged into `score` yet", path.display())
 }
 
-/// The state tree as a torch-loadable `.pt`.
+/// The state tree as a torch-loadable `.pt` (the same dict `json.load` of the JSON gives).
 pub fn write_state_pt(path: &Path, state: &Value) -> Result<()> {
-    let _ = state;
-    bail!("writing {}: the torch `.pt` writer is not merged into `score` yet", path.display())
+    crate::torch_pt::write(path, &crate::torch_pt::Value::from(state))
+        .with_context(|| format!("writing the AutoQuant state {}", path.display()))
 }
