@@ -167,7 +167,10 @@ impl Stage for Score {
             device: resolve_device(&p.device)?,
         };
         if job.deps.len() < 2 || job.outs.len() != 2 {
-            bail!("`score` ({}) expects deps [identity, calibration, (checkpoint)] and outs [state.pt, state.json]", job.id);
+            bail!(
+                "`score` ({}) expects deps [identity, calibration, (checkpoint)] and outs [state.pt, state.json]",
+                job.id
+            );
         }
         let progress: &dyn Progress = job.progress;
         let ckpt = adapters::checkpoint_dir(job)?;

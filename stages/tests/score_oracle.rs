@@ -161,7 +161,8 @@ impl score::backend::ScoreFormat for RefInt8WeightOnly {
             let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
             let scale = 127.0f32 / amax;
             for (k, x) in row.iter().enumerate() {
-                out[r * i + k] = if amax > 0.0 { (x * scale).round_ties_even().clamp(-128.0, 127.0) / scale } else { 0.0 };
+                out[r * i + k] =
+                    if amax > 0.0 { (x * scale).round_ties_even().clamp(-128.0, 127.0) / scale } else { 0.0 };
             }
         }
         Ok(candle_core::Tensor::from_vec(out, (o, i), w.device())?)

@@ -13,9 +13,9 @@ use candle_core::{DType, Tensor};
 
 use super::backend::{Batch, GradSink, InputSink, LinearOverride, ScoreFormat, ScoreModel};
 use super::recipes::LinearInfo;
-use crate::model::{self, TextModel};
 use super::FormatParams;
 use crate::contract::Job;
+use crate::model::{self, TextModel};
 
 /// The checkpoint folder of a job, from its `checkpoint` locator.
 pub fn checkpoint_dir(job: &Job<'_>) -> Result<PathBuf> {
@@ -43,7 +43,10 @@ fn model_batch(b: &Batch) -> Result<model::Batch> {
 impl ScoreModel for TextModel {
     fn linears(&self) -> Vec<LinearInfo> {
         (0..self.num_linears())
-            .map(|i| LinearInfo { name: self.linear_names()[i].clone(), weight_numel: self.linear_weight(i).elem_count() })
+            .map(|i| LinearInfo {
+                name: self.linear_names()[i].clone(),
+                weight_numel: self.linear_weight(i).elem_count(),
+            })
             .collect()
     }
 

@@ -23,12 +23,15 @@ pub struct Batch {
     pub pad_token_id: u32,
 }
 
+/// Fake-quantizes one linear's input.
+pub type InputQuant<'a> = dyn Fn(&Tensor) -> Result<Tensor> + Sync + 'a;
+
 /// A replaced linear for a quantized forward: `y = q_in(x) · w^T`.
 pub struct LinearOverride<'a> {
     /// The fake-quantized weight `[out, in]`.
     pub weight: Tensor,
     /// Fake-quantizes the input, when the format quantizes activations.
-    pub input: Option<&'a (dyn Fn(&Tensor) -> Result<Tensor> + Sync)>,
+    pub input: Option<&'a InputQuant<'a>>,
 }
 
 /// Receives one linear's tensors during the backward pass: its name, its input `X`

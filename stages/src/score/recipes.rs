@@ -129,7 +129,10 @@ mod tests {
                 "layers.1.mlp.down_proj.quant_recipe",
             ]
         );
-        assert_eq!(r[0].members, ["layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj"]);
+        assert_eq!(
+            r[0].members,
+            ["layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj"]
+        );
         assert_eq!(r[0].weight_numel, 16);
         assert_eq!(r[2].members, ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"]);
         assert_eq!(r[2].cost(8.0), 16.0);

@@ -86,10 +86,7 @@ pub fn gradient_scores(
             check_finite(&w, &format!("the weight of linear `{m}`"))?;
             let wq = format.quant_weight(m, &w).with_context(|| format!("fake-quantizing the weight of `{m}`"))?;
             let dw_t = (&wq - &w)?.t()?.contiguous()?;
-            prepared.insert(
-                m.clone(),
-                Prepared { w_t: w.t()?.contiguous()?, wq_t: wq.t()?.contiguous()?, dw_t },
-            );
+            prepared.insert(m.clone(), Prepared { w_t: w.t()?.contiguous()?, wq_t: wq.t()?.contiguous()?, dw_t });
         }
     }
     let mut per_linear: HashMap<String, f64> = HashMap::new();
@@ -171,11 +168,12 @@ pub fn kl_div_scores(
                     m.clone(),
                     LinearOverride {
                         weight: qweights[m].clone(),
-                        input: input_fns.get(m).map(|f| f.as_ref() as &(dyn Fn(&Tensor) -> Result<Tensor> + Sync)),
+                        input: input_fns.get(m).map(|f| f.as_ref()),
                     },
                 );
             }
-            let lq = model.logits(b, &ov).with_context(|| format!("forward with `{}` quantized, batch {bi}", r.name))?;
+            let lq =
+                model.logits(b, &ov).with_context(|| format!("forward with `{}` quantized, batch {bi}", r.name))?;
             let log_q = candle_nn::ops::log_softmax(&lq, D::Minus1)?;
             let s = kl_sum(&log_p, &log_q)?;
             if !s.is_finite() {

@@ -20,7 +20,12 @@ pub struct CandidateStats {
 /// Candidate stats for one format plus NONE, in ModelOpt's format order (by compression:
 /// the format, then NONE, unless the format is not smaller than 16 bits), scores made
 /// non-increasing along that order (`score = min(score, prev_score)`, as ModelOpt does).
-pub fn candidate_stats(recipes: &[Recipe], format_display: &str, effective_bits: f64, scores: &[f64]) -> Vec<CandidateStats> {
+pub fn candidate_stats(
+    recipes: &[Recipe],
+    format_display: &str,
+    effective_bits: f64,
+    scores: &[f64],
+) -> Vec<CandidateStats> {
     recipes
         .iter()
         .zip(scores)
@@ -110,8 +115,16 @@ mod tests {
     #[test]
     fn state_has_the_schema() {
         let recipes = vec![
-            Recipe { name: "layers.0.self_attn.q_proj.quant_recipe".into(), members: vec!["layers.0.self_attn.q_proj".into()], weight_numel: 64 },
-            Recipe { name: "layers.0.self_attn.o_proj.quant_recipe".into(), members: vec!["layers.0.self_attn.o_proj".into()], weight_numel: 32 },
+            Recipe {
+                name: "layers.0.self_attn.q_proj.quant_recipe".into(),
+                members: vec!["layers.0.self_attn.q_proj".into()],
+                weight_numel: 64,
+            },
+            Recipe {
+                name: "layers.0.self_attn.o_proj.quant_recipe".into(),
+                members: vec!["layers.0.self_attn.o_proj".into()],
+                weight_numel: 32,
+            },
         ];
         let stats = candidate_stats(&recipes, &display_name("FP8_DEFAULT_CFG", 8.0), 8.0, &[0.5, -1e-9]);
         assert_eq!(stats[0].formats, ["FP8_DEFAULT_CFG(effective-bits: 8.0)", "NONE(effective-bits: 16.0)"]);
@@ -132,7 +145,10 @@ mod tests {
         let v = to_json(&info, &stats, &sel, 8.0);
         let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
         assert_eq!(keys[0], "format");
-        assert_eq!(v["best"]["recipe"]["layers.0.self_attn.q_proj.quant_recipe"], "FP8_DEFAULT_CFG(effective-bits: 8.0)");
+        assert_eq!(
+            v["best"]["recipe"]["layers.0.self_attn.q_proj.quant_recipe"],
+            "FP8_DEFAULT_CFG(effective-bits: 8.0)"
+        );
         assert_eq!(v["best"]["constraints"]["effective_bits"], 8.0);
         assert_eq!(v["best"]["is_satisfied"], true);
         assert_eq!(v["constraints"]["effective_bits"], 8.0);
