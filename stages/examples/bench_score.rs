@@ -54,7 +54,7 @@ fn gen(dir: &Path) -> Result<()> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let dev = Device::Cpu;
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    let mut rand = |shape: &[usize], std: f32, rng: &mut Rng| -> Result<Tensor> {
+    let rand = |shape: &[usize], std: f32, rng: &mut Rng| -> Result<Tensor> {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| rng.normal() * std).collect();
         Ok(Tensor::from_vec(v, shape, &dev)?)

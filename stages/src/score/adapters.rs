@@ -11,23 +11,16 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
 
-use super::backend::{Batch, GradSink, InputSink, LinearOverride, ScoreFormat, ScoreModel};
+use super::backend::{Batch, ForwardSink, GradSink, InputSink, LinearOverride, ScoreFormat, ScoreModel};
 use super::recipes::LinearInfo;
 use super::FormatParams;
 use crate::contract::Job;
 use crate::model::{self, TextModel};
 
-/// The checkpoint folder of a job, from its `checkpoint` locator.
+/// The checkpoint folder of a job, from its `checkpoint` locator (local or hub cache).
 pub fn checkpoint_dir(job: &Job<'_>) -> Result<PathBuf> {
     let loc = job.locators.get("checkpoint").context("`score` job has no `checkpoint` locator")?;
-    match loc.get("source").and_then(Value::as_str) {
-        Some("local") => {
-            let p = loc.get("path").and_then(Value::as_str).context("checkpoint locator has no `path`")?;
-            let p = Path::new(p);
-            Ok(if p.is_absolute() { p.to_path_buf() } else { job.root.join(p) })
-        }
-        other => bail!("checkpoint locator source {other:?}: only local checkpoints are wired into `score` yet"),
-    }
+    crate::checkpoint::resolve_dir(job.root, loc)
 }
 
 /// The language model behind the scorer: the candle Qwen3-VL text model, f32 on the CPU.
@@ -64,19 +57,23 @@ impl ScoreModel for TextModel {
         Ok(())
     }
 
-    fn forward_backward(&self, batch: &Batch, sink: &mut GradSink<'_>) -> Result<f64> {
+    fn forward_backward(
+        &self,
+        batch: &Batch,
+        on_forward: &mut ForwardSink<'_>,
+        on_grad: &mut GradSink<'_>,
+    ) -> Result<f64> {
         let mb = model_batch(batch)?;
-        let mut inputs: Vec<Tensor> = Vec::with_capacity(self.num_linears());
         let mut tap = |_: usize, name: &str, x: &Tensor, _: &Tensor, y: &Tensor| -> Result<Option<Tensor>> {
             if !y.sum_all()?.to_scalar::<f32>()?.is_finite() {
                 bail!("the output of linear `{name}` contains NaN or Inf");
             }
-            inputs.push(x.clone());
+            on_forward(name, x, y)?;
             Ok(None)
         };
         let lg = self.linear_output_grads(&mb, Some(batch.pad_token_id), &mut tap)?;
-        for (i, (x, g)) in inputs.iter().zip(&lg.grads).enumerate() {
-            sink(&self.linear_names()[i], x, g)?;
+        for (name, g) in self.linear_names().iter().zip(&lg.grads) {
+            on_grad(name, g)?;
         }
         Ok(f64::from(lg.loss))
     }

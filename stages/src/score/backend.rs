@@ -34,9 +34,12 @@ pub struct LinearOverride<'a> {
     pub input: Option<&'a InputQuant<'a>>,
 }
 
-/// Receives one linear's tensors during the backward pass: its name, its input `X`
-/// (`[tokens, in]`) and `dL/dY` (`[tokens, out]`), both f32.
-pub type GradSink<'a> = dyn FnMut(&str, &Tensor, &Tensor) -> Result<()> + 'a;
+/// Sees one linear during the unquantized forward of a score batch: its name, input `X`
+/// (`[tokens, in]`) and output `Y = X Wᵀ` (`[tokens, out]`), f32.
+pub type ForwardSink<'a> = dyn FnMut(&str, &Tensor, &Tensor) -> Result<()> + 'a;
+
+/// Receives one linear's `dL/dY` (`[tokens, out]`, f32) after the backward pass.
+pub type GradSink<'a> = dyn FnMut(&str, &Tensor) -> Result<()> + 'a;
 
 /// Receives one linear's input `X` (`[tokens, in]`) during a calibration forward.
 pub type InputSink<'a> = dyn FnMut(&str, &Tensor) -> Result<()> + 'a;
@@ -50,9 +53,11 @@ pub trait ScoreModel {
     /// One unquantized forward; `sink` gets every linear's input.
     fn forward_inputs(&self, batch: &Batch, sink: &mut InputSink<'_>) -> Result<()>;
     /// One unquantized forward and backward of the mean cross-entropy of the shifted logits
-    /// (ignore_index = pad id); `sink` gets every linear's input and output gradient.
+    /// (ignore_index = pad id): `on_forward` sees every linear's input and output during the
+    /// forward, `on_grad` gets every linear's output gradient after the backward.
     /// Returns the loss.
-    fn forward_backward(&self, batch: &Batch, sink: &mut GradSink<'_>) -> Result<f64>;
+    fn forward_backward(&self, batch: &Batch, on_forward: &mut ForwardSink<'_>, on_grad: &mut GradSink<'_>)
+        -> Result<f64>;
     /// Logits `[B, T, V]` (f32) with the named linears replaced.
     fn logits(&self, batch: &Batch, overrides: &HashMap<String, LinearOverride<'_>>) -> Result<Tensor>;
 }

@@ -57,11 +57,9 @@ pub fn calibrate_inputs(
 
 /// Per-linear prepared tensors for the gradient scorer.
 struct Prepared {
-    /// `W^T` `[in, out]` (for `Y = X W^T` when inputs are quantized).
-    w_t: Tensor,
-    /// `Wq^T`.
+    /// `Wq^T` `[in, out]` (for `Y_q = q(X) Wqᵀ` when inputs are quantized).
     wq_t: Tensor,
-    /// `(Wq − W)^T`.
+    /// `(Wq − W)^T` (weight-only: `Y_q − Y = X (Wq − W)ᵀ`).
     dw_t: Tensor,
 }
 
@@ -72,6 +70,9 @@ pub fn grad_score(g: &Tensor, d: &Tensor) -> Result<f64> {
 }
 
 /// The `gradient` scores of one format: per recipe, Σ over members and score batches.
+///
+/// Memory: the output differences `Y_q − Y` of one batch are kept from the forward to the
+/// backward — one `[tokens, out]` f32 per linear (ModelOpt keeps the same, per recipe).
 pub fn gradient_scores(
     model: &dyn ScoreModel,
     format: &dyn ScoreFormat,
@@ -86,28 +87,46 @@ pub fn gradient_scores(
             check_finite(&w, &format!("the weight of linear `{m}`"))?;
             let wq = format.quant_weight(m, &w).with_context(|| format!("fake-quantizing the weight of `{m}`"))?;
             let dw_t = (&wq - &w)?.t()?.contiguous()?;
-            prepared.insert(m.clone(), Prepared { w_t: w.t()?.contiguous()?, wq_t: wq.t()?.contiguous()?, dw_t });
+            prepared.insert(m.clone(), Prepared { wq_t: wq.t()?.contiguous()?, dw_t });
         }
     }
+    let quant_input = format.quantizes_input();
     let mut per_linear: HashMap<String, f64> = HashMap::new();
     progress.phase("score (gradient)", Some(batches.len() as u64));
     for (bi, b) in batches.iter().enumerate() {
-        model
-            .forward_backward(b, &mut |name, x, g| {
-                let Some(p) = prepared.get(name) else { return Ok(()) };
-                let d = if format.quantizes_input() {
-                    let xq = format.quant_input(name, x)?;
-                    (xq.matmul(&p.wq_t)? - x.matmul(&p.w_t)?)?
-                } else {
-                    x.matmul(&p.dw_t)?
+        let diffs: std::cell::RefCell<HashMap<String, Tensor>> = Default::default();
+        // q/k/v (and gate/up) read the same input with the same calibrated range: quantize it once.
+        let mut xq_cache: Option<(candle_core::TensorId, Option<u32>, Tensor)> = None;
+        let mut on_forward = |name: &str, x: &Tensor, y: &Tensor| -> Result<()> {
+            let Some(p) = prepared.get(name) else { return Ok(()) };
+            let d = if quant_input {
+                let key = (x.id(), format.input_amax(name).map(f32::to_bits));
+                let xq = match &xq_cache {
+                    Some((id, a, xq)) if (*id, *a) == key => xq.clone(),
+                    _ => {
+                        let xq = format.quant_input(name, x).with_context(|| format!("fake-quantizing the input of `{name}`"))?;
+                        xq_cache = Some((key.0, key.1, xq.clone()));
+                        xq
+                    }
                 };
-                let s = grad_score(g, &d)?;
-                if !s.is_finite() {
-                    bail!("the score of linear `{name}` is not finite (batch {bi}): its input or gradient has NaN/Inf");
-                }
-                *per_linear.entry(name.to_string()).or_insert(0.0) += s;
-                Ok(())
-            })
+                (xq.matmul(&p.wq_t)? - y)?
+            } else {
+                x.matmul(&p.dw_t)?
+            };
+            diffs.borrow_mut().insert(name.to_string(), d);
+            Ok(())
+        };
+        let mut on_grad = |name: &str, g: &Tensor| -> Result<()> {
+            let Some(d) = diffs.borrow_mut().remove(name) else { return Ok(()) };
+            let s = grad_score(g, &d)?;
+            if !s.is_finite() {
+                bail!("the score of linear `{name}` is not finite (batch {bi}): its input or gradient has NaN/Inf");
+            }
+            *per_linear.entry(name.to_string()).or_insert(0.0) += s;
+            Ok(())
+        };
+        model
+            .forward_backward(b, &mut on_forward, &mut on_grad)
             .with_context(|| format!("score forward/backward, batch {bi}"))?;
         progress.advance(1);
     }
