@@ -1,1 +1,61 @@
-//! (in progress)
+//! Fake-quant formats as NVIDIA ModelOpt 0.47 defines and computes them.
+//!
+//! ## Using it (the `score` stage)
+//!
+//! ```no_run
+//! use qpipe_stages::quant::{config_for, NONE_DISPLAY_NAME};
+//! # fn main() -> anyhow::Result<()> {
+//! let overrides = serde_json::Map::new(); // pipeline.yaml `quant_granularity.*.quant_cfg_overrides`
+//! let cfg = config_for("INT8_DEFAULT_CFG", &overrides)?; // validated; cfg.warnings to print
+//! cfg.check_shape(384, 128)?; // per Linear [out=128, in=384]: block sizes must divide `in`
+//! let name = cfg.display_name(); // "INT8_DEFAULT_CFG(effective-bits: 8.0)" ("CUSTOM_0(…)" if custom)
+//! let cost = cfg.cost(384 * 128); // weight elements × effective bits / 16
+//! # let _ = (name, cost, NONE_DISPLAY_NAME);
+//!
+//! // Weights [out, in]: static ranges come from the weight itself.
+//! let wq = cfg.weight_quantizer();
+//! # let w = vec![0.0f32; 128 * 384];
+//! let w_q = wq.fake_quant_weight(&w, 128, 384)?;
+//!
+//! // Inputs [tokens, in]: max calibration over all calibration batches, then quantize.
+//! let iq = cfg.input_quantizer();
+//! let mut obs = iq.observer(); // None when the input is off or fully dynamic
+//! # let (x, tokens) = (vec![0.0f32; 4 * 384], 4);
+//! if let Some(o) = obs.as_mut() { o.observe(&x, tokens, 384)?; } // every calibration batch
+//! let amax = obs.and_then(|o| o.amax());
+//! let x_q = iq.fake_quant(&x, tokens, 384, amax.as_ref())?; // or fake_quant_tensor(&Tensor, …)
+//! # let _ = (w_q, x_q);
+//! # Ok(()) }
+//! ```
+//!
+//! The "not quantized" candidate is [`NONE_DISPLAY_NAME`] (`NONE(effective-bits: 16.0)`).
+//!
+//! ## Formats
+//!
+//! Built-ins ([`known_formats`]) mirror ModelOpt's presets: `INT8_DEFAULT_CFG`,
+//! `INT8_WEIGHT_ONLY_CFG`, `FP8_DEFAULT_CFG`, `FP8_PER_CHANNEL_PER_TOKEN_CFG`,
+//! `INT4_BLOCKWISE_WEIGHT_ONLY_CFG`, `NVFP4_DEFAULT_CFG`, `W4A16_NVFP4_CFG`,
+//! `W4A8_NVFP4_FP8_CFG`, `MXFP4_DEFAULT_CFG`, `W4A8_MXFP4_FP8_CFG`, `MXFP8_DEFAULT_CFG`.
+//! The seed's custom pair formats (`FP8_WEIGHT_ONLY_CFG`, `INT8_WEIGHT_FP8_ACT_CFG`, …) are
+//! composed from the same pieces and print as `CUSTOM_<i>`. Effective bits follow
+//! ModelOpt's `estimate_quant_compression`: the minimum over the enabled quantizers, so
+//! FP8 weights with INT4 activations count 4 bits and `W4A8_NVFP4_FP8_CFG` 4.0 (no
+//! `effective_bits` in its weight entry), NVFP4 4.5.
+//!
+//! Numerics ([`fake`], [`numerics`]): INT with ModelOpt's default `narrow_range = False`
+//! (INT8 clamps to [-128, 127] with scale amax/127), round half to even; FP8 E4M3 RNE
+//! saturating at 448; NVFP4 as ModelOpt's Triton kernel (the one H100/H200 run), except
+//! that qpipe honours a configured block size where ModelOpt's Hopper kernel always uses
+//! 16; MX with ModelOpt's CUDA E8M0 rule (`ceil(log2(amax / elem_max))`).
+
+pub mod fake;
+pub mod numerics;
+pub mod observer;
+pub mod spec;
+
+#[cfg(test)]
+mod tests;
+
+pub use fake::{Quantizer, Scheme};
+pub use observer::{Amax, AmaxKind, AmaxObserver};
+pub use spec::{config_for, known_formats, BlockSizes, NumBits, QuantConfig, QuantizerSpec, Role, NONE_DISPLAY_NAME};

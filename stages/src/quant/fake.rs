@@ -1,0 +1,319 @@
+//! Fake quantization (quantize → dequantize, f32 in and out) matching ModelOpt 0.47's
+//! `tensor_quant` numerics, on `&[f32]` row-major `[rows, cols]` data or candle tensors.
+//! Rows are processed in parallel (rayon).
+//!
+//! | scheme | ModelOpt path it follows |
+//! |---|---|
+//! | INT (`Scaled`, `Int(b)`) | `_tensor_quant` (CPU): `scale = maxbound / amax` (f32), `clamp(round_half_even(x·scale), minbound, maxbound) / scale`; `maxbound = 2^(b-1)-1`, `minbound = -maxbound-1` (ModelOpt's default `narrow_range = False`; `-maxbound` when narrow); amax ≤ 2^-24 → output 0 |
+//! | FP8 (`Scaled`, E4M3) | `_fp8_eager`: amax ≤ 2^-24 → 1; `scale = 448 · (1/amax)` (how torch evaluates `448.0 / amax`); `e4m3(clamp(x·scale, ±448)) · (1/scale)` |
+//! | NVFP4 (`Nvfp4`) | the Triton kernel (`fp4_fake_quant_block`, GPUs ≥ sm89): global scale `g = amax_global · (1/2688)` (torch's CUDA division by a Python float; 1e-12 if 0); block scale `s = e4m3(min(block_amax / (6·g), 448)) · g`, `s < 1e-5 → 1`; `e2m1(|x| / s) · s`, sign of x. qpipe uses the configured block size (the Hopper kernel always uses 16). |
+//! | MX (`Mx`) | the CUDA kernel (`fused_amax_convert`, E8M0 scales): `e = ceil(log2(block_amax / elem_max))` ("NV" rule), `elem(|x| · 2^-e) · 2^e`, sign of x; block amax 0/inf/NaN → scale 1 |
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+
+use super::numerics::{e8m0_exponent_nv, pow2, round_e2m1_magnitude, round_e4m3, AMAX_EPSILON, E4M3_MAX};
+use super::observer::{Amax, AmaxKind, AmaxObserver};
+use super::spec::{NumBits, Role};
+
+/// What a quantizer computes, resolved and validated from its spec
+/// ([`super::QuantizerSpec::scheme`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Scheme {
+    /// Not quantized: the tensor passes unchanged.
+    Off,
+    /// Integer or FP8 E4M3 with one scale per `kind` group, from calibrated ranges
+    /// (`dynamic: false`) or from the tensor at hand.
+    Scaled { elem: NumBits, kind: AmaxKind, dynamic: bool },
+    /// NVFP4: E2M1 in dynamic blocks with E4M3 block scales under a per-tensor global
+    /// scale; the global amax is calibrated (`global_dynamic: false`, ModelOpt's default
+    /// for NVFP4 presets) or taken from the tensor at hand.
+    Nvfp4 { block: usize, global_dynamic: bool },
+    /// OCP MX: `elem` (E2M1 or E4M3) in dynamic blocks with a shared E8M0 scale.
+    Mx { elem: NumBits, block: usize },
+}
+
+impl Scheme {
+    /// The block size along the input dimension, if the scheme has blocks.
+    pub fn block_size(&self) -> Option<usize> {
+        match *self {
+            Scheme::Scaled { kind: AmaxKind::PerBlock(n), .. }
+            | Scheme::Nvfp4 { block: n, .. }
+            | Scheme::Mx { block: n, .. } => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The kind of calibrated ranges this scheme needs, `None` if it needs none.
+    pub fn calibration_kind(&self) -> Option<AmaxKind> {
+        match *self {
+            Scheme::Scaled { kind, dynamic: false, .. } => Some(kind),
+            Scheme::Nvfp4 { global_dynamic: false, .. } => Some(AmaxKind::PerTensor),
+            _ => None,
+        }
+    }
+}
+
+/// A ready-to-use fake quantizer for one role (weight or input) of a format.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Quantizer {
+    scheme: Scheme,
+    role: Role,
+    narrow_range: bool,
+    unsigned: bool,
+}
+
+impl Quantizer {
+    pub fn new(scheme: Scheme, role: Role, narrow_range: bool, unsigned: bool) -> Self {
+        Self { scheme, role, narrow_range, unsigned }
+    }
+
+    pub fn scheme(&self) -> &Scheme {
+        &self.scheme
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.scheme != Scheme::Off
+    }
+
+    /// Whether [`Quantizer::fake_quant`] needs calibrated ranges (static "max" calibration).
+    pub fn needs_calibration(&self) -> bool {
+        self.scheme.calibration_kind().is_some()
+    }
+
+    /// A max-calibration accumulator with this quantizer's range layout (`None` when the
+    /// quantizer needs no calibration: off or fully dynamic).
+    pub fn observer(&self) -> Option<AmaxObserver> {
+        self.scheme.calibration_kind().map(AmaxObserver::new)
+    }
+
+    /// Static ranges of a weight `[out, in]` = max calibration over the weight itself
+    /// (what ModelOpt's `max_calibrate` does for weight quantizers).
+    pub fn calibrate_weight(&self, w: &[f32], out_features: usize, in_features: usize) -> Result<Option<Amax>> {
+        let Some(mut obs) = self.observer() else { return Ok(None) };
+        obs.observe(w, out_features, in_features).context("weight")?;
+        Ok(obs.amax())
+    }
+
+    /// Fake-quantizes a weight `[out, in]`, calibrating its static ranges from itself.
+    pub fn fake_quant_weight(&self, w: &[f32], out_features: usize, in_features: usize) -> Result<Vec<f32>> {
+        let amax = self.calibrate_weight(w, out_features, in_features)?;
+        self.fake_quant(w, out_features, in_features, amax.as_ref())
+    }
+
+    /// Fake-quantizes `x` `[rows, cols]` (row-major; blocks and per-column ranges run along
+    /// `cols`). `amax` = the calibrated ranges when [`Quantizer::needs_calibration`], else
+    /// ignored. Errors on a missing or mis-shaped amax, on NaN/inf in dynamic ranges and on
+    /// negative inputs to an unsigned quantizer.
+    pub fn fake_quant(&self, x: &[f32], rows: usize, cols: usize, amax: Option<&Amax>) -> Result<Vec<f32>> {
+        let mut out = vec![0.0f32; x.len()];
+        self.fake_quant_into(x, rows, cols, amax, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Quantizer::fake_quant`] into a caller-provided buffer of the same length.
+    pub fn fake_quant_into(
+        &self,
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        amax: Option<&Amax>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        ensure!(x.len() == rows * cols, "tensor of {} elements is not [{rows}, {cols}]", x.len());
+        ensure!(out.len() == x.len(), "output buffer has {} elements, input {}", out.len(), x.len());
+        if x.is_empty() {
+            return Ok(());
+        }
+        let calibrated = |kind: AmaxKind| -> Result<&Amax> {
+            let a = amax.with_context(|| {
+                format!(
+                    "the {:?} quantizer ({:?}) needs calibrated ranges; run max calibration first",
+                    self.role, self.scheme
+                )
+            })?;
+            ensure!(a.kind == kind, "calibrated ranges are {:?}, the quantizer needs {kind:?}", a.kind);
+            ensure!(
+                a.values.len() == kind.len(rows, cols),
+                "calibrated ranges have {} values, a [{rows}, {cols}] tensor needs {} ({kind:?})",
+                a.values.len(),
+                kind.len(rows, cols)
+            );
+            Ok(a)
+        };
+        let dynamic_ranges = |kind: AmaxKind| -> Result<Vec<f32>> {
+            let (v, bad) = kind.reduce(x, rows, cols);
+            ensure!(!bad, "tensor [{rows}, {cols}] contains NaN or infinite values");
+            Ok(v)
+        };
+        match &self.scheme {
+            Scheme::Off => out.copy_from_slice(x),
+            Scheme::Scaled { elem, kind, dynamic } => {
+                let owned;
+                let ranges: &[f32] = if *dynamic {
+                    owned = dynamic_ranges(*kind)?;
+                    &owned
+                } else {
+                    &calibrated(*kind)?.values
+                };
+                match *elem {
+                    NumBits::Int(bits) => {
+                        if self.unsigned && x.iter().any(|v| *v < 0.0) {
+                            bail!("negative values in an unsigned integer quantizer");
+                        }
+                        int_qdq(x, rows, cols, *kind, ranges, bits, self.unsigned, self.narrow_range, out)
+                    }
+                    NumBits::FP8_E4M3 => fp8_qdq(x, rows, cols, *kind, ranges, out),
+                    e => bail!("no scaled fake quantization for num_bits {}", e.label()),
+                }
+            }
+            Scheme::Nvfp4 { block, global_dynamic } => {
+                let global = if *global_dynamic {
+                    dynamic_ranges(AmaxKind::PerTensor)?[0]
+                } else {
+                    calibrated(AmaxKind::PerTensor)?.values[0]
+                };
+                nvfp4_qdq(x, cols, *block, global, out)
+            }
+            Scheme::Mx { elem, block } => mx_qdq(x, cols, *block, *elem, out)?,
+        }
+        Ok(())
+    }
+
+    /// [`Quantizer::fake_quant`] on a candle tensor of any rank (leading dimensions are
+    /// rows, the last dimension is `cols`); the result is f32 on the same device.
+    pub fn fake_quant_tensor(&self, t: &Tensor, amax: Option<&Amax>) -> Result<Tensor> {
+        if self.scheme == Scheme::Off {
+            return Ok(t.to_dtype(DType::F32)?);
+        }
+        let dims = t.dims();
+        ensure!(!dims.is_empty(), "cannot fake-quantize a scalar");
+        let cols = dims[dims.len() - 1];
+        let rows = t.elem_count().checked_div(cols).unwrap_or(0);
+        let x = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let y = self.fake_quant(&x, rows, cols, amax)?;
+        Ok(Tensor::from_vec(y, t.shape(), t.device())?)
+    }
+}
+
+/// Group index of element (row `r`, column `c`).
+#[inline]
+fn group(kind: AmaxKind, cols: usize, r: usize, c: usize) -> usize {
+    match kind {
+        AmaxKind::PerTensor => 0,
+        AmaxKind::PerRow => r,
+        AmaxKind::PerCol => c,
+        AmaxKind::PerBlock(n) => r * cols.div_ceil(n) + c / n,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn int_qdq(
+    x: &[f32],
+    _rows: usize,
+    cols: usize,
+    kind: AmaxKind,
+    ranges: &[f32],
+    bits: u8,
+    unsigned: bool,
+    narrow_range: bool,
+    out: &mut [f32],
+) {
+    let max_bound = (2.0f64.powi(i32::from(bits) - 1 + i32::from(unsigned)) - 1.0) as f32;
+    let min_bound = if unsigned {
+        0.0
+    } else if narrow_range {
+        -max_bound
+    } else {
+        -max_bound - 1.0
+    };
+    // (quantize scale, dequantize divisor) per group, as `_tensor_quant` computes them.
+    let scales: Vec<(f32, f32)> = ranges
+        .iter()
+        .map(|&a| {
+            if a <= AMAX_EPSILON {
+                (0.0, 1.0)
+            } else {
+                let s = max_bound / a;
+                (s, s)
+            }
+        })
+        .collect();
+    out.par_chunks_mut(cols).zip(x.par_chunks(cols)).enumerate().for_each(|(r, (o, xr))| {
+        for (c, (o, &v)) in o.iter_mut().zip(xr).enumerate() {
+            let (s, d) = scales[group(kind, cols, r, c)];
+            *o = (v * s).round_ties_even().clamp(min_bound, max_bound) / d;
+        }
+    });
+}
+
+fn fp8_qdq(x: &[f32], _rows: usize, cols: usize, kind: AmaxKind, ranges: &[f32], out: &mut [f32]) {
+    let scales: Vec<(f32, f32)> = ranges
+        .iter()
+        .map(|&a| {
+            let safe = if a <= AMAX_EPSILON { 1.0 } else { a };
+            // torch evaluates `448.0 / amax` (Python scalar / tensor) as `reciprocal(amax) * 448`,
+            // which can differ from a true division by one ulp; `1 / scale` is a reciprocal.
+            let s = (1.0 / safe) * E4M3_MAX;
+            (s, 1.0 / s)
+        })
+        .collect();
+    out.par_chunks_mut(cols).zip(x.par_chunks(cols)).enumerate().for_each(|(r, (o, xr))| {
+        for (c, (o, &v)) in o.iter_mut().zip(xr).enumerate() {
+            let (s, inv) = scales[group(kind, cols, r, c)];
+            *o = round_e4m3((v * s).clamp(-E4M3_MAX, E4M3_MAX)) * inv;
+        }
+    });
+}
+
+fn block_amax(b: &[f32]) -> f32 {
+    b.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+}
+
+fn nvfp4_qdq(x: &[f32], cols: usize, block: usize, global_amax: f32, out: &mut [f32]) {
+    // `global_amax / (6.0 * 448.0)` on a CUDA tensor with a Python-float divisor: PyTorch's
+    // CUDA `div` multiplies by the divisor's reciprocal in that case.
+    let g = global_amax * (1.0f32 / 2688.0f32);
+    let g = if g > 0.0 { g } else { 1e-12f32 };
+    let six_g = 6.0f32 * g;
+    out.par_chunks_mut(cols).zip(x.par_chunks(cols)).for_each(|(o, xr)| {
+        for (ob, xb) in o.chunks_mut(block).zip(xr.chunks(block)) {
+            let s = (block_amax(xb) / six_g).min(E4M3_MAX);
+            let mut sq = round_e4m3(s) * g;
+            // Triton keeps `sq` only when `sq >= 1e-5` (NaN included in the replacement).
+            if sq.is_nan() || sq < 1e-5f32 {
+                sq = 1.0;
+            }
+            for (o, &v) in ob.iter_mut().zip(xb) {
+                let q = round_e2m1_magnitude(v.abs() / sq) * sq;
+                *o = if v >= 0.0 { q } else { -q };
+            }
+        }
+    });
+}
+
+fn mx_qdq(x: &[f32], cols: usize, block: usize, elem: NumBits, out: &mut [f32]) -> Result<()> {
+    let elem_max = elem.element_max().with_context(|| format!("no MX element format {}", elem.label()))?;
+    let round: fn(f32) -> f32 = if elem == NumBits::FP4_E2M1 { round_e2m1_magnitude } else { round_e4m3 };
+    out.par_chunks_mut(cols).zip(x.par_chunks(cols)).for_each(|(o, xr)| {
+        for (ob, xb) in o.chunks_mut(block).zip(xr.chunks(block)) {
+            let a = block_amax(xb);
+            let (scale, unscale) = if a == 0.0 || !a.is_finite() {
+                (1.0, 1.0)
+            } else {
+                let e = e8m0_exponent_nv(a, elem_max);
+                (pow2(-e), pow2(e))
+            };
+            for (o, &v) in ob.iter_mut().zip(xb) {
+                let q = round(v.abs() * scale) * unscale;
+                *o = if v < 0.0 { -q } else { q };
+            }
+        }
+    });
+    Ok(())
+}
