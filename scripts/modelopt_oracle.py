@@ -175,8 +175,13 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--score-size", type=int, default=128)
     ap.add_argument("--cases", default="all", help="comma-separated case names, or all")
-    ap.add_argument("--out", type=Path, default=ROOT / "stages/tests/fixtures/oracle_modelopt.json")
+    ap.add_argument("--dtype", choices=["f32", "f64"], default="f32",
+                    help="model dtype; f64 gives the rounding-noise-free reference (fixture oracle_modelopt_f64.json)")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.out is None:
+        suffix = "" if args.dtype == "f32" else "_f64"
+        args.out = ROOT / f"stages/tests/fixtures/oracle_modelopt{suffix}.json"
 
     import torch
     import modelopt
@@ -196,6 +201,8 @@ def main() -> int:
             continue
         fmt_cfg = fp8_weight_only_cfg(mtq) if fmt_name == "FP8_WEIGHT_ONLY" else fmt_name
         _, lm, lm_head = load_lm(args.checkpoint)  # fresh model per case: auto_quantize converts in place
+        if args.dtype == "f64":
+            lm, lm_head = lm.double(), lm_head.double()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _, state, secs = run_case(lm, lm_head, batches, pad_id, fmt_cfg, method, bits, score_steps)
@@ -211,7 +218,7 @@ def main() -> int:
         "versions": {"modelopt": modelopt.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "checkpoint": os.path.relpath(args.checkpoint, ROOT) if args.checkpoint.is_relative_to(ROOT) else str(args.checkpoint),
-        "dtype": "f32",
+        "dtype": args.dtype,
         "batch_size": args.batch_size,
         "score_size": args.score_size,
         "num_calib_steps": len(batches),

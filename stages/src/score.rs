@@ -130,7 +130,7 @@ pub fn run_scoring(
         num_calib_steps: batches.len(),
         num_score_steps: score_steps,
         device: settings.device.clone(),
-        dtype: "f32".into(),
+        dtype: model.dtype_name().into(),
         quantized_layers: linears.iter().map(|l| l.name.clone()).collect(),
     };
     Ok(state::to_json(&info, &stats, &sel, settings.effective_bits))

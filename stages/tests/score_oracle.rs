@@ -17,7 +17,11 @@ fn root() -> PathBuf {
 }
 
 fn oracle() -> Value {
-    let p = root().join("stages/tests/fixtures/oracle_modelopt.json");
+    oracle_file("oracle_modelopt.json")
+}
+
+fn oracle_file(name: &str) -> Value {
+    let p = root().join("stages/tests/fixtures").join(name);
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
@@ -74,6 +78,17 @@ fn check_case(doc: &Value, case: &str, format_name: &str) -> (f64, f64) {
     .unwrap();
     let ours = score::run_scoring(model.as_ref(), format.as_ref(), &batches, &settings, &Silent).unwrap();
     assert_eq!(ours["num_calib_steps"], doc["num_calib_steps"]);
+    let mut amax_worst: f64 = 0.0;
+    for (linear, a) in c["input_amax"].as_object().unwrap() {
+        let theirs = a.as_f64().unwrap();
+        let mine = f64::from(format.input_amax(linear).unwrap_or_else(|| panic!("{case}: `{linear}` not calibrated")));
+        let rel = (mine - theirs).abs() / theirs;
+        if rel > 1e-6 {
+            eprintln!("{case}: input amax of {linear}: modelopt {theirs:e}, qpipe {mine:e} (rel {rel:.2e})");
+        }
+        amax_worst = amax_worst.max(rel);
+    }
+    assert!(amax_worst <= 1e-5, "{case}: calibrated input ranges differ from ModelOpt's by {amax_worst:.2e}");
     assert_eq!(ours["num_score_steps"], doc["num_score_steps"]);
 
     let theirs = c["candidate_stats"].as_object().unwrap();
@@ -96,6 +111,18 @@ fn check_case(doc: &Value, case: &str, format_name: &str) -> (f64, f64) {
         b.push(ms);
     }
     let rho = spearman(&a, &b);
+    // The same ModelOpt run in float64 (no rounding noise in the activations): how far the f32
+    // reference itself is from it, and how far qpipe is. Diagnostic only.
+    let f64_doc = oracle_file("oracle_modelopt_f64.json");
+    if let Some(r) = f64_doc["cases"][case]["candidate_stats"].as_object() {
+        let (mut ref_dev, mut our_dev): (f64, f64) = (0.0, 0.0);
+        for (name, t) in theirs {
+            let exact = r[name]["scores"][0].as_f64().unwrap();
+            ref_dev = ref_dev.max((t["scores"][0].as_f64().unwrap() - exact).abs() / exact.abs());
+            our_dev = our_dev.max((mine[name]["scores"][0].as_f64().unwrap() - exact).abs() / exact.abs());
+        }
+        eprintln!("{case}: vs ModelOpt in f64 — ModelOpt f32 {ref_dev:.2e}, qpipe f32 {our_dev:.2e}");
+    }
     eprintln!("{table}worst rel {worst:.3e}, spearman {rho:.6}");
     assert!(worst <= REL_TOL, "{case}: worst relative difference {worst:.3e} > {REL_TOL}\n{table}");
     assert!(rho >= MIN_SPEARMAN, "{case}: spearman {rho} < {MIN_SPEARMAN}\n{table}");

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use candle_core::{DType, Tensor};
 
@@ -16,6 +17,7 @@ use super::recipes::LinearInfo;
 use super::FormatParams;
 use crate::contract::Job;
 use crate::model::{self, TextModel};
+use crate::quant;
 
 /// The checkpoint folder of a job, from its `checkpoint` locator (local or hub cache).
 pub fn checkpoint_dir(job: &Job<'_>) -> Result<PathBuf> {
@@ -25,7 +27,13 @@ pub fn checkpoint_dir(job: &Job<'_>) -> Result<PathBuf> {
 
 /// The language model behind the scorer: the candle Qwen3-VL text model, f32 on the CPU.
 pub fn load_model(dir: &Path) -> Result<Box<dyn ScoreModel>> {
-    let m = TextModel::load(dir).with_context(|| format!("loading the language model of {}", dir.display()))?;
+    load_model_with(dir, DType::F32)
+}
+
+/// [`load_model`] in another dtype (f64 for rounding-noise-free parity checks).
+pub fn load_model_with(dir: &Path, dtype: DType) -> Result<Box<dyn ScoreModel>> {
+    let m = TextModel::load_with(dir, dtype, &candle_core::Device::Cpu)
+        .with_context(|| format!("loading the language model of {}", dir.display()))?;
     Ok(Box::new(m))
 }
 
@@ -45,7 +53,17 @@ impl ScoreModel for TextModel {
 
     fn weight(&self, name: &str) -> Result<Tensor> {
         let w = self.linear_weight_by_name(name).with_context(|| format!("the model has no linear `{name}`"))?;
-        Ok(w.to_dtype(DType::F32)?)
+        Ok(w.clone())
+    }
+
+    fn dtype_name(&self) -> &'static str {
+        match self.dtype() {
+            DType::F64 => "f64",
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            _ => "other",
+        }
     }
 
     fn forward_inputs(&self, batch: &Batch, sink: &mut InputSink<'_>) -> Result<()> {
@@ -65,7 +83,7 @@ impl ScoreModel for TextModel {
     ) -> Result<f64> {
         let mb = model_batch(batch)?;
         let mut tap = |_: usize, name: &str, x: &Tensor, _: &Tensor, y: &Tensor| -> Result<Option<Tensor>> {
-            if !y.sum_all()?.to_scalar::<f32>()?.is_finite() {
+            if !y.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
                 bail!("the output of linear `{name}` contains NaN or Inf");
             }
             on_forward(name, x, y)?;
@@ -91,9 +109,78 @@ impl ScoreModel for TextModel {
     }
 }
 
-/// The fake-quant format of a run.
+/// The fake-quant format of a run, from the `quant` module.
 pub fn load_format(p: &FormatParams) -> Result<Box<dyn ScoreFormat>> {
-    bail!("format `{}`: the fake-quant formats are not merged into `score` yet", p.name)
+    let overrides = match &p.quant_cfg_overrides {
+        Value::Null => serde_json::Map::new(),
+        Value::Object(m) => m.clone(),
+        other => bail!("key `quant_granularity.quant_cfg_overrides`: expected a mapping, found {other}"),
+    };
+    let cfg = quant::config_for(&p.name, &overrides)?;
+    Ok(Box::new(QuantFormat::new(cfg)))
+}
+
+/// A `quant::QuantConfig` as the scorer uses it, with one max-calibration observer per linear.
+pub struct QuantFormat {
+    cfg: quant::QuantConfig,
+    weight: quant::Quantizer,
+    input: quant::Quantizer,
+    observers: Mutex<HashMap<String, quant::AmaxObserver>>,
+}
+
+impl QuantFormat {
+    pub fn new(cfg: quant::QuantConfig) -> Self {
+        let (weight, input) = (cfg.weight_quantizer(), cfg.input_quantizer());
+        Self { cfg, weight, input, observers: Mutex::new(HashMap::new()) }
+    }
+
+    /// Warnings the format's overlays produced (printed by the stage).
+    pub fn warnings(&self) -> &[String] {
+        &self.cfg.warnings
+    }
+
+    fn amax(&self, linear: &str) -> Option<quant::Amax> {
+        self.observers.lock().expect("observer lock").get(linear).and_then(|o| o.amax())
+    }
+}
+
+impl ScoreFormat for QuantFormat {
+    fn display_name(&self) -> String {
+        self.cfg.display_name()
+    }
+    fn effective_bits(&self) -> f64 {
+        self.cfg.effective_bits()
+    }
+    fn quantizes_input(&self) -> bool {
+        self.input.is_enabled()
+    }
+    fn input_needs_calibration(&self) -> bool {
+        self.input.needs_calibration()
+    }
+    fn observe_input(&self, linear: &str, x: &Tensor) -> Result<()> {
+        let Some(fresh) = self.input.observer() else { return Ok(()) };
+        let (rows, cols) = x.dims2()?;
+        let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut obs = self.observers.lock().expect("observer lock");
+        obs.entry(linear.to_string()).or_insert(fresh).observe(&v, rows, cols)
+    }
+    fn input_amax(&self, linear: &str) -> Option<f32> {
+        self.amax(linear).map(|a| a.values.iter().cloned().fold(0.0, f32::max))
+    }
+    fn quant_weight(&self, linear: &str, w: &Tensor) -> Result<Tensor> {
+        let (o, i) = w.dims2()?;
+        self.cfg.check_shape(i, o).with_context(|| format!("linear `{linear}`"))?;
+        let v = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let q = self.weight.fake_quant_weight(&v, o, i)?;
+        Ok(Tensor::from_vec(q, (o, i), w.device())?.to_dtype(w.dtype())?)
+    }
+    fn quant_input(&self, linear: &str, x: &Tensor) -> Result<Tensor> {
+        let amax = self.amax(linear);
+        if self.input.needs_calibration() && amax.is_none() {
+            bail!("linear `{linear}`: its input range was never calibrated");
+        }
+        Ok(self.input.fake_quant_tensor(x, amax.as_ref())?.to_dtype(x.dtype())?)
+    }
 }
 
 /// Calibration batches from the build-calib `.pt`.

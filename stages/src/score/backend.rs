@@ -48,8 +48,10 @@ pub type InputSink<'a> = dyn FnMut(&str, &Tensor) -> Result<()> + 'a;
 pub trait ScoreModel {
     /// Every scorable linear, in module order.
     fn linears(&self) -> Vec<LinearInfo>;
-    /// The unquantized weight of a linear, `[out, in]`, f32.
+    /// The unquantized weight of a linear, `[out, in]`, in the model's dtype.
     fn weight(&self, name: &str) -> Result<Tensor>;
+    /// The compute dtype, as the state records it (`f32`).
+    fn dtype_name(&self) -> &'static str;
     /// One unquantized forward; `sink` gets every linear's input.
     fn forward_inputs(&self, batch: &Batch, sink: &mut InputSink<'_>) -> Result<()>;
     /// One unquantized forward and backward of the mean cross-entropy of the shifted logits

@@ -44,7 +44,7 @@ pub fn calibrate_inputs(
     for (bi, b) in batches.iter().enumerate() {
         model
             .forward_inputs(b, &mut |name, x| {
-                if !x.sum_all()?.to_scalar::<f32>()?.is_finite() {
+                if !x.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
                     bail!("the input of linear `{name}` contains NaN or Inf (calibration batch {bi})");
                 }
                 format.observe_input(name, x).with_context(|| format!("calibrating the input range of `{name}`"))
@@ -65,7 +65,7 @@ struct Prepared {
 
 /// `Σ clamp(g ⊙ d, ±1e10)²`, accumulated in f64.
 pub fn grad_score(g: &Tensor, d: &Tensor) -> Result<f64> {
-    let p = (g * d)?.clamp(-1e10f32, 1e10f32)?;
+    let p = (g * d)?.clamp(-1e10, 1e10)?;
     Ok(p.sqr()?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
 }
 
@@ -179,7 +179,7 @@ pub fn kl_div_scores(
     for (bi, b) in batches.iter().enumerate() {
         let logits = model.logits(b, &HashMap::new()).with_context(|| format!("unquantized forward, batch {bi}"))?;
         check_finite(&logits, &format!("the unquantized logits of batch {bi}"))?;
-        let log_p = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let log_p = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F64)?, D::Minus1)?;
         for (ri, r) in recipes.iter().enumerate() {
             let mut ov: HashMap<String, LinearOverride<'_>> = HashMap::new();
             for m in &r.members {
@@ -193,7 +193,7 @@ pub fn kl_div_scores(
             }
             let lq =
                 model.logits(b, &ov).with_context(|| format!("forward with `{}` quantized, batch {bi}", r.name))?;
-            let log_q = candle_nn::ops::log_softmax(&lq, D::Minus1)?;
+            let log_q = candle_nn::ops::log_softmax(&lq.to_dtype(DType::F64)?, D::Minus1)?;
             let s = kl_sum(&log_p, &log_q)?;
             if !s.is_finite() {
                 bail!("the KL divergence with `{}` quantized is not finite (batch {bi})", r.name);

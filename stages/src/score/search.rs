@@ -113,30 +113,50 @@ pub fn knapsack(cands: &[Candidates], max_cost: f64) -> Result<Selection> {
 
 /// ModelOpt's `kl_div` search: bisect a score threshold for 100 iterations; each recipe takes
 /// the first candidate (in format order) whose score is ≤ the threshold.
+///
+/// One deliberate difference: ModelOpt returns the selection of its *last probe*. Once the
+/// bisection has converged to adjacent floats, whether that probe lands on the satisfying
+/// side depends on the last bit of the boundary score (`(lo + hi) / 2` rounds to `lo` or
+/// `hi`), so ModelOpt can report `is_satisfied: false` for a feasible budget. qpipe
+/// returns the selection at the converged upper bound `hi` (the smallest threshold seen to
+/// satisfy the budget, initially the max score) when it satisfies the budget — the same as
+/// ModelOpt whenever ModelOpt's last probe satisfies it.
 pub fn threshold(cands: &[Candidates], max_cost: f64) -> Selection {
     let all: Vec<f64> = cands.iter().flat_map(|c| c.scores.iter().copied()).collect();
     if all.is_empty() {
         return Selection { choice: vec![], score: 0.0, cost: 0.0, is_satisfied: false };
     }
+    let select = |t: f64| -> (Vec<usize>, f64) {
+        let mut total = 0.0;
+        let choice = cands
+            .iter()
+            .map(|c| {
+                let i = c.scores.iter().position(|&s| s <= t).unwrap_or(0);
+                total += c.costs[i];
+                i
+            })
+            .collect();
+        (choice, total)
+    };
     let min = all.iter().cloned().fold(f64::INFINITY, f64::min);
     let max = all.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let (mut lo, mut hi) = (min, max);
     let mut t = (min + max) / 2.0;
-    let mut choice = vec![0; cands.len()];
-    let mut total = 0.0;
+    let (mut choice, mut total) = (vec![], 0.0);
     for _ in 0..100 {
-        total = 0.0;
-        for (r, c) in cands.iter().enumerate() {
-            let i = c.scores.iter().position(|&s| s <= t).unwrap_or(0);
-            choice[r] = i;
-            total += c.costs[i];
-        }
+        (choice, total) = select(t);
         if total <= max_cost {
             hi = t;
         } else {
             lo = t;
         }
         t = (lo + hi) / 2.0;
+    }
+    // `hi` is the smallest threshold known to satisfy the budget (or the max score, where
+    // every recipe takes its first, most compressed, choice).
+    let (c_hi, t_hi) = select(hi);
+    if t_hi <= max_cost {
+        (choice, total) = (c_hi, t_hi);
     }
     finish(cands, choice, max_cost, Some(total <= max_cost))
 }
@@ -223,5 +243,17 @@ mod tests {
         // A generous budget leaves everything unquantized (score 0 ≤ any threshold).
         let t = threshold(&c, 112.0);
         assert_eq!(t.choice, [1, 1, 1]);
+    }
+
+    #[test]
+    fn threshold_search_ends_on_the_satisfying_side() {
+        // The budget is met only when every recipe is quantized, i.e. at threshold = max score;
+        // the bisection approaches it from below and must still report the satisfying choice.
+        for top in [0.1679541707038879, 0.16797524690628052, 0.3, 1.0 / 3.0] {
+            let c = vec![two(top, 64.0), two(0.05, 32.0), two(0.01, 16.0)];
+            let t = threshold(&c, 28.0);
+            assert_eq!(t.choice, [0, 0, 0], "top score {top}");
+            assert!(t.is_satisfied);
+        }
     }
 }
