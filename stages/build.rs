@@ -14,7 +14,16 @@ const SOURCE_SETS: &[(&str, &[&str])] = &[
     ("BUILD_CALIB", &["src/build_calib.rs", "src/checkpoint", "src/torch_pt"]),
     (
         "SCORE",
-        &["src/score.rs", "src/score", "src/model", "src/quant", "src/checkpoint", "src/torch_pt", "src/pyjson.rs"],
+        &[
+            "src/score.rs",
+            "src/score",
+            "src/model",
+            "src/quant",
+            "src/checkpoint",
+            "src/torch_pt",
+            "src/build_calib.rs",
+            "src/pyjson.rs",
+        ],
     ),
     ("AGGREGATE", &["src/aggregate.rs", "src/pyjson.rs"]),
     ("RENDER", &["src/render.rs", "src/render", "src/pyjson.rs"]),
