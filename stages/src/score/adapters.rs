@@ -185,8 +185,18 @@ impl ScoreFormat for QuantFormat {
 
 /// Calibration batches from the build-calib `.pt`.
 pub fn load_batches(path: &Path, batch_size: usize) -> Result<Vec<Batch>> {
-    let _ = batch_size;
-    bail!("reading {}: the calibration reader is not merged into `score` yet", path.display())
+    let set = crate::build_calib::load_calib(path)?;
+    if set.n == 0 || set.t == 0 {
+        bail!("calibration set {} is empty; rebuild it (build-calib) with at least one caption", path.display());
+    }
+    if set.labels.iter().zip(&set.input_ids).any(|(l, i)| *l != i64::from(*i)) {
+        bail!(
+            "calibration set {}: labels differ from input_ids; `score` computes the loss with labels = input_ids",
+            path.display()
+        );
+    }
+    let rows = |v: &[u32]| -> Vec<Vec<u32>> { v.chunks(set.t).map(<[u32]>::to_vec).collect() };
+    Ok(super::make_batches(&rows(&set.input_ids), &rows(&set.attention_mask), set.pad_token_id, batch_size.max(1)))
 }
 
 /// The state tree as a torch-loadable `.pt` (the same dict `json.load` of the JSON gives).

@@ -58,8 +58,12 @@ pub trait ScoreModel {
     /// (ignore_index = pad id): `on_forward` sees every linear's input and output during the
     /// forward, `on_grad` gets every linear's output gradient after the backward.
     /// Returns the loss.
-    fn forward_backward(&self, batch: &Batch, on_forward: &mut ForwardSink<'_>, on_grad: &mut GradSink<'_>)
-        -> Result<f64>;
+    fn forward_backward(
+        &self,
+        batch: &Batch,
+        on_forward: &mut ForwardSink<'_>,
+        on_grad: &mut GradSink<'_>,
+    ) -> Result<f64>;
     /// Logits `[B, T, V]` (f32) with the named linears replaced.
     fn logits(&self, batch: &Batch, overrides: &HashMap<String, LinearOverride<'_>>) -> Result<Tensor>;
 }

@@ -104,7 +104,9 @@ pub fn gradient_scores(
                 let xq = match &xq_cache {
                     Some((id, a, xq)) if (*id, *a) == key => xq.clone(),
                     _ => {
-                        let xq = format.quant_input(name, x).with_context(|| format!("fake-quantizing the input of `{name}`"))?;
+                        let xq = format
+                            .quant_input(name, x)
+                            .with_context(|| format!("fake-quantizing the input of `{name}`"))?;
                         xq_cache = Some((key.0, key.1, xq.clone()));
                         xq
                     }
@@ -185,10 +187,7 @@ pub fn kl_div_scores(
             for m in &r.members {
                 ov.insert(
                     m.clone(),
-                    LinearOverride {
-                        weight: qweights[m].clone(),
-                        input: input_fns.get(m).map(|f| f.as_ref()),
-                    },
+                    LinearOverride { weight: qweights[m].clone(), input: input_fns.get(m).map(|f| f.as_ref()) },
                 );
             }
             let lq =
