@@ -18,6 +18,7 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
+use rayon::prelude::*;
 
 use super::backend::{Batch, LinearOverride, ScoreFormat, ScoreModel};
 use super::recipes::Recipe;
@@ -63,10 +64,25 @@ struct Prepared {
     dw_t: Tensor,
 }
 
-/// `Σ clamp(g ⊙ d, ±1e10)²`, accumulated in f64.
+/// `Σ clamp(g ⊙ d, ±1e10)²`, accumulated in f64 (one fused pass, in parallel chunks).
 pub fn grad_score(g: &Tensor, d: &Tensor) -> Result<f64> {
-    let p = (g * d)?.clamp(-1e10, 1e10)?;
-    Ok(p.sqr()?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+    if g.dims() != d.dims() {
+        bail!("gradient {:?} and output difference {:?} differ in shape", g.dims(), d.dims());
+    }
+    let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let d = d.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(g.par_chunks(1 << 14)
+        .zip(d.par_chunks(1 << 14))
+        .map(|(g, d)| {
+            g.iter()
+                .zip(d)
+                .map(|(g, d)| {
+                    let p = f64::from((g * d).clamp(-1e10, 1e10));
+                    p * p
+                })
+                .sum::<f64>()
+        })
+        .sum())
 }
 
 /// The `gradient` scores of one format: per recipe, Σ over members and score batches.
