@@ -24,7 +24,8 @@ BIN="$CARGO_TARGET_DIR/debug/examples/bench_score"   # dev profile is opt-level 
 
 timed() { # timed <label> <cmd...>: runs, keeps stdout JSON, prints wall + max RSS
   local label=$1; shift
-  /usr/bin/time -v -o "$DIR/$label.time" "$@" > "$DIR/$label.json"
+  /usr/bin/time -v -o "$DIR/$label.time" "$@" > "$DIR/$label.out"
+  tail -n 1 "$DIR/$label.out" > "$DIR/$label.json"   # the figures are the last stdout line
   local wall rss
   wall=$(grep "Elapsed (wall clock)" "$DIR/$label.time" | awk '{print $NF}')
   rss=$(grep "Maximum resident set size" "$DIR/$label.time" | awk '{print $NF}')

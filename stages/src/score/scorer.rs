@@ -56,6 +56,17 @@ pub fn calibrate_inputs(
     Ok(())
 }
 
+/// Indices of the rows of `g` (`[rows, cols]`) that are not all zero; `None` when every row is.
+fn nonzero_rows(g: &Tensor) -> Result<Option<Tensor>> {
+    let (rows, _) = g.dims2()?;
+    let m = g.abs()?.max_keepdim(1)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let keep: Vec<u32> = m.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(i, _)| i as u32).collect();
+    if keep.len() == rows {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::from_vec(keep.clone(), keep.len(), g.device())?))
+}
+
 /// Per-linear prepared tensors for the gradient scorer.
 struct Prepared {
     /// `Wq^T` `[in, out]` (for `Y_q = q(X) Wqᵀ` when inputs are quantized).
@@ -87,8 +98,10 @@ pub fn grad_score(g: &Tensor, d: &Tensor) -> Result<f64> {
 
 /// The `gradient` scores of one format: per recipe, Σ over members and score batches.
 ///
-/// Memory: the output differences `Y_q − Y` of one batch are kept from the forward to the
-/// backward — one `[tokens, out]` f32 per linear (ModelOpt keeps the same, per recipe).
+/// Memory: from the forward to the backward of one batch, each linear's input (shared by
+/// q/k/v and by gate/up) and — when inputs are quantized — its output `[tokens, out]` stay
+/// alive; at most what ModelOpt keeps (`Y_q − Y` per linear and recipe). `Y_q − Y` is then
+/// computed per linear right before its score, on the rows with a non-zero gradient.
 pub fn gradient_scores(
     model: &dyn ScoreModel,
     format: &dyn ScoreFormat,
@@ -107,36 +120,54 @@ pub fn gradient_scores(
         }
     }
     let quant_input = format.quantizes_input();
+    // Rows (token positions) whose output gradient is exactly zero add exactly zero to the
+    // score: the difference is computed on the other rows only (left pads whose next label
+    // is a pad — most rows of short captions padded to 512). Valid when the input
+    // quantizer treats rows independently (off or a static range).
+    let row_subset = !quant_input || format.input_needs_calibration();
     let mut per_linear: HashMap<String, f64> = HashMap::new();
     progress.phase("score (gradient)", Some(batches.len() as u64));
     for (bi, b) in batches.iter().enumerate() {
-        let diffs: std::cell::RefCell<HashMap<String, Tensor>> = Default::default();
+        // Each linear's input (shared by q/k/v and by gate/up) and, when inputs are
+        // quantized, its output, kept from the forward to the backward.
+        let acts: std::cell::RefCell<HashMap<String, (Tensor, Option<Tensor>)>> = Default::default();
+        let mut on_forward = |name: &str, x: &Tensor, y: &Tensor| -> Result<()> {
+            if prepared.contains_key(name) {
+                acts.borrow_mut().insert(name.to_string(), (x.clone(), quant_input.then(|| y.clone())));
+            }
+            Ok(())
+        };
         // q/k/v (and gate/up) read the same input with the same calibrated range: quantize it once.
         let mut xq_cache: Option<(candle_core::TensorId, Option<u32>, Tensor)> = None;
-        let mut on_forward = |name: &str, x: &Tensor, y: &Tensor| -> Result<()> {
-            let Some(p) = prepared.get(name) else { return Ok(()) };
+        let mut on_grad = |name: &str, g: &Tensor| -> Result<()> {
+            let Some((x, y)) = acts.borrow_mut().remove(name) else { return Ok(()) };
+            let p = &prepared[name];
+            let rows = if row_subset { nonzero_rows(g)? } else { None };
+            let pick = |t: &Tensor| -> Result<Tensor> {
+                Ok(match &rows {
+                    Some(r) => t.index_select(r, 0)?,
+                    None => t.clone(),
+                })
+            };
+            let g = pick(g)?;
             let d = if quant_input {
                 let key = (x.id(), format.input_amax(name).map(f32::to_bits));
                 let xq = match &xq_cache {
                     Some((id, a, xq)) if (*id, *a) == key => xq.clone(),
                     _ => {
                         let xq = format
-                            .quant_input(name, x)
+                            .quant_input(name, &x)
                             .with_context(|| format!("fake-quantizing the input of `{name}`"))?;
                         xq_cache = Some((key.0, key.1, xq.clone()));
                         xq
                     }
                 };
-                (xq.matmul(&p.wq_t)? - y)?
+                let y = y.expect("outputs are kept when inputs are quantized");
+                (pick(&xq)?.matmul(&p.wq_t)? - pick(&y)?)?
             } else {
-                x.matmul(&p.dw_t)?
+                pick(&x)?.matmul(&p.dw_t)?
             };
-            diffs.borrow_mut().insert(name.to_string(), d);
-            Ok(())
-        };
-        let mut on_grad = |name: &str, g: &Tensor| -> Result<()> {
-            let Some(d) = diffs.borrow_mut().remove(name) else { return Ok(()) };
-            let s = grad_score(g, &d)?;
+            let s = grad_score(&g, &d)?;
             if !s.is_finite() {
                 bail!("the score of linear `{name}` is not finite (batch {bi}): its input or gradient has NaN/Inf");
             }
