@@ -9,7 +9,8 @@
 # 3. when python3 has torch + modelopt, scripts/bench_score_modelopt.py does the same
 #    with `mtq.auto_quantize`, under /usr/bin/time -v;
 # 4. prints in-process scoring time, whole-process wall time and peak RSS of both sides,
-#    and the largest relative score difference between them.
+#    and the largest relative score difference between them. On a shared machine compare
+#    the CPU seconds (user + system): wall time there depends on what else runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FORMAT=${1:-INT8_DEFAULT_CFG}
@@ -26,10 +27,11 @@ timed() { # timed <label> <cmd...>: runs, keeps stdout JSON, prints wall + max R
   local label=$1; shift
   /usr/bin/time -v -o "$DIR/$label.time" "$@" > "$DIR/$label.out"
   tail -n 1 "$DIR/$label.out" > "$DIR/$label.json"   # the figures are the last stdout line
-  local wall rss
+  local wall rss cpu
   wall=$(grep "Elapsed (wall clock)" "$DIR/$label.time" | awk '{print $NF}')
   rss=$(grep "Maximum resident set size" "$DIR/$label.time" | awk '{print $NF}')
-  echo "$label $(cat "$DIR/$label.json") whole_process_wall=$wall max_rss_kib=$rss"
+  cpu=$(awk -F': ' '/User time|System time/ {s += $2} END {printf "%.2f", s}' "$DIR/$label.time")
+  echo "$label $(cat "$DIR/$label.json") whole_process_wall=$wall whole_process_cpu_s=$cpu max_rss_kib=$rss"
 }
 
 timed qpipe "$BIN" score "$DIR" "$FORMAT" "$METHOD"
@@ -42,8 +44,9 @@ q = json.load(open(f"{d}/qpipe_state_{m}.json"))["candidate_stats"]
 o = json.load(open(f"{d}/modelopt_state_{m}.json"))["candidate_stats"]
 rel = max(abs(q[k]["scores"][0] - o[k]["scores"][0]) / max(abs(o[k]["scores"][0]), 1e-30) for k in o)
 qs = json.load(open(f"{d}/qpipe.json")); ms = json.load(open(f"{d}/modelopt.json"))
-print(f"in-process scoring: qpipe {qs['score_s']:.2f}s vs modelopt {ms['score_s']:.2f}s "
-      f"(ratio {qs['score_s'] / ms['score_s']:.2f}); max rel score diff {rel:.2e} over {len(o)} recipes")
+print(f"in-process scoring: qpipe {qs['score_s']:.2f}s vs modelopt {ms['score_s']:.2f}s wall "
+      f"(ratio {qs['score_s'] / ms['score_s']:.2f}), {qs['score_cpu_s']:.2f}s vs {ms['score_cpu_s']:.2f}s CPU "
+      f"(ratio {qs['score_cpu_s'] / ms['score_cpu_s']:.2f}); max rel score diff {rel:.2e} over {len(o)} recipes")
 PY
 else
   echo "SKIP: python3 with torch + nvidia-modelopt not found; ModelOpt side not run" >&2

@@ -50,10 +50,13 @@ def main() -> int:
     steps = min(128 // tok["batch_size"], len(batches))
     fmt_cfg = oracle.fp8_weight_only_cfg(mtq) if fmt in ("FP8_WEIGHT_ONLY", "FP8_WEIGHT_ONLY_CFG") else fmt
     load_s = time.perf_counter() - t0
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     _, state, score_s = oracle.run_case(lm, lm_head, batches, tok["pad_token_id"], fmt_cfg, method, 8.0, steps)
     (d / f"modelopt_state_{method}.json").write_text(json.dumps(oracle.state_to_json(state, None), indent=1))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(json.dumps({"side": "modelopt", "format": fmt, "method": method, "load_s": load_s, "score_s": score_s,
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    score_cpu_s = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    rss = ru1.ru_maxrss / 1024.0
+    print(json.dumps({"side": "modelopt", "format": fmt, "method": method, "load_s": load_s, "score_s": score_s, "score_cpu_s": score_cpu_s,
                       "threads": torch.get_num_threads(), "peak_rss_mib": rss}))
     return 0
 

@@ -146,6 +146,15 @@ impl Progress for Bar {
     }
 }
 
+/// User + system CPU seconds of this process so far (`/proc/self/stat`, clock ticks of 1/100 s).
+fn cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -179,7 +188,7 @@ fn score_run(dir: &Path, format: &str, method: &str) -> Result<()> {
         device: "cpu".into(),
     };
     let load_s = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
+    let (t1, c1) = (Instant::now(), cpu_s());
     let state = score::run_scoring(
         model.as_ref(),
         fmt.as_ref(),
@@ -187,11 +196,11 @@ fn score_run(dir: &Path, format: &str, method: &str) -> Result<()> {
         &settings,
         &Bar(std::sync::Mutex::new((String::new(), 0, None, Instant::now()))),
     )?;
-    let score_s = t1.elapsed().as_secs_f64();
+    let (score_s, score_cpu_s) = (t1.elapsed().as_secs_f64(), cpu_s() - c1);
     std::fs::write(dir.join(format!("qpipe_state_{method}.json")), serde_json::to_string_pretty(&state)?)?;
     println!(
         "{}",
-        json!({"side": "qpipe", "format": format, "method": method, "load_s": load_s, "score_s": score_s,
+        json!({"side": "qpipe", "format": format, "method": method, "load_s": load_s, "score_s": score_s, "score_cpu_s": score_cpu_s,
                "threads": rayon::current_num_threads(), "peak_rss_mib": peak_rss_mib()})
     );
     Ok(())
