@@ -88,7 +88,7 @@ def main() -> None:
         ("int8_weight_axis0", "weight", {"num_bits": 8, "axis": 0}, w, "self"),
         ("int8_weight_per_tensor", "weight", {"num_bits": 8, "axis": None}, w, "self"),
         ("int8_weight_axis1", "weight", {"num_bits": 8, "axis": 1}, w, "self"),
-        ("int8_weight_group64", "weight", {"num_bits": 8, "block_sizes": {-1: 32, "type": "static"}}, w, "self"),
+        ("int8_weight_group32", "weight", {"num_bits": 8, "block_sizes": {-1: 32, "type": "static"}}, w, "self"),
         ("int4_weight_blocks128", "weight", {"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}}, w_int4, "self"),
         ("int4_weight_axis0", "weight", {"num_bits": 4, "axis": 0}, w_int4, "self"),
         ("fp8_weight_per_tensor", "weight", {"num_bits": (4, 3), "axis": None}, w, "self"),

@@ -156,11 +156,8 @@ impl TextConfig {
             .or_else(|| tc.get("tie_word_embeddings"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let pad_token_id = tc
-            .get("pad_token_id")
-            .or_else(|| root.get("pad_token_id"))
-            .and_then(Value::as_u64)
-            .map(|v| v as u32);
+        let pad_token_id =
+            tc.get("pad_token_id").or_else(|| root.get("pad_token_id")).and_then(Value::as_u64).map(|v| v as u32);
 
         let cfg = TextConfig {
             vocab_size: usize_field(tc, prefix, "vocab_size")?,
@@ -179,14 +176,14 @@ impl TextConfig {
             pad_token_id,
             dialect,
         };
-        if cfg.num_key_value_heads == 0 || cfg.num_attention_heads % cfg.num_key_value_heads != 0 {
+        if cfg.num_key_value_heads == 0 || !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads) {
             bail!(
                 "field `{prefix}num_attention_heads` ({}) must be a multiple of `num_key_value_heads` ({})",
                 cfg.num_attention_heads,
                 cfg.num_key_value_heads
             );
         }
-        if cfg.head_dim % 2 != 0 {
+        if !cfg.head_dim.is_multiple_of(2) {
             bail!("field `{prefix}head_dim` ({}) must be even for rotary embeddings", cfg.head_dim);
         }
         Ok(cfg)
@@ -195,6 +192,37 @@ impl TextConfig {
     /// Query heads per key/value head (GQA group size).
     pub fn group_size(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
+    }
+}
+
+impl TextConfig {
+    /// A text config of the given size (head_dim 64, rope θ 5e6, eps 1e-6, untied
+    /// `lm_head`, `max_position_embeddings` 4096) — for synthetic models.
+    pub fn synthetic(
+        hidden: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        intermediate: usize,
+        vocab: usize,
+    ) -> Self {
+        TextConfig {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: intermediate,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim: hidden / heads,
+            max_position_embeddings: 4096,
+            rms_norm_eps: 1e-6,
+            rope_theta: 5e6,
+            mrope_section: Vec::new(),
+            mrope_interleaved: false,
+            tie_word_embeddings: false,
+            pad_token_id: Some(0),
+            dialect: ConfigDialect::Transformers5,
+        }
     }
 }
 

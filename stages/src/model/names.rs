@@ -22,8 +22,15 @@ pub enum LinearKind {
 }
 
 impl LinearKind {
-    pub const ALL: [LinearKind; LINEARS_PER_LAYER] =
-        [LinearKind::Q, LinearKind::K, LinearKind::V, LinearKind::O, LinearKind::Gate, LinearKind::Up, LinearKind::Down];
+    pub const ALL: [LinearKind; LINEARS_PER_LAYER] = [
+        LinearKind::Q,
+        LinearKind::K,
+        LinearKind::V,
+        LinearKind::O,
+        LinearKind::Gate,
+        LinearKind::Up,
+        LinearKind::Down,
+    ];
 
     /// Module path inside a decoder layer, e.g. `self_attn.q_proj`, `mlp.down_proj`.
     pub fn suffix(self) -> &'static str {

@@ -20,6 +20,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// Backward of [`rms_norm`]: `dx = r·g − x·r³·mean(g·x)` with `g = dy·w`,
 /// `r = 1/sqrt(mean(x²)+eps)`.
 pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<Tensor> {
+    if let Some(dx) = super::fused::rms_norm_backward(x, w, eps, dy) {
+        return Ok(dx);
+    }
     let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     let g = dy.broadcast_mul(w)?;
     let dot = (&g * x)?.mean_keepdim(D::Minus1)?;
@@ -38,6 +41,9 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// Backward of softmax over the last dim given its output `p`.
 pub fn softmax_backward(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+    if let Some(ds) = super::fused::softmax_backward(p, dp) {
+        return Ok(ds);
+    }
     let dot = (dp * p)?.sum_keepdim(D::Minus1)?;
     Ok((p * dp.broadcast_sub(&dot)?)?)
 }
@@ -52,6 +58,22 @@ pub fn silu_grad(x: &Tensor) -> Result<Tensor> {
     let s = candle_nn::ops::sigmoid(x)?;
     let one_minus = s.affine(-1.0, 1.0)?;
     Ok((&s * (x * one_minus)?.affine(1.0, 1.0)?)?)
+}
+
+/// SwiGLU `silu(g)·u`.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if let Some(a) = super::fused::swiglu(g, u) {
+        return Ok(a);
+    }
+    Ok((silu(g)? * u)?)
+}
+
+/// Backward of [`swiglu`]: `(dg, du)`.
+pub fn swiglu_backward(g: &Tensor, u: &Tensor, da: &Tensor) -> Result<(Tensor, Tensor)> {
+    if let Some(r) = super::fused::swiglu_backward(g, u, da) {
+        return Ok(r);
+    }
+    Ok(((da * u)?.mul(&silu_grad(g)?)?, (da * silu(g)?)?))
 }
 
 /// Rotary tables for positions `0..t`: `(cos, sin)`, each `[t, head_dim/2]`, computed in
@@ -90,6 +112,16 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// Backward of [`rope`]: the rotation by −θ, i.e. `rope(dy, cos, −sin)`.
 pub fn rope_backward(dy: &Tensor, cos: &Tensor, neg_sin: &Tensor) -> Result<Tensor> {
     rope(dy, cos, neg_sin)
+}
+
+/// Attention probabilities `softmax(scale·s + mask)` for `s: [B, Hkv, G, T, T]`; with
+/// `zero_empty_rows` (SDPA) rows that see no key are 0.
+pub fn masked_softmax(s: &Tensor, scale: f64, masks: &AttnMasks, zero_empty_rows: bool) -> Result<Tensor> {
+    if let Some(p) = super::fused::masked_softmax(s, scale as f32, &masks.additive, zero_empty_rows) {
+        return Ok(p);
+    }
+    let p = softmax_last_dim(&(s * scale)?.broadcast_add(&masks.additive)?)?;
+    Ok(if zero_empty_rows { p.broadcast_mul(&masks.row_valid)? } else { p })
 }
 
 /// Masks of a left- (or otherwise) padded batch as transformers builds them.
@@ -163,6 +195,43 @@ mod tests {
         close(&rope_backward(&dy, &cos, &sin.neg().unwrap()).unwrap(), g.get(&x).unwrap(), 1e-5);
         // fast and differentiable forms agree
         close(&rope(&x.as_tensor().detach(), &cos, &sin).unwrap(), &r, 1e-6);
+    }
+
+    /// The fused kernels agree with the composed candle ops they replace.
+    #[test]
+    fn fused_kernels_match_composed_ops() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (37, 300), &dev).unwrap();
+        let u = Tensor::randn(0f32, 1.0, (37, 300), &dev).unwrap();
+        let dy = Tensor::randn(0f32, 1.0, (37, 300), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.2, 300, &dev).unwrap();
+        let a = super::super::fused::swiglu(&x, &u).unwrap();
+        close(&a, &(silu(&x).unwrap() * &u).unwrap(), 1e-6);
+        let (dg, du) = super::super::fused::swiglu_backward(&x, &u, &dy).unwrap();
+        close(&dg, &((&dy * &u).unwrap() * silu_grad(&x).unwrap()).unwrap(), 1e-5);
+        close(&du, &(&dy * silu(&x).unwrap()).unwrap(), 1e-6);
+        let r = super::super::fused::rms_norm_backward(&x, &w, 1e-6, &dy).unwrap();
+        let v = Var::from_tensor(&x).unwrap();
+        let y = rms_norm(v.as_tensor(), &w, 1e-6).unwrap();
+        let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        close(&r, g.get(&v).unwrap(), 1e-5);
+        let p = softmax_last_dim(&x).unwrap();
+        let s = super::super::fused::softmax_backward(&p, &dy).unwrap();
+        let dot = (&dy * &p).unwrap().sum_keepdim(D::Minus1).unwrap();
+        close(&s, &(&p * dy.broadcast_sub(&dot).unwrap()).unwrap(), 1e-5);
+    }
+
+    #[test]
+    fn fused_masked_softmax_matches_composed() {
+        let dev = Device::Cpu;
+        let s = Tensor::randn(0f32, 3.0, (2, 2, 3, 5, 5), &dev).unwrap();
+        let m = AttnMasks::new(&[vec![0, 0, 1, 1, 1], vec![1, 1, 1, 1, 1]], 5, DType::F32, &dev).unwrap();
+        for zero in [true, false] {
+            let fused = super::super::fused::masked_softmax(&s, 0.125, &m.additive, zero).unwrap();
+            let p = softmax_last_dim(&(&s * 0.125).unwrap().broadcast_add(&m.additive).unwrap()).unwrap();
+            let want = if zero { p.broadcast_mul(&m.row_valid).unwrap() } else { p };
+            close(&fused, &want, 1e-6);
+        }
     }
 
     #[test]

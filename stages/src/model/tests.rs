@@ -128,7 +128,7 @@ fn tap_replaces_outputs_and_sees_every_linear_in_order() {
     assert!(max_abs_diff(&changed, &base) > 1e-3, "replacing an output must change the logits");
     // the identity replacement changes nothing
     let mut ident = |_: usize, _: &str, x: &Tensor, w: &Tensor, _: &Tensor| -> Result<Option<Tensor>> {
-        Ok(Some(x.matmul(&w.t()?)?))
+        Ok(Some(matmul_xwt(x, w)?))
     };
     assert_eq!(max_abs_diff(&m.forward(&batch, &mut ident).unwrap(), &base), 0.0);
     assert_eq!(m.linear_weight_by_name("layers.3.mlp.up_proj").unwrap().dims(), &[384, 128]);
@@ -169,7 +169,8 @@ fn sharded_checkpoint_with_f32_shard_gives_same_outputs() {
     names.sort();
     let (a, b) = names.split_at(names.len() / 2);
     let mut weight_map = serde_json::Map::new();
-    for (file, part, f32) in [("model-00001-of-00002.safetensors", a, false), ("model-00002-of-00002.safetensors", b, true)]
+    for (file, part, f32) in
+        [("model-00001-of-00002.safetensors", a, false), ("model-00002-of-00002.safetensors", b, true)]
     {
         let shard: HashMap<String, Tensor> = part
             .iter()
@@ -224,4 +225,148 @@ fn bad_checkpoints_and_inputs_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let err = format!("{:#}", TextModel::load(dir.path()).err().unwrap());
     assert!(err.contains("config.json"), "{err}");
+
+    // a non-finite activation names the layer
+    let batch = fixture_batch(&fixture());
+    let mut tap = |_: usize, name: &str, _: &Tensor, _: &Tensor, y: &Tensor| -> Result<Option<Tensor>> {
+        Ok((name == "layers.2.mlp.up_proj").then(|| (y * f64::INFINITY).unwrap()))
+    };
+    let err = format!("{:#}", m.forward(&batch, &mut tap).unwrap_err());
+    assert!(err.contains("layers.2") && err.contains("non-finite"), "{err}");
+}
+
+/// Timing of the mid-size synthetic model (hidden 512, 8 layers, 8/4 heads, intermediate
+/// 1536, vocab 4096; batch 8 × 128 tokens, some left padding):
+/// `cargo test -p qpipe-stages --lib model::tests::bench_midsize -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bench_midsize() {
+    let cfg = TextConfig::synthetic(512, 8, 8, 4, 1536, 4096);
+    let w = LmWeights::synthetic(&cfg, 7, DType::F32, &Device::Cpu).unwrap();
+    let m = TextModel::from_parts(cfg, w, DType::F32, &Device::Cpu);
+    let (b, t) = (8usize, 128usize);
+    let ids: Vec<Vec<u32>> = (0..b).map(|r| (0..t).map(|i| ((r * 131 + i * 17) % 4000 + 3) as u32).collect()).collect();
+    let mask: Vec<Vec<u32>> = (0..b).map(|r| (0..t).map(|i| u32::from(i >= r * 9)).collect()).collect();
+    let ids: Vec<Vec<u32>> =
+        ids.into_iter().zip(&mask).map(|(r, m)| r.iter().zip(m).map(|(x, k)| x * k).collect()).collect();
+    let batch = Batch::new(ids, mask).unwrap();
+    let _ = m.forward(&batch, &mut NoTap).unwrap();
+    // minimum over repetitions: robust against other processes on a shared machine
+    let (mut fwd, mut fce, mut bwd) = (f64::MAX, f64::MAX, f64::MAX);
+    for _ in 0..5 {
+        let t0 = std::time::Instant::now();
+        let _ = m.forward(&batch, &mut NoTap).unwrap();
+        fwd = fwd.min(t0.elapsed().as_secs_f64());
+        let t0 = std::time::Instant::now();
+        let fw = m.forward_for_backward(&batch, &mut NoTap).unwrap();
+        let ce = loss::shifted_cross_entropy(fw.logits(), &batch.input_ids, Some(0)).unwrap();
+        fce = fce.min(t0.elapsed().as_secs_f64());
+        let t0 = std::time::Instant::now();
+        let g = m.backward(&fw, &ce.dlogits).unwrap();
+        bwd = bwd.min(t0.elapsed().as_secs_f64());
+        assert_eq!(g.len(), 56);
+    }
+    eprintln!("midsize 8x128 (min of 5): forward {fwd:.3} s; forward+CE {fce:.3} s; backward {bwd:.3} s");
+}
+
+#[test]
+#[ignore]
+fn bench_matmul() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (1024, 512), &dev).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (1536, 512), &dev).unwrap();
+    let wt = w.t().unwrap().contiguous().unwrap();
+    for (name, rhs) in [("w.t()", w.t().unwrap()), ("wt contiguous", wt.clone())] {
+        let mut s = f64::MAX;
+        for _ in 0..20 {
+            let t0 = std::time::Instant::now();
+            let _ = x.matmul(&rhs).unwrap();
+            s = s.min(t0.elapsed().as_secs_f64());
+        }
+        eprintln!(
+            "matmul 1024x512x1536 {name}: {:.2} ms, {:.1} GFLOP/s",
+            s * 1e3,
+            2.0 * 1024.0 * 512.0 * 1536.0 / s / 1e9
+        );
+    }
+    for (name, layout, rhs) in
+        [("avx512 x·wᵀ", gemm::RhsLayout::Transposed, w.clone()), ("avx512 x·wt", gemm::RhsLayout::Normal, wt.clone())]
+    {
+        let mut s = f64::MAX;
+        for _ in 0..20 {
+            let t0 = std::time::Instant::now();
+            if gemm::matmul(&x, &rhs, layout).is_none() {
+                eprintln!("SKIP {name}: no AVX-512");
+                break;
+            }
+            s = s.min(t0.elapsed().as_secs_f64());
+        }
+        eprintln!(
+            "matmul 1024x512x1536 {name}: {:.2} ms, {:.1} GFLOP/s",
+            s * 1e3,
+            2.0 * 1024.0 * 512.0 * 1536.0 / s / 1e9
+        );
+    }
+    let y = Tensor::randn(0f32, 1.0, (1024, 1536), &dev).unwrap();
+    let t0 = std::time::Instant::now();
+    for _ in 0..10 {
+        let _ = (&y * &y).unwrap();
+    }
+    eprintln!("mul 1024x1536: {:.2} ms", t0.elapsed().as_secs_f64() / 10.0 * 1e3);
+    let t0 = std::time::Instant::now();
+    for _ in 0..10 {
+        let _ = candle_nn::ops::silu(&y).unwrap();
+    }
+    eprintln!("silu 1024x1536: {:.2} ms", t0.elapsed().as_secs_f64() / 10.0 * 1e3);
+}
+
+#[test]
+fn untied_lm_head_is_used_and_absent_one_falls_back_to_embeddings() {
+    let f = fixture();
+    let batch = fixture_batch(&f);
+    let base = TextModel::load(&ckpt()).unwrap().forward(&batch, &mut NoTap).unwrap();
+    let all = candle_core::safetensors::load(ckpt().join("model.safetensors"), &Device::Cpu).unwrap();
+    let embed = all["model.language_model.embed_tokens.weight"].to_dtype(DType::F32).unwrap();
+    let untie = |dir: &Path| {
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(ckpt().join("config.json")).unwrap()).unwrap();
+        cfg["tie_word_embeddings"] = false.into();
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    };
+    // untied, lm_head = 2 × embed_tokens → logits double
+    let dir = tempfile::tempdir().unwrap();
+    checkpoint_with(dir.path(), "lm_head.weight", (&embed * 2.0).unwrap());
+    untie(dir.path());
+    let m = TextModel::load(dir.path()).unwrap();
+    assert!(m.weights().lm_head.is_some());
+    let l = m.forward(&batch, &mut NoTap).unwrap();
+    assert!(rel(&l, &(&base * 2.0).unwrap()) < 1e-6);
+    // untied in config but no lm_head.weight → tied
+    let dir = tempfile::tempdir().unwrap();
+    copy_checkpoint(dir.path());
+    untie(dir.path());
+    let m = TextModel::load(dir.path()).unwrap();
+    assert!(m.weights().lm_head.is_none());
+    assert_eq!(max_abs_diff(&m.forward(&batch, &mut NoTap).unwrap(), &base), 0.0);
+}
+
+#[test]
+fn gradient_score_matches_composed_formula() {
+    let dev = Device::Cpu;
+    let g = Tensor::randn(0f32, 1.0, (33, 70), &dev).unwrap();
+    let a = Tensor::randn(0f32, 1.0, (33, 70), &dev).unwrap();
+    let b = Tensor::randn(0f32, 1.0, (33, 70), &dev).unwrap();
+    let want = (&g * (&a - &b).unwrap()).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let got = gradient_score(&g, &a, &b).unwrap();
+    assert!((got - f64::from(want)).abs() / f64::from(want) < 1e-5, "{got} vs {want}");
+    // tracked inputs take the composed path
+    let v = Var::from_tensor(&g).unwrap();
+    let got2 = gradient_score(v.as_tensor(), &a, &b).unwrap();
+    assert!((got2 - got).abs() / got < 1e-9);
+    // clamping as ModelOpt does
+    let big = Tensor::from_vec(vec![1e6f32, 1.0], 2, &dev).unwrap();
+    let z = Tensor::zeros(2, DType::F32, &dev).unwrap();
+    // 1e6·1e12 clamps to 1e10; squares are f32 as in torch
+    let want = f64::from(1e10f32 * 1e10f32) + f64::from(1e6f32 * 1e6f32);
+    assert_eq!(gradient_score(&big, &(&big * 1e6).unwrap(), &z).unwrap(), want);
 }

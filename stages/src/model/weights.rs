@@ -171,3 +171,47 @@ impl LmWeights {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 }
+
+impl LmWeights {
+    /// Deterministic pseudo-random weights for `cfg` (benchmarks and tests without a
+    /// checkpoint): Linear and embedding entries uniform with standard deviation 0.02
+    /// (as transformers' `initializer_range`), norm weights `1 ± 0.1`. Untied `lm_head`
+    /// when `cfg.tie_word_embeddings` is false.
+    pub fn synthetic(cfg: &TextConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut uniform = |shape: &[usize], center: f32, std: f32| -> Result<Tensor> {
+            let n: usize = shape.iter().product();
+            let half_width = std * 3f32.sqrt();
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    // xorshift64*
+                    state ^= state >> 12;
+                    state ^= state << 25;
+                    state ^= state >> 27;
+                    let u = (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
+                    center + (2.0 * u - 1.0) * half_width
+                })
+                .collect();
+            Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)
+        };
+        let (h, v, d) = (cfg.hidden_size, cfg.vocab_size, cfg.head_dim);
+        let embed_tokens = uniform(&[v, h], 0.0, 0.02)?;
+        let mut norms = Vec::new();
+        let mut linears = Vec::new();
+        for _ in 0..cfg.num_hidden_layers {
+            norms.push(LayerNorms {
+                input_layernorm: uniform(&[h], 1.0, 0.06)?,
+                post_attention_layernorm: uniform(&[h], 1.0, 0.06)?,
+                q_norm: uniform(&[d], 1.0, 0.06)?,
+                k_norm: uniform(&[d], 1.0, 0.06)?,
+            });
+            for kind in LinearKind::ALL {
+                let (o, i) = kind.shape(cfg);
+                linears.push(uniform(&[o, i], 0.0, 0.02)?);
+            }
+        }
+        let norm = uniform(&[h], 1.0, 0.06)?;
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(uniform(&[v, h], 0.0, 0.02)?) };
+        Ok(LmWeights { embed_tokens, norms, linears, norm, lm_head })
+    }
+}

@@ -185,6 +185,15 @@ impl Quantizer {
         Ok(())
     }
 
+    /// [`Quantizer::fake_quant_weight`] on a candle weight `[out, in]` (any float dtype);
+    /// returns the fake-quantized weight as f32 on the same device.
+    pub fn fake_quant_weight_tensor(&self, w: &Tensor) -> Result<Tensor> {
+        let (out_features, in_features) = w.dims2().context("a Linear weight must be 2-D [out, in]")?;
+        let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let y = self.fake_quant_weight(&data, out_features, in_features)?;
+        Ok(Tensor::from_vec(y, (out_features, in_features), w.device())?)
+    }
+
     /// [`Quantizer::fake_quant`] on a candle tensor of any rank (leading dimensions are
     /// rows, the last dimension is `cols`); the result is f32 on the same device.
     pub fn fake_quant_tensor(&self, t: &Tensor, amax: Option<&Amax>) -> Result<Tensor> {
@@ -201,14 +210,19 @@ impl Quantizer {
     }
 }
 
-/// Group index of element (row `r`, column `c`).
+/// Calls `f(columns, group)` for each run of columns of row `r` that share one range.
 #[inline]
-fn group(kind: AmaxKind, cols: usize, r: usize, c: usize) -> usize {
+fn for_each_run(kind: AmaxKind, r: usize, cols: usize, mut f: impl FnMut(std::ops::Range<usize>, usize)) {
     match kind {
-        AmaxKind::PerTensor => 0,
-        AmaxKind::PerRow => r,
-        AmaxKind::PerCol => c,
-        AmaxKind::PerBlock(n) => r * cols.div_ceil(n) + c / n,
+        AmaxKind::PerTensor => f(0..cols, 0),
+        AmaxKind::PerRow => f(0..cols, r),
+        AmaxKind::PerCol => (0..cols).for_each(|c| f(c..c + 1, c)),
+        AmaxKind::PerBlock(n) => {
+            let per_row = cols.div_ceil(n);
+            for b in 0..per_row {
+                f(b * n..((b + 1) * n).min(cols), r * per_row + b);
+            }
+        }
     }
 }
 
@@ -232,7 +246,8 @@ fn int_qdq(
     } else {
         -max_bound - 1.0
     };
-    // (quantize scale, dequantize divisor) per group, as `_tensor_quant` computes them.
+    // (quantize scale, dequantize divisor) per group, as `_tensor_quant` computes them
+    // (`max_bound / amax` is a tensor division there: IEEE).
     let scales: Vec<(f32, f32)> = ranges
         .iter()
         .map(|&a| {
@@ -245,10 +260,12 @@ fn int_qdq(
         })
         .collect();
     out.par_chunks_mut(cols).zip(x.par_chunks(cols)).enumerate().for_each(|(r, (o, xr))| {
-        for (c, (o, &v)) in o.iter_mut().zip(xr).enumerate() {
-            let (s, d) = scales[group(kind, cols, r, c)];
-            *o = (v * s).round_ties_even().clamp(min_bound, max_bound) / d;
-        }
+        for_each_run(kind, r, cols, |cs, g| {
+            let (s, d) = scales[g];
+            for (o, &v) in o[cs.clone()].iter_mut().zip(&xr[cs]) {
+                *o = (v * s).round_ties_even().clamp(min_bound, max_bound) / d;
+            }
+        });
     });
 }
 
@@ -264,10 +281,12 @@ fn fp8_qdq(x: &[f32], _rows: usize, cols: usize, kind: AmaxKind, ranges: &[f32],
         })
         .collect();
     out.par_chunks_mut(cols).zip(x.par_chunks(cols)).enumerate().for_each(|(r, (o, xr))| {
-        for (c, (o, &v)) in o.iter_mut().zip(xr).enumerate() {
-            let (s, inv) = scales[group(kind, cols, r, c)];
-            *o = round_e4m3((v * s).clamp(-E4M3_MAX, E4M3_MAX)) * inv;
-        }
+        for_each_run(kind, r, cols, |cs, g| {
+            let (s, inv) = scales[g];
+            for (o, &v) in o[cs.clone()].iter_mut().zip(&xr[cs]) {
+                *o = round_e4m3((v * s).clamp(-E4M3_MAX, E4M3_MAX)) * inv;
+            }
+        });
     });
 }
 

@@ -47,6 +47,30 @@
 //! saturating at 448; NVFP4 as ModelOpt's Triton kernel (the one H100/H200 run), except
 //! that qpipe honours a configured block size where ModelOpt's Hopper kernel always uses
 //! 16; MX with ModelOpt's CUDA E8M0 rule (`ceil(log2(amax / elem_max))`).
+//!
+//! ## How closely it matches ModelOpt
+//!
+//! - INT and FP8 (every granularity): bit for bit with ModelOpt 0.47's `TensorQuantizer` on
+//!   the CPU, signed zeros and calibrated amax included (`stages/tests/fixtures/
+//!   quant_modelopt.json`, made by `scripts/modelopt_quant_vectors.py`). One PyTorch detail
+//!   matters: `448.0 / amax` is evaluated as `reciprocal(amax) * 448`.
+//! - FP4 (NVFP4, MXFP4) and MXFP8: ModelOpt needs CUDA for these, so they are tested
+//!   against hand-computed blocks and an independent reference in `quant/tests.rs` (bit
+//!   for bit). On a GPU, ModelOpt's Triton kernel divides with approximate fp32 division
+//!   and its MX extension is built with `--use_fast_math`, so a quotient within ~2 ulp of
+//!   an E2M1/E4M3 rounding boundary (or an MX scale within 2 ulp of a power of two) may
+//!   round one step differently there; subnormal block maxima are flushed to zero there.
+//! - Static ranges do not scan the tensor being quantized for NaN (calibration does and
+//!   errors); dynamic ranges error on NaN/inf. MX maps ±0 to +0.
+//!
+//! ## The pipeline.yaml grid
+//!
+//! All 16 pairs × 9 granularities build on the embedded model except the 16 cells that ask
+//! FP4 weights for an `axis` (`w_per_tensor`, `w_per_out_channel`, `w_per_in_channel`,
+//! `recipe_match_channel_token` × the four `wfp4_*` pairs): E2M1 only exists with block
+//! scales, ModelOpt rejects `axis` with `block_sizes` and has no non-block E2M1 kernel.
+//! Overlays on a disabled input quantizer (fp16 activations) change nothing and warn.
+//! See [`config_for`] for the overlay rules and [`check_combination`] for load-time checks.
 
 pub mod fake;
 pub mod numerics;
@@ -58,4 +82,7 @@ mod tests;
 
 pub use fake::{Quantizer, Scheme};
 pub use observer::{Amax, AmaxKind, AmaxObserver};
-pub use spec::{config_for, known_formats, BlockSizes, NumBits, QuantConfig, QuantizerSpec, Role, NONE_DISPLAY_NAME};
+pub use spec::{
+    check_combination, config_for, known_formats, BlockSizes, NumBits, QuantConfig, QuantizerSpec, Role,
+    NONE_DISPLAY_NAME,
+};

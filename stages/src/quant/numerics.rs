@@ -16,12 +16,18 @@ pub const E2M1_MAX: f32 = 6.0;
 pub const AMAX_EPSILON: f32 = 1.0 / (1u32 << 24) as f32;
 
 /// `2^k` as an exact `f32` (k in [-149, 127]).
+#[inline]
 pub fn pow2(k: i32) -> f32 {
     debug_assert!((-149..=127).contains(&k), "2^{k} is not a finite, non-zero f32");
-    (2.0f64).powi(k) as f32
+    if k >= -126 {
+        f32::from_bits(((k + 127) as u32) << 23)
+    } else {
+        f32::from_bits(1u32 << (k + 149))
+    }
 }
 
 /// floor(log2 |a|) of a finite, non-zero normal f32 (exact, from the exponent bits).
+#[inline]
 fn exponent_of(a: f32) -> i32 {
     ((a.to_bits() >> 23) & 0xff) as i32 - 127
 }
@@ -30,6 +36,7 @@ fn exponent_of(a: f32) -> i32 {
 /// `satfinite` conversion does; ModelOpt's torch path clamps to ±448 before casting, so
 /// both agree). Subnormals (quantum 2^-9 below 2^-6) are kept; NaN stays NaN; the sign of
 /// zero is kept.
+#[inline]
 pub fn round_e4m3(x: f32) -> f32 {
     if x.is_nan() {
         return x;
@@ -48,6 +55,7 @@ pub fn round_e4m3(x: f32) -> f32 {
 /// Round a magnitude to the nearest FP4 E2M1 value {0, 0.5, 1, 1.5, 2, 3, 4, 6}, ties to
 /// even (0.25→0, 0.75→1, 1.25→1, 1.75→2, 2.5→2, 3.5→4, 5→4), saturating at 6. NaN and
 /// ±inf saturate to 6 like ModelOpt's kernels. Takes and returns magnitudes (`|x|`).
+#[inline]
 pub fn round_e2m1_magnitude(a: f32) -> f32 {
     if a <= 0.25 {
         0.0
@@ -98,6 +106,13 @@ pub fn e8m0_exponent_nv(amax: f32, elem_max: f32) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pow2_is_exact_over_the_f32_range() {
+        for k in -149..=127 {
+            assert_eq!(f64::from(pow2(k)), 2f64.powi(k), "2^{k}");
+        }
+    }
 
     #[test]
     fn e4m3_grid_points_are_fixed_points() {

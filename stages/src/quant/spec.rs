@@ -445,6 +445,24 @@ pub fn config_for(format_name: &str, quant_cfg_overrides: &Map<String, Value>) -
     })
 }
 
+/// Load-time validation of one grid cell (pipeline.yaml `quant_pair` × `quant_granularity`)
+/// against a model's Linear shapes `(in_features, out_features)`: the built config, or an
+/// error naming the pair, the granularity, the format, the overlay key and the reason.
+pub fn check_combination(
+    pair: &str,
+    granularity: &str,
+    format_name: &str,
+    quant_cfg_overrides: &Map<String, Value>,
+    linear_shapes: &[(usize, usize)],
+) -> Result<QuantConfig> {
+    let ctx = || format!("quant_pair `{pair}` × quant_granularity `{granularity}`");
+    let cfg = config_for(format_name, quant_cfg_overrides).map_err(|e| anyhow!("{}: {e:#}", ctx()))?;
+    for &(in_features, out_features) in linear_shapes {
+        cfg.check_shape(in_features, out_features).map_err(|e| anyhow!("{}: {e:#}", ctx()))?;
+    }
+    Ok(cfg)
+}
+
 fn invalid(format: &str, overrides: &Map<String, Value>, role: Role, reason: &str) -> anyhow::Error {
     match overrides.get(role.pattern()) {
         Some(v) => anyhow!("format {format}: overlay key `{}` ({v}): {reason}", role.pattern()),

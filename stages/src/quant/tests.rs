@@ -158,21 +158,27 @@ fn ref_nvfp4(x: &[f32], cols: usize, block: usize, global_amax: f32) -> Vec<f32>
 }
 
 fn ref_mxfp4(x: &[f32], cols: usize, block: usize) -> Vec<f32> {
+    ref_mx(x, cols, block, &E2M1)
+}
+
+/// MX with any element grid (ascending, non-negative, its top = the element max).
+fn ref_mx(x: &[f32], cols: usize, block: usize, grid: &[f32]) -> Vec<f32> {
+    let elem_max = grid[grid.len() - 1];
     let mut y = vec![0.0; x.len()];
     for start in (0..x.len()).step_by(cols) {
         let mut b0 = start;
         while b0 < start + cols {
             let b1 = (b0 + block).min(start + cols);
             let amax = x[b0..b1].iter().map(|v| v.abs()).fold(0.0f32, f32::max);
-            // Smallest power of two 2^e with 2^e >= amax / 6 (in f32), e in [-127, 127].
-            let ratio = amax / 6.0;
+            // Smallest power of two 2^e with 2^e >= amax / elem_max (in f32), e in [-127, 127].
+            let ratio = amax / elem_max;
             let mut e = -127i32;
             while e < 127 && f64::from(ratio) > 2f64.powi(e) {
                 e += 1;
             }
             let (scale, unscale) = if amax == 0.0 { (1.0, 1.0) } else { (2f64.powi(-e) as f32, 2f64.powi(e) as f32) };
             for i in b0..b1 {
-                let q = nearest(&E2M1, x[i].abs() * scale) * unscale;
+                let q = nearest(grid, x[i].abs() * scale) * unscale;
                 y[i] = if x[i] < 0.0 { -q } else { q };
             }
             b0 = b1;
@@ -246,6 +252,17 @@ fn mxfp4_matches_the_independent_reference() {
         let q = Quantizer::new(Scheme::Mx { elem: NumBits::FP4_E2M1, block }, Role::Weight, false, false);
         let y = q.fake_quant(&x, rows, cols, None).unwrap();
         assert_bits_eq(&y, &ref_mxfp4(&x, cols, block), &format!("mxfp4 [{rows}, {cols}] / {block}"));
+    }
+}
+
+#[test]
+fn mxfp8_matches_the_independent_reference() {
+    let grid = e4m3_values();
+    for (rows, cols, seed) in [(4, 64, 9), (3, 96, 10)] {
+        let x = fp4_test_tensor(rows, cols, seed);
+        let q = Quantizer::new(Scheme::Mx { elem: NumBits::FP8_E4M3, block: 32 }, Role::Weight, false, false);
+        let y = q.fake_quant(&x, rows, cols, None).unwrap();
+        assert_bits_eq(&y, &ref_mx(&x, cols, 32, &grid), "mxfp8");
     }
 }
 
@@ -350,6 +367,10 @@ fn candle_tensor_round_trip() {
     assert_eq!(y.dims(), &[2, 3, 4]);
     let want = wq.fake_quant(&data, 6, 4, amax.as_ref()).unwrap();
     assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+    let w = Tensor::from_vec(data.clone(), (6, 4), &Device::Cpu).unwrap().to_dtype(candle_core::DType::BF16).unwrap();
+    let wq_t = wq.fake_quant_weight_tensor(&w).unwrap();
+    let w32 = w.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(wq_t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), wq.fake_quant_weight(&w32, 6, 4).unwrap());
 }
 
 /// Every `format_name` of pipeline.yaml × every granularity overlay: each either builds
@@ -372,12 +393,10 @@ fn pipeline_grid_builds_or_fails_with_a_reason() {
         for (gname, g) in grans {
             let ov = g["quant_cfg_overrides"].as_object().cloned().unwrap_or_default();
             let fp4_axis = p["weight"] == "fp4" && ov.get("*weight_quantizer").is_some_and(|w| w.get("axis").is_some());
-            match config_for(format, &ov) {
+            let shapes: Vec<(usize, usize)> = linears.iter().map(|&(o, i)| (i, o)).collect();
+            match check_combination(pair, gname, format, &ov, &shapes) {
                 Ok(c) => {
                     assert!(!fp4_axis, "{pair} × {gname} should have been rejected");
-                    for (out_f, in_f) in linears {
-                        c.check_shape(in_f, out_f).unwrap_or_else(|e| panic!("{pair} × {gname}: {e:#}"));
-                    }
                     let bits = c.effective_bits();
                     assert!(bits > 0.0 && bits <= 8.0, "{pair} × {gname}: {bits} bits");
                     assert!(c.display_name().ends_with(&format!("(effective-bits: {bits:?})")));
@@ -387,6 +406,7 @@ fn pipeline_grid_builds_or_fails_with_a_reason() {
                     let e = e.to_string();
                     assert!(fp4_axis, "{pair} × {gname} failed: {e}");
                     assert!(e.contains(format) && e.contains("*weight_quantizer") && e.contains("E2M1"), "{e}");
+                    assert!(e.contains(pair.as_str()) && e.contains(gname.as_str()), "{e}");
                     failed.push(format!("{pair} × {gname}"));
                 }
             }
@@ -395,6 +415,18 @@ fn pipeline_grid_builds_or_fails_with_a_reason() {
     eprintln!("grid: {built} built, {} rejected: {}", failed.len(), failed.join(", "));
     assert_eq!(built + failed.len(), 144);
     assert_eq!(failed.len(), 16);
+    // A group size that does not divide a Linear's input dimension is rejected with both.
+    let ov = serde_json::from_value(json!({"*weight_quantizer": {"block_sizes": {"-1": 128}}})).unwrap();
+    let e = check_combination(
+        "wint8_aint8",
+        "w_group128",
+        "INT8_DEFAULT_CFG",
+        &ov,
+        &[(4096, 2560), (2560, 9728), (200, 8)],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("wint8_aint8") && e.contains("w_group128") && e.contains("in_features = 200"), "{e}");
 }
 
 /// Prints the table of formats (effective bits, display name) for the docs and reports.
@@ -407,5 +439,96 @@ fn format_table() {
         assert_eq!(c.effective_bits(), c.weight.effective_bits().min(c.input.effective_bits()));
     }
     eprintln!("{}", rows.join("\n"));
-    let _ = json!(null);
+}
+
+/// Gaussian-ish deterministic data (sum of uniforms), `n` values, std ≈ 1.
+fn gaussianish(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.max(1);
+    let mut u = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..n).map(|_| ((0..12).map(|_| u()).sum::<f64>() - 6.0) as f32).collect()
+}
+
+/// Quantization error bounds of every format on random data: |Q(x) − x| relative to the
+/// range of the group that scaled x. Prints the worst case per format (for the docs).
+#[test]
+fn quantization_error_is_within_each_formats_step() {
+    let (rows, cols) = (64, 256);
+    let x = gaussianish(rows * cols, 42);
+    let mut table = Vec::new();
+    // (format, role, bound on |err| / group amax)
+    let cases = [
+        ("INT8_DEFAULT_CFG", Role::Weight, 0.5 / 127.0),
+        ("INT8_DEFAULT_CFG", Role::Input, 0.5 / 127.0),
+        ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", Role::Weight, 0.5 / 7.0),
+        ("INT8_WEIGHT_INT4_ACT_CFG", Role::Input, 0.5 / 7.0),
+        ("FP8_DEFAULT_CFG", Role::Weight, 1.0 / 16.0),
+        ("NVFP4_DEFAULT_CFG", Role::Weight, 0.25),
+        ("W4A8_NVFP4_FP8_CFG", Role::Weight, 0.25),
+        ("MXFP4_DEFAULT_CFG", Role::Weight, 1.0 / 3.0),
+    ];
+    for (fmt, role, bound) in cases {
+        let c = config_for(fmt, &Map::new()).unwrap();
+        let q = if role == Role::Weight { c.weight_quantizer() } else { c.input_quantizer() };
+        let amax = q.observer().map(|mut o| {
+            o.observe(&x, rows, cols).unwrap();
+            o.amax().unwrap()
+        });
+        let y = q.fake_quant(&x, rows, cols, amax.as_ref()).unwrap();
+        // The range each element was scaled by: its block (if any) else the tensor's.
+        let block = q.scheme().block_size().unwrap_or(cols);
+        let mut worst = 0.0f64;
+        for r in 0..rows {
+            for b in (0..cols).step_by(block) {
+                let xb = &x[r * cols + b..r * cols + b + block];
+                let yb = &y[r * cols + b..r * cols + b + block];
+                let group_amax = match q.scheme() {
+                    Scheme::Scaled { kind: AmaxKind::PerTensor, .. } => amax.as_ref().unwrap().values[0],
+                    _ => xb.iter().fold(0.0f32, |m, v| m.max(v.abs())),
+                };
+                for (xv, yv) in xb.iter().zip(yb) {
+                    worst = worst.max(f64::from((yv - xv).abs()) / f64::from(group_amax));
+                }
+            }
+        }
+        assert!(worst <= bound * (1.0 + 1e-5), "{fmt} {role:?}: worst |err|/amax {worst} > {bound}");
+        assert!(worst > 0.0, "{fmt} {role:?}: no rounding at all?");
+        table.push(format!("| {fmt} | {role:?} | {worst:.5} | {bound:.5} |"));
+    }
+    eprintln!("| format | quantizer | worst abs err / group amax | bound |\n{}", table.join("\n"));
+}
+
+/// Throughput of the fake quantizers (run with `--ignored --nocapture`).
+#[test]
+#[ignore = "timing, prints figures"]
+fn fake_quant_throughput() {
+    let (rows, cols) = (4096, 4096);
+    let x = gaussianish(rows * cols, 7);
+    for fmt in [
+        "INT8_DEFAULT_CFG",
+        "FP8_DEFAULT_CFG",
+        "INT4_BLOCKWISE_WEIGHT_ONLY_CFG",
+        "NVFP4_DEFAULT_CFG",
+        "MXFP4_DEFAULT_CFG",
+    ] {
+        let q = config_for(fmt, &Map::new()).unwrap().weight_quantizer();
+        let amax = q.calibrate_weight(&x, rows, cols).unwrap();
+        let mut out = vec![0.0; x.len()];
+        q.fake_quant_into(&x, rows, cols, amax.as_ref(), &mut out).unwrap();
+        let reps = 5;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            q.fake_quant_into(&x, rows, cols, amax.as_ref(), &mut out).unwrap();
+        }
+        let dt = t.elapsed().as_secs_f64() / f64::from(reps);
+        eprintln!(
+            "{fmt}: [{rows}, {cols}] weight in {:.1} ms ({:.0} M elements/s)",
+            dt * 1e3,
+            (rows * cols) as f64 / dt / 1e6
+        );
+    }
 }

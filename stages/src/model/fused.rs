@@ -1,0 +1,259 @@
+//! Fused, multi-threaded CPU kernels for the element-wise parts of the model's forward
+//! and backward passes (candle runs each element-wise op single-threaded and allocates
+//! per op). Each kernel works on contiguous f32 CPU tensors that autograd does not track
+//! and returns `None` otherwise, so callers fall back to the composed candle ops.
+
+use candle_core::{CpuStorage, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Rows per rayon task (keeps tasks ≥ ~64 KiB for the sizes here).
+const MIN_ELEMS_PER_TASK: usize = 16 * 1024;
+
+/// Runs `f` on the contiguous f32 data of an untracked CPU tensor.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if t.track_op() || !t.is_contiguous() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (o1, o2) = layout.contiguous_offsets()?;
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Some(f(&v[o1..o2])),
+        _ => None,
+    }
+}
+
+fn rows_per_task(row: usize) -> usize {
+    (MIN_ELEMS_PER_TASK / row.max(1)).max(1)
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `silu(g) · u`.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Option<Tensor> {
+    if g.dims() != u.dims() {
+        return None;
+    }
+    let out = with_f32(g, |g| {
+        with_f32(u, |u| {
+            let mut out = vec![0f32; g.len()];
+            out.par_chunks_mut(MIN_ELEMS_PER_TASK)
+                .zip(g.par_chunks(MIN_ELEMS_PER_TASK).zip(u.par_chunks(MIN_ELEMS_PER_TASK)))
+                .for_each(|(o, (g, u))| {
+                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                        *o = g * sigmoid(g) * u;
+                    }
+                });
+            out
+        })
+    })??;
+    Tensor::from_vec(out, g.shape(), g.device()).ok()
+}
+
+/// Backward of [`swiglu`]: `(dg, du) = (da·u·silu'(g), da·silu(g))`.
+pub fn swiglu_backward(g: &Tensor, u: &Tensor, da: &Tensor) -> Option<(Tensor, Tensor)> {
+    if g.dims() != u.dims() || g.dims() != da.dims() {
+        return None;
+    }
+    let (dg, du) = with_f32(g, |g| {
+        with_f32(u, |u| {
+            with_f32(da, |da| {
+                let mut dg = vec![0f32; g.len()];
+                let mut du = vec![0f32; g.len()];
+                let c = MIN_ELEMS_PER_TASK;
+                dg.par_chunks_mut(c)
+                    .zip(du.par_chunks_mut(c))
+                    .zip(g.par_chunks(c).zip(u.par_chunks(c)).zip(da.par_chunks(c)))
+                    .for_each(|((dg, du), ((g, u), da))| {
+                        for i in 0..g.len() {
+                            let s = sigmoid(g[i]);
+                            du[i] = da[i] * g[i] * s;
+                            dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                        }
+                    });
+                (dg, du)
+            })
+        })
+    })???;
+    let dg = Tensor::from_vec(dg, g.shape(), g.device()).ok()?;
+    let du = Tensor::from_vec(du, g.shape(), g.device()).ok()?;
+    Some((dg, du))
+}
+
+/// Backward of RMSNorm over the last dim (see [`super::ops::rms_norm_backward`]).
+pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Option<Tensor> {
+    let h = *x.dims().last()?;
+    if x.dims() != dy.dims() || w.dims() != [h] {
+        return None;
+    }
+    let out = with_f32(x, |x| {
+        with_f32(w, |w| {
+            with_f32(dy, |dy| {
+                let mut dx = vec![0f32; x.len()];
+                let c = rows_per_task(h) * h;
+                dx.par_chunks_mut(c).zip(x.par_chunks(c).zip(dy.par_chunks(c))).for_each(|(dx, (x, dy))| {
+                    for ((dx, x), dy) in dx.chunks_mut(h).zip(x.chunks(h)).zip(dy.chunks(h)) {
+                        let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                        let r = 1.0 / (ms + eps as f32).sqrt();
+                        let dot = x.iter().zip(dy).zip(w).map(|((x, dy), w)| x * dy * w).sum::<f32>() / h as f32;
+                        let k = r * r * r * dot;
+                        for i in 0..h {
+                            dx[i] = r * dy[i] * w[i] - x[i] * k;
+                        }
+                    }
+                });
+                dx
+            })
+        })
+    })???;
+    Tensor::from_vec(out, x.shape(), x.device()).ok()
+}
+
+/// Backward of softmax over the last dim given its output `p`: `p·(dp − Σ dp·p)`.
+pub fn softmax_backward(p: &Tensor, dp: &Tensor) -> Option<Tensor> {
+    let n = *p.dims().last()?;
+    if p.dims() != dp.dims() {
+        return None;
+    }
+    let out = with_f32(p, |p| {
+        with_f32(dp, |dp| {
+            let mut ds = vec![0f32; p.len()];
+            let c = rows_per_task(n) * n;
+            ds.par_chunks_mut(c).zip(p.par_chunks(c).zip(dp.par_chunks(c))).for_each(|(ds, (p, dp))| {
+                for ((ds, p), dp) in ds.chunks_mut(n).zip(p.chunks(n)).zip(dp.chunks(n)) {
+                    let dot = p.iter().zip(dp).map(|(a, b)| a * b).sum::<f32>();
+                    for i in 0..n {
+                        ds[i] = p[i] * (dp[i] - dot);
+                    }
+                }
+            });
+            ds
+        })
+    })??;
+    Tensor::from_vec(out, p.shape(), p.device()).ok()
+}
+
+/// Shifted cross-entropy on `[n, v]` logits rows with per-row target and weight (0 =
+/// ignored): returns `(Σ weight·nll, dlogits)` with `dlogits = weight·(softmax − onehot)`.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Option<(f64, Tensor)> {
+    let (n, v) = logits.dims2().ok()?;
+    if targets.len() != n || weights.len() != n {
+        return None;
+    }
+    let (loss, grad) = with_f32(logits, |l| {
+        let mut grad = vec![0f32; l.len()];
+        let c = rows_per_task(v);
+        let loss: f64 = grad
+            .par_chunks_mut(c * v)
+            .zip(l.par_chunks(c * v))
+            .enumerate()
+            .map(|(ci, (g, l))| {
+                let mut loss = 0f64;
+                for (ri, (g, l)) in g.chunks_mut(v).zip(l.chunks(v)).enumerate() {
+                    let row = ci * c + ri;
+                    let w = weights[row];
+                    if w == 0.0 {
+                        continue;
+                    }
+                    let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for (g, &x) in g.iter_mut().zip(l) {
+                        let e = (x - m).exp();
+                        *g = e;
+                        sum += e;
+                    }
+                    let t = targets[row] as usize;
+                    let nll = (sum.ln() + m) - l[t];
+                    loss += f64::from(w) * f64::from(nll);
+                    let scale = w / sum;
+                    for g in g.iter_mut() {
+                        *g *= scale;
+                    }
+                    g[t] -= w;
+                }
+                loss
+            })
+            .sum();
+        (loss, grad)
+    })?;
+    Some((loss, Tensor::from_vec(grad, (n, v), logits.device()).ok()?))
+}
+
+/// Masked, scaled softmax over the last dim of attention scores `s: [B, Hkv, G, T, T]`
+/// with the additive mask `[B, 1, 1, T, T]` (0 = visible, anything else = masked):
+/// `softmax(scale·s + mask)`. Rows with no visible key become 0 (`zero_empty_rows`, SDPA)
+/// or uniform over all keys (eager's `finfo.min` mask).
+pub fn masked_softmax(s: &Tensor, scale: f32, mask: &Tensor, zero_empty_rows: bool) -> Option<Tensor> {
+    let &[b, hkv, g, t, t2] = s.dims() else { return None };
+    if t != t2 || mask.dims() != [b, 1, 1, t, t] {
+        return None;
+    }
+    let out = with_f32(s, |s| {
+        with_f32(mask, |mask| {
+            let mut p = vec![0f32; s.len()];
+            let per_batch = hkv * g * t * t;
+            let c = rows_per_task(t) * t;
+            p.par_chunks_mut(c).zip(s.par_chunks(c)).enumerate().for_each(|(ci, (p, s))| {
+                for (ri, (p, s)) in p.chunks_mut(t).zip(s.chunks(t)).enumerate() {
+                    let flat = ci * c + ri * t; // offset of this row in s
+                    let (bi, qi) = (flat / per_batch, (flat / t) % t);
+                    let m = &mask[(bi * t + qi) * t..(bi * t + qi + 1) * t];
+                    let mut max = f32::NEG_INFINITY;
+                    for (&x, &mk) in s.iter().zip(m) {
+                        if mk == 0.0 {
+                            max = max.max(x * scale);
+                        }
+                    }
+                    if max == f32::NEG_INFINITY {
+                        let fill = if zero_empty_rows { 0.0 } else { 1.0 / t as f32 };
+                        p.iter_mut().for_each(|v| *v = fill);
+                        continue;
+                    }
+                    let mut sum = 0f32;
+                    for ((p, &x), &mk) in p.iter_mut().zip(s).zip(m) {
+                        *p = if mk == 0.0 { (x * scale - max).exp() } else { 0.0 };
+                        sum += *p;
+                    }
+                    let inv = 1.0 / sum;
+                    p.iter_mut().for_each(|v| *v *= inv);
+                }
+            });
+            p
+        })
+    })??;
+    Tensor::from_vec(out, s.shape(), s.device()).ok()
+}
+
+/// Whether every value is finite (`None` when the fast path does not apply).
+pub fn all_finite(t: &Tensor) -> Option<bool> {
+    with_f32(t, |v| v.par_chunks(MIN_ELEMS_PER_TASK).all(|c| c.iter().all(|x| x.is_finite())))
+}
+
+/// `Σ clamp(g·(a − b), ±1e10)²` accumulated in f64 (`None` when the fast path does not
+/// apply).
+pub fn grad_diff_score(g: &Tensor, a: &Tensor, b: &Tensor) -> Option<f64> {
+    if g.dims() != a.dims() || g.dims() != b.dims() {
+        return None;
+    }
+    with_f32(g, |g| {
+        with_f32(a, |a| {
+            with_f32(b, |b| {
+                let c = MIN_ELEMS_PER_TASK;
+                g.par_chunks(c)
+                    .zip(a.par_chunks(c).zip(b.par_chunks(c)))
+                    .map(|(g, (a, b))| {
+                        let mut s = 0f64;
+                        for i in 0..g.len() {
+                            let x = (g[i] * (a[i] - b[i])).clamp(-1e10, 1e10);
+                            s += f64::from(x * x);
+                        }
+                        s
+                    })
+                    .sum::<f64>()
+            })
+        })
+    })
+    .flatten()
+    .flatten()
+}
