@@ -250,3 +250,125 @@ pub fn kl_div_scores(
     }
     Ok(scores)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::Silent;
+    use crate::score::backend::{ForwardSink, GradSink, InputSink};
+    use crate::score::recipes::LinearInfo;
+    use candle_core::Device;
+
+    /// One linear `y = x wᵀ` on fixed inputs, with a fixed output gradient.
+    struct Toy {
+        x: Tensor,
+        w: Tensor,
+        g: Tensor,
+    }
+
+    impl ScoreModel for Toy {
+        fn linears(&self) -> Vec<LinearInfo> {
+            vec![LinearInfo { name: "layers.0.mlp.down_proj".into(), weight_numel: self.w.elem_count() }]
+        }
+        fn weight(&self, _: &str) -> Result<Tensor> {
+            Ok(self.w.clone())
+        }
+        fn dtype_name(&self) -> &'static str {
+            "f32"
+        }
+        fn forward_inputs(&self, _: &Batch, sink: &mut InputSink<'_>) -> Result<()> {
+            sink("layers.0.mlp.down_proj", &self.x)
+        }
+        fn forward_backward(&self, _: &Batch, f: &mut ForwardSink<'_>, g: &mut GradSink<'_>) -> Result<f64> {
+            f("layers.0.mlp.down_proj", &self.x, &self.x.matmul(&self.w.t()?)?)?;
+            g("layers.0.mlp.down_proj", &self.g)?;
+            Ok(0.0)
+        }
+        fn logits(&self, _: &Batch, _: &HashMap<String, LinearOverride<'_>>) -> Result<Tensor> {
+            unreachable!()
+        }
+    }
+
+    /// Rounds weights to multiples of 0.5 (inputs: to multiples of 1 with a calibrated range).
+    struct Halves {
+        amax: std::sync::Mutex<f32>,
+    }
+
+    impl ScoreFormat for Halves {
+        fn display_name(&self) -> String {
+            "CUSTOM_0(effective-bits: 8.0)".into()
+        }
+        fn effective_bits(&self) -> f64 {
+            8.0
+        }
+        fn quantizes_input(&self) -> bool {
+            true
+        }
+        fn input_needs_calibration(&self) -> bool {
+            true
+        }
+        fn observe_input(&self, _: &str, x: &Tensor) -> Result<()> {
+            let m = x.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let mut a = self.amax.lock().unwrap();
+            *a = a.max(m);
+            Ok(())
+        }
+        fn input_amax(&self, _: &str) -> Option<f32> {
+            Some(*self.amax.lock().unwrap())
+        }
+        fn quant_weight(&self, _: &str, w: &Tensor) -> Result<Tensor> {
+            Ok(((w * 2.0)?.round()? / 2.0)?)
+        }
+        fn quant_input(&self, _: &str, x: &Tensor) -> Result<Tensor> {
+            Ok(x.round()?)
+        }
+    }
+
+    fn batch() -> Batch {
+        Batch { input_ids: vec![vec![1, 2]], attention_mask: vec![vec![1, 1]], pad_token_id: 0 }
+    }
+
+    #[test]
+    fn gradient_score_by_hand() {
+        let dev = Device::Cpu;
+        // x = [[1.2, -0.4], [0.0, 2.0]], w = [[0.3, 0.9]] → wq = [[0.5, 1.0]], xq = [[1, 0], [0, 2]].
+        let x = Tensor::new(&[[1.2f32, -0.4], [0.0, 2.0]], &dev).unwrap();
+        let w = Tensor::new(&[[0.3f32, 0.9]], &dev).unwrap();
+        // The second row has a zero gradient: it must not count.
+        let g = Tensor::new(&[[2.0f32], [0.0]], &dev).unwrap();
+        let toy = Toy { x, w, g };
+        let fmt = Halves { amax: std::sync::Mutex::new(0.0) };
+        calibrate_inputs(&toy, &fmt, &[batch()], &Silent).unwrap();
+        assert_eq!(fmt.input_amax("").unwrap(), 2.0);
+        let recipes = crate::score::recipes::group(&toy.linears());
+        let s = gradient_scores(&toy, &fmt, &recipes, &[batch(), batch()], &Silent).unwrap();
+        // y = 1.2·0.3 − 0.4·0.9 = 0; y_q = 1·0.5 + 0·1.0 = 0.5; (2 · 0.5)² = 1 per batch.
+        assert!((s[0] - 2.0).abs() < 1e-6, "{s:?}");
+    }
+
+    #[test]
+    fn nan_activation_names_the_layer() {
+        let dev = Device::Cpu;
+        let toy = Toy {
+            x: Tensor::new(&[[f32::NAN, 1.0]], &dev).unwrap(),
+            w: Tensor::new(&[[1.0f32, 1.0]], &dev).unwrap(),
+            g: Tensor::new(&[[1.0f32]], &dev).unwrap(),
+        };
+        let fmt = Halves { amax: std::sync::Mutex::new(0.0) };
+        let e = format!("{:#}", calibrate_inputs(&toy, &fmt, &[batch()], &Silent).unwrap_err());
+        assert!(e.contains("layers.0.mlp.down_proj") && e.contains("NaN"), "{e}");
+    }
+
+    #[test]
+    fn clamp_and_kl_by_hand() {
+        let dev = Device::Cpu;
+        let g = Tensor::new(&[1e6f32, 3.0], &dev).unwrap();
+        let d = Tensor::new(&[1e6f32, 0.5], &dev).unwrap();
+        // The first product 1e12 is clamped to 1e10 before squaring.
+        assert_eq!(grad_score(&g, &d).unwrap(), 1e20 + 2.25);
+        let lp = Tensor::new(&[[0.5f64.ln(), 0.5f64.ln()]], &dev).unwrap();
+        let lq = Tensor::new(&[[0.25f64.ln(), 0.75f64.ln()]], &dev).unwrap();
+        let want = 0.5 * (0.5f64 / 0.25).ln() + 0.5 * (0.5f64 / 0.75).ln();
+        assert!((kl_sum(&lp, &lq).unwrap() - want).abs() < 1e-12);
+    }
+}
