@@ -103,7 +103,7 @@ impl ScoreModel for TextModel {
                 Some(f) => f(x)?,
                 None => x.clone(),
             };
-            Ok(Some(xq.matmul(&o.weight.t()?)?))
+            Ok(Some(model::matmul_xwt(&xq, &o.weight)?))
         };
         self.forward(&model_batch(batch)?, &mut tap)
     }

@@ -56,12 +56,14 @@ pub fn calibrate_inputs(
     Ok(())
 }
 
-/// Indices of the rows of `g` (`[rows, cols]`) that are not all zero; `None` when every row is.
+/// Indices of the rows of `g` (`[rows, cols]`) that are not all zero; `None` when more than
+/// three quarters of the rows are.
 fn nonzero_rows(g: &Tensor) -> Result<Option<Tensor>> {
     let (rows, _) = g.dims2()?;
     let m = g.abs()?.max_keepdim(1)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let keep: Vec<u32> = m.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(i, _)| i as u32).collect();
-    if keep.len() == rows {
+    // Selecting rows copies them: worth it only when it drops a good share of the work.
+    if keep.len() * 4 > rows * 3 {
         return Ok(None);
     }
     Ok(Some(Tensor::from_vec(keep.clone(), keep.len(), g.device())?))
@@ -69,10 +71,8 @@ fn nonzero_rows(g: &Tensor) -> Result<Option<Tensor>> {
 
 /// Per-linear prepared tensors for the gradient scorer.
 struct Prepared {
-    /// `Wq^T` `[in, out]` (for `Y_q = q(X) Wqᵀ` when inputs are quantized).
-    wq_t: Tensor,
-    /// `(Wq − W)^T` (weight-only: `Y_q − Y = X (Wq − W)ᵀ`).
-    dw_t: Tensor,
+    /// The fake-quantized weight `Wq` `[out, in]`, contiguous.
+    wq: Tensor,
 }
 
 /// `Σ clamp(g ⊙ d, ±1e10)²`, accumulated in f64 (one fused pass, in parallel chunks).
@@ -115,8 +115,7 @@ pub fn gradient_scores(
             let w = model.weight(m)?;
             check_finite(&w, &format!("the weight of linear `{m}`"))?;
             let wq = format.quant_weight(m, &w).with_context(|| format!("fake-quantizing the weight of `{m}`"))?;
-            let dw_t = (&wq - &w)?.t()?.contiguous()?;
-            prepared.insert(m.clone(), Prepared { wq_t: wq.t()?.contiguous()?, dw_t });
+            prepared.insert(m.clone(), Prepared { wq: wq.contiguous()? });
         }
     }
     let quant_input = format.quantizes_input();
@@ -130,10 +129,10 @@ pub fn gradient_scores(
     for (bi, b) in batches.iter().enumerate() {
         // Each linear's input (shared by q/k/v and by gate/up) and, when inputs are
         // quantized, its output, kept from the forward to the backward.
-        let acts: std::cell::RefCell<HashMap<String, (Tensor, Option<Tensor>)>> = Default::default();
+        let acts: std::cell::RefCell<HashMap<String, (Tensor, Tensor)>> = Default::default();
         let mut on_forward = |name: &str, x: &Tensor, y: &Tensor| -> Result<()> {
             if prepared.contains_key(name) {
-                acts.borrow_mut().insert(name.to_string(), (x.clone(), quant_input.then(|| y.clone())));
+                acts.borrow_mut().insert(name.to_string(), (x.clone(), y.clone()));
             }
             Ok(())
         };
@@ -150,7 +149,7 @@ pub fn gradient_scores(
                 })
             };
             let g = pick(g)?;
-            let d = if quant_input {
+            let x = if quant_input {
                 let key = (x.id(), format.input_amax(name).map(f32::to_bits));
                 let xq = match &xq_cache {
                     Some((id, a, xq)) if (*id, *a) == key => xq.clone(),
@@ -162,12 +161,13 @@ pub fn gradient_scores(
                         xq
                     }
                 };
-                let y = y.expect("outputs are kept when inputs are quantized");
-                (pick(&xq)?.matmul(&p.wq_t)? - pick(&y)?)?
+                pick(&xq)?
             } else {
-                pick(&x)?.matmul(&p.dw_t)?
+                pick(&x)?
             };
-            let s = grad_score(&g, &d)?;
+            // Y_q with the same kernel the model computed Y with, as ModelOpt runs F.linear twice.
+            let y_q = crate::model::matmul_xwt(&x, &p.wq)?;
+            let s = crate::model::gradient_score(&g, &y_q, &pick(&y)?)?;
             if !s.is_finite() {
                 bail!("the score of linear `{name}` is not finite (batch {bi}): its input or gradient has NaN/Inf");
             }
