@@ -1,9 +1,151 @@
-//! `score`: Per-layer quantize-and-score (ModelOpt `auto_quantize` semantics).
+//! `score`: per-layer quantize-and-score (ModelOpt `auto_quantize` semantics).
+//!
+//! Reads (deps, in plan order) the fetch-model identity JSON, the calibration `.pt` and,
+//! for local checkpoints, the checkpoint folder; writes the AutoQuant state as a
+//! git-ignored `.pt` and a tracked `.json` (same tree).
+//!
+//! Parts: [`recipes`] (grouping, names, costs), [`backend`] (what the scorer needs from a
+//! model and a format), [`scorer`] (calibration, `gradient`, `kl_div`), [`search`] (the
+//! effective-bits search filling `best`), [`state`] (the output tree), [`adapters`] (the
+//! glue to the `model`, `quant`, `build_calib`, `checkpoint` and `torch_pt` modules).
 
-use crate::contract::{Job, Stage};
+pub mod adapters;
+pub mod backend;
+pub mod recipes;
+pub mod scorer;
+pub mod search;
+pub mod state;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::contract::{Job, Progress, Stage};
+use backend::{Batch, ScoreFormat, ScoreModel};
 
 /// The `score` stage.
 pub struct Score;
+
+/// `score` parameters (see `plan.rs`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ScoreParams {
+    pub method: String,
+    pub format: FormatParams,
+    pub batch_size: usize,
+    pub score_size: usize,
+    pub effective_bits: f64,
+    pub device: String,
+}
+
+/// The quantization format of a run: a ModelOpt config name plus granularity overrides.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FormatParams {
+    pub name: String,
+    #[serde(default)]
+    pub granularity: Option<String>,
+    #[serde(default)]
+    pub quant_cfg_overrides: Value,
+}
+
+/// Scoring method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Gradient,
+    KlDiv,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "gradient" => Ok(Self::Gradient),
+            "kl_div" => Ok(Self::KlDiv),
+            other => bail!("key `autoquant.method`: unknown scoring method `{other}`; use `gradient` or `kl_div`"),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gradient => "gradient",
+            Self::KlDiv => "kl_div",
+        }
+    }
+}
+
+/// Settings of one scoring run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub method: Method,
+    pub batch_size: usize,
+    pub score_size: usize,
+    pub effective_bits: f64,
+    pub device: String,
+}
+
+/// `num_score_steps` = min(score_size / batch_size, batches), at least one batch.
+pub fn num_score_steps(score_size: usize, batch_size: usize, batches: usize) -> usize {
+    (score_size / batch_size.max(1)).clamp(1, batches.max(1)).min(batches)
+}
+
+/// Split tokens into batches of `batch_size` (the last may be smaller).
+pub fn make_batches(input_ids: &[Vec<u32>], attention_mask: &[Vec<u32>], pad: u32, batch_size: usize) -> Vec<Batch> {
+    input_ids
+        .chunks(batch_size)
+        .zip(attention_mask.chunks(batch_size))
+        .map(|(ids, mask)| Batch { input_ids: ids.to_vec(), attention_mask: mask.to_vec(), pad_token_id: pad })
+        .collect()
+}
+
+/// Calibrate, score, search: the whole state for one format.
+pub fn run_scoring(
+    model: &dyn ScoreModel,
+    format: &dyn ScoreFormat,
+    batches: &[Batch],
+    settings: &Settings,
+    progress: &dyn Progress,
+) -> Result<Value> {
+    if batches.is_empty() {
+        bail!("the calibration set is empty: nothing to calibrate or score with");
+    }
+    let linears = model.linears();
+    let recipes = recipes::group(&linears);
+    let score_steps = num_score_steps(settings.score_size, settings.batch_size, batches.len());
+    if format.input_needs_calibration() {
+        scorer::calibrate_inputs(model, format, batches, progress)?;
+    }
+    let score_batches = &batches[..score_steps];
+    let scores = match settings.method {
+        Method::Gradient => scorer::gradient_scores(model, format, &recipes, score_batches, progress)?,
+        Method::KlDiv => scorer::kl_div_scores(model, format, &recipes, score_batches, progress)?,
+    };
+    let stats = state::candidate_stats(&recipes, &format.display_name(), format.effective_bits(), &scores);
+    let cands = state::to_candidates(&stats);
+    let total: f64 = recipes.iter().map(|r| r.cost(16.0)).sum();
+    let max_cost = total * settings.effective_bits / 16.0;
+    let sel = match settings.method {
+        Method::Gradient => search::knapsack(&cands, max_cost)?,
+        Method::KlDiv => search::threshold(&cands, max_cost),
+    };
+    let info = state::RunInfo {
+        method: settings.method.as_str().into(),
+        batch_size: settings.batch_size,
+        num_calib_steps: batches.len(),
+        num_score_steps: score_steps,
+        device: settings.device.clone(),
+        dtype: model.dtype_name().into(),
+        quantized_layers: linears.iter().map(|l| l.name.clone()).collect(),
+    };
+    Ok(state::to_json(&info, &stats, &sel, settings.effective_bits))
+}
+
+/// `auto` → `cpu` (no CUDA build); `cpu` as is; anything else is an error naming the key.
+pub fn resolve_device(device: &str) -> Result<String> {
+    match device {
+        "auto" | "cpu" => Ok("cpu".into()),
+        d if d.starts_with("cuda") => {
+            bail!("key `autoquant.device`: `{d}` asked for, but this qpipe build scores on the CPU only; use `cpu` or `auto`")
+        }
+        d => bail!("key `autoquant.device`: unknown device `{d}`; use `cpu`, `auto` or `cuda[:N]`"),
+    }
+}
 
 impl Stage for Score {
     fn kind(&self) -> &'static str {
@@ -12,7 +154,55 @@ impl Stage for Score {
     fn code_version(&self) -> &'static str {
         env!("QPIPE_CODE_SCORE")
     }
-    fn run(&self, job: &Job<'_>) -> anyhow::Result<()> {
-        anyhow::bail!("stage `score` ({}) is not implemented yet", job.id)
+    fn exclusive(&self) -> bool {
+        true
+    }
+    fn run(&self, job: &Job<'_>) -> Result<()> {
+        let p: ScoreParams = serde_json::from_value(job.params.clone()).context("reading the `score` parameters")?;
+        let settings = Settings {
+            method: Method::parse(&p.method)?,
+            batch_size: p.batch_size,
+            score_size: p.score_size,
+            effective_bits: p.effective_bits,
+            device: resolve_device(&p.device)?,
+        };
+        if job.deps.len() < 2 || job.outs.len() != 2 {
+            bail!(
+                "`score` ({}) expects deps [identity, calibration, (checkpoint)] and outs [state.pt, state.json]",
+                job.id
+            );
+        }
+        let progress: &dyn Progress = job.progress;
+        let ckpt = adapters::checkpoint_dir(job)?;
+        progress.note(&format!("score: loading {}", ckpt.display()));
+        let model = adapters::load_model(&ckpt)?;
+        let format = adapters::load_format(&p.format)?;
+        let batches = adapters::load_batches(&job.deps[1], settings.batch_size)?;
+        let state = run_scoring(model.as_ref(), format.as_ref(), &batches, &settings, progress)
+            .with_context(|| format!("scoring {} with {}", ckpt.display(), p.format.name))?;
+        adapters::write_state_pt(&job.outs[0], &state)?;
+        let text = serde_json::to_string_pretty(&state)? + "\n";
+        std::fs::write(&job.outs[1], text).with_context(|| format!("writing {}", job.outs[1].display()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn score_steps_like_the_seed() {
+        assert_eq!(num_score_steps(128, 8, 2), 2);
+        assert_eq!(num_score_steps(128, 8, 64), 16);
+        assert_eq!(num_score_steps(16, 8, 64), 2);
+        assert_eq!(num_score_steps(4, 8, 3), 1);
+    }
+
+    #[test]
+    fn devices() {
+        assert_eq!(resolve_device("auto").unwrap(), "cpu");
+        assert!(resolve_device("cuda:0").unwrap_err().to_string().contains("autoquant.device"));
+        assert!(Method::parse("hessian").unwrap_err().to_string().contains("gradient"));
     }
 }

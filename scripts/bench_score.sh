@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Score benchmark: qpipe vs ModelOpt + PyTorch on one synthetic mid-size checkpoint.
+#
+#   scripts/bench_score.sh [FORMAT] [METHOD]      # defaults: INT8_DEFAULT_CFG gradient
+#
+# 1. `bench_score gen` writes a random-weight Qwen3-VL checkpoint (hidden 512, 8 layers,
+#    intermediate 1536, vocab 4096) and 32 × 128 left-padded tokens into a temp dir;
+# 2. qpipe scores it in-process (`bench_score score`), under /usr/bin/time -v;
+# 3. when python3 has torch + modelopt, scripts/bench_score_modelopt.py does the same
+#    with `mtq.auto_quantize`, under /usr/bin/time -v;
+# 4. prints in-process scoring time, whole-process wall time and peak RSS of both sides,
+#    and the largest relative score difference between them. On a shared machine compare
+#    the CPU seconds (user + system): wall time there depends on what else runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FORMAT=${1:-INT8_DEFAULT_CFG}
+METHOD=${2:-gradient}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+DIR=$(mktemp -d "${TMPDIR:-/tmp}/qpipe-bench-score.XXXXXX")
+trap 'rm -rf "$DIR"' EXIT
+
+cargo build -q -p qpipe-stages --example bench_score
+BIN="$CARGO_TARGET_DIR/debug/examples/bench_score"   # dev profile is opt-level 3 (Cargo.toml)
+"$BIN" gen "$DIR"
+
+timed() { # timed <label> <cmd...>: runs, keeps stdout JSON, prints wall + max RSS
+  local label=$1; shift
+  /usr/bin/time -v -o "$DIR/$label.time" "$@" > "$DIR/$label.out"
+  tail -n 1 "$DIR/$label.out" > "$DIR/$label.json"   # the figures are the last stdout line
+  local wall rss cpu
+  wall=$(grep "Elapsed (wall clock)" "$DIR/$label.time" | awk '{print $NF}')
+  rss=$(grep "Maximum resident set size" "$DIR/$label.time" | awk '{print $NF}')
+  cpu=$(awk -F': ' '/User time|System time/ {s += $2} END {printf "%.2f", s}' "$DIR/$label.time")
+  echo "$label $(cat "$DIR/$label.json") whole_process_wall=$wall whole_process_cpu_s=$cpu max_rss_kib=$rss"
+}
+
+timed qpipe "$BIN" score "$DIR" "$FORMAT" "$METHOD"
+if python3 -c "import torch, modelopt" 2>/dev/null; then
+  timed modelopt python3 scripts/bench_score_modelopt.py "$DIR" "$FORMAT" "$METHOD"
+  python3 - "$DIR" "$METHOD" <<'PY'
+import json, sys
+d, m = sys.argv[1], sys.argv[2]
+q = json.load(open(f"{d}/qpipe_state_{m}.json"))["candidate_stats"]
+o = json.load(open(f"{d}/modelopt_state_{m}.json"))["candidate_stats"]
+rel = max(abs(q[k]["scores"][0] - o[k]["scores"][0]) / max(abs(o[k]["scores"][0]), 1e-30) for k in o)
+qs = json.load(open(f"{d}/qpipe.json")); ms = json.load(open(f"{d}/modelopt.json"))
+print(f"in-process scoring: qpipe {qs['score_s']:.2f}s vs modelopt {ms['score_s']:.2f}s wall "
+      f"(ratio {qs['score_s'] / ms['score_s']:.2f}), {qs['score_cpu_s']:.2f}s vs {ms['score_cpu_s']:.2f}s CPU "
+      f"(ratio {qs['score_cpu_s'] / ms['score_cpu_s']:.2f}); max rel score diff {rel:.2e} over {len(o)} recipes")
+PY
+else
+  echo "SKIP: python3 with torch + nvidia-modelopt not found; ModelOpt side not run" >&2
+fi

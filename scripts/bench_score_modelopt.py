@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""ModelOpt + PyTorch side of the score benchmark (see scripts/bench_score.sh).
+
+    python3 scripts/bench_score_modelopt.py <dir> [FORMAT] [METHOD]
+
+Reads the synthetic checkpoint and tokens `bench_score gen <dir>` wrote, builds the
+language model with transformers (f32, CPU), runs `mtq.auto_quantize` exactly as
+`scripts/modelopt_oracle.py` does, and prints one JSON line of figures: model load time,
+in-process `auto_quantize` time, peak RSS. Writes `<dir>/modelopt_state_<method>.json`.
+"""
+
+import json
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> int:
+    t0 = time.perf_counter()
+    d = Path(sys.argv[1])
+    fmt = sys.argv[2] if len(sys.argv) > 2 else "INT8_DEFAULT_CFG"
+    method = sys.argv[3] if len(sys.argv) > 3 else "gradient"
+    warnings.simplefilter("ignore")
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
+
+    import modelopt.torch.quantization as mtq
+    import modelopt_oracle as oracle
+
+    cfg = AutoConfig.from_pretrained(str(d))
+    lm = Qwen3VLTextModel._from_config(cfg.text_config, dtype=torch.float32)
+    sd = load_file(str(d / "model.safetensors"))
+    prefix = "model.language_model."
+    missing, unexpected = lm.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, strict=False)
+    missing = [m for m in missing if "rotary" not in m]
+    assert not missing and not unexpected, (missing, unexpected)
+    lm.eval()
+    lm_head = torch.nn.Linear(cfg.text_config.hidden_size, cfg.text_config.vocab_size, bias=False)
+    lm_head.weight = torch.nn.Parameter(sd[prefix + "embed_tokens.weight"].clone(), requires_grad=False)
+    tok = json.loads((d / "tokens.json").read_text())
+    ids = torch.tensor(tok["input_ids"], dtype=torch.long)
+    mask = torch.tensor(tok["attention_mask"], dtype=torch.long)
+    batches = oracle.make_batches(ids, mask, tok["batch_size"])
+    steps = min(128 // tok["batch_size"], len(batches))
+    fmt_cfg = oracle.fp8_weight_only_cfg(mtq) if fmt in ("FP8_WEIGHT_ONLY", "FP8_WEIGHT_ONLY_CFG") else fmt
+    load_s = time.perf_counter() - t0
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    _, state, score_s = oracle.run_case(lm, lm_head, batches, tok["pad_token_id"], fmt_cfg, method, 8.0, steps)
+    (d / f"modelopt_state_{method}.json").write_text(json.dumps(oracle.state_to_json(state, None), indent=1))
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    score_cpu_s = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    rss = ru1.ru_maxrss / 1024.0
+    print(json.dumps({"side": "modelopt", "format": fmt, "method": method, "load_s": load_s, "score_s": score_s, "score_cpu_s": score_cpu_s,
+                      "threads": torch.get_num_threads(), "peak_rss_mib": rss}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

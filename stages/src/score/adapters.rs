@@ -1,0 +1,206 @@
+//! Glue between the scorer and the modules other parts of qpipe own: the checkpoint
+//! locator, the calibration `.pt` reader, the language model, the fake-quant formats and
+//! the torch `.pt` writer. Kept here so the scorer itself depends only on [`super::backend`].
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use candle_core::{DType, Tensor};
+
+use super::backend::{Batch, ForwardSink, GradSink, InputSink, LinearOverride, ScoreFormat, ScoreModel};
+use super::recipes::LinearInfo;
+use super::FormatParams;
+use crate::contract::Job;
+use crate::model::{self, TextModel};
+use crate::quant;
+
+/// The checkpoint folder of a job, from its `checkpoint` locator (local or hub cache).
+pub fn checkpoint_dir(job: &Job<'_>) -> Result<PathBuf> {
+    let loc = job.locators.get("checkpoint").context("`score` job has no `checkpoint` locator")?;
+    crate::checkpoint::resolve_dir(job.root, loc)
+}
+
+/// The language model behind the scorer: the candle Qwen3-VL text model, f32 on the CPU.
+pub fn load_model(dir: &Path) -> Result<Box<dyn ScoreModel>> {
+    load_model_with(dir, DType::F32)
+}
+
+/// [`load_model`] in another dtype (f64 for rounding-noise-free parity checks).
+pub fn load_model_with(dir: &Path, dtype: DType) -> Result<Box<dyn ScoreModel>> {
+    let m = TextModel::load_with(dir, dtype, &candle_core::Device::Cpu)
+        .with_context(|| format!("loading the language model of {}", dir.display()))?;
+    Ok(Box::new(m))
+}
+
+fn model_batch(b: &Batch) -> Result<model::Batch> {
+    model::Batch::new(b.input_ids.clone(), b.attention_mask.clone())
+}
+
+impl ScoreModel for TextModel {
+    fn linears(&self) -> Vec<LinearInfo> {
+        (0..self.num_linears())
+            .map(|i| LinearInfo {
+                name: self.linear_names()[i].clone(),
+                weight_numel: self.linear_weight(i).elem_count(),
+            })
+            .collect()
+    }
+
+    fn weight(&self, name: &str) -> Result<Tensor> {
+        let w = self.linear_weight_by_name(name).with_context(|| format!("the model has no linear `{name}`"))?;
+        Ok(w.clone())
+    }
+
+    fn dtype_name(&self) -> &'static str {
+        match self.dtype() {
+            DType::F64 => "f64",
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            _ => "other",
+        }
+    }
+
+    fn forward_inputs(&self, batch: &Batch, sink: &mut InputSink<'_>) -> Result<()> {
+        let mut tap = |_: usize, name: &str, x: &Tensor, _: &Tensor, _: &Tensor| -> Result<Option<Tensor>> {
+            sink(name, x)?;
+            Ok(None)
+        };
+        self.forward(&model_batch(batch)?, &mut tap)?;
+        Ok(())
+    }
+
+    fn forward_backward(
+        &self,
+        batch: &Batch,
+        on_forward: &mut ForwardSink<'_>,
+        on_grad: &mut GradSink<'_>,
+    ) -> Result<f64> {
+        let mb = model_batch(batch)?;
+        let mut tap = |_: usize, name: &str, x: &Tensor, _: &Tensor, y: &Tensor| -> Result<Option<Tensor>> {
+            if !y.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+                bail!("the output of linear `{name}` contains NaN or Inf");
+            }
+            on_forward(name, x, y)?;
+            Ok(None)
+        };
+        let lg = self.linear_output_grads(&mb, Some(batch.pad_token_id), &mut tap)?;
+        for (name, g) in self.linear_names().iter().zip(&lg.grads) {
+            on_grad(name, g)?;
+        }
+        Ok(f64::from(lg.loss))
+    }
+
+    fn logits(&self, batch: &Batch, overrides: &HashMap<String, LinearOverride<'_>>) -> Result<Tensor> {
+        let mut tap = |_: usize, name: &str, x: &Tensor, _: &Tensor, _: &Tensor| -> Result<Option<Tensor>> {
+            let Some(o) = overrides.get(name) else { return Ok(None) };
+            let xq = match o.input {
+                Some(f) => f(x)?,
+                None => x.clone(),
+            };
+            Ok(Some(model::matmul_xwt(&xq, &o.weight)?))
+        };
+        self.forward(&model_batch(batch)?, &mut tap)
+    }
+}
+
+/// The fake-quant format of a run, from the `quant` module.
+pub fn load_format(p: &FormatParams) -> Result<Box<dyn ScoreFormat>> {
+    let overrides = match &p.quant_cfg_overrides {
+        Value::Null => serde_json::Map::new(),
+        Value::Object(m) => m.clone(),
+        other => bail!("key `quant_granularity.quant_cfg_overrides`: expected a mapping, found {other}"),
+    };
+    let cfg = quant::config_for(&p.name, &overrides)?;
+    Ok(Box::new(QuantFormat::new(cfg)))
+}
+
+/// A `quant::QuantConfig` as the scorer uses it, with one max-calibration observer per linear.
+pub struct QuantFormat {
+    cfg: quant::QuantConfig,
+    weight: quant::Quantizer,
+    input: quant::Quantizer,
+    observers: Mutex<HashMap<String, quant::AmaxObserver>>,
+}
+
+impl QuantFormat {
+    pub fn new(cfg: quant::QuantConfig) -> Self {
+        let (weight, input) = (cfg.weight_quantizer(), cfg.input_quantizer());
+        Self { cfg, weight, input, observers: Mutex::new(HashMap::new()) }
+    }
+
+    /// Warnings the format's overlays produced (printed by the stage).
+    pub fn warnings(&self) -> &[String] {
+        &self.cfg.warnings
+    }
+
+    fn amax(&self, linear: &str) -> Option<quant::Amax> {
+        self.observers.lock().expect("observer lock").get(linear).and_then(|o| o.amax())
+    }
+}
+
+impl ScoreFormat for QuantFormat {
+    fn display_name(&self) -> String {
+        self.cfg.display_name()
+    }
+    fn effective_bits(&self) -> f64 {
+        self.cfg.effective_bits()
+    }
+    fn quantizes_input(&self) -> bool {
+        self.input.is_enabled()
+    }
+    fn input_needs_calibration(&self) -> bool {
+        self.input.needs_calibration()
+    }
+    fn observe_input(&self, linear: &str, x: &Tensor) -> Result<()> {
+        let Some(fresh) = self.input.observer() else { return Ok(()) };
+        let (rows, cols) = x.dims2()?;
+        let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut obs = self.observers.lock().expect("observer lock");
+        obs.entry(linear.to_string()).or_insert(fresh).observe(&v, rows, cols)
+    }
+    fn input_amax(&self, linear: &str) -> Option<f32> {
+        self.amax(linear).map(|a| a.values.iter().cloned().fold(0.0, f32::max))
+    }
+    fn quant_weight(&self, linear: &str, w: &Tensor) -> Result<Tensor> {
+        let (o, i) = w.dims2()?;
+        self.cfg.check_shape(i, o).with_context(|| format!("linear `{linear}`"))?;
+        let v = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let q = self.weight.fake_quant_weight(&v, o, i)?;
+        Ok(Tensor::from_vec(q, (o, i), w.device())?.to_dtype(w.dtype())?)
+    }
+    fn quant_input(&self, linear: &str, x: &Tensor) -> Result<Tensor> {
+        let amax = self.amax(linear);
+        if self.input.needs_calibration() && amax.is_none() {
+            bail!("linear `{linear}`: its input range was never calibrated");
+        }
+        Ok(self.input.fake_quant_tensor(x, amax.as_ref())?.to_dtype(x.dtype())?)
+    }
+}
+
+/// Calibration batches from the build-calib `.pt`.
+pub fn load_batches(path: &Path, batch_size: usize) -> Result<Vec<Batch>> {
+    let set = crate::build_calib::load_calib(path)?;
+    if set.n == 0 || set.t == 0 {
+        bail!("calibration set {} is empty; rebuild it (build-calib) with at least one caption", path.display());
+    }
+    if set.labels.iter().zip(&set.input_ids).any(|(l, i)| *l != i64::from(*i)) {
+        bail!(
+            "calibration set {}: labels differ from input_ids; `score` computes the loss with labels = input_ids",
+            path.display()
+        );
+    }
+    let rows = |v: &[u32]| -> Vec<Vec<u32>> { v.chunks(set.t).map(<[u32]>::to_vec).collect() };
+    Ok(super::make_batches(&rows(&set.input_ids), &rows(&set.attention_mask), set.pad_token_id, batch_size.max(1)))
+}
+
+/// The state tree as a torch-loadable `.pt` (the same dict `json.load` of the JSON gives).
+pub fn write_state_pt(path: &Path, state: &Value) -> Result<()> {
+    crate::torch_pt::write(path, &crate::torch_pt::Value::from(state))
+        .with_context(|| format!("writing the AutoQuant state {}", path.display()))
+}

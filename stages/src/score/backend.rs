@@ -1,0 +1,90 @@
+//! What the scorer needs from a language model, and from a quantization format.
+//!
+//! The scorer never runs the model once per layer: it asks the model for one unquantized
+//! forward + backward per score batch and receives, per linear, the input `X` and the
+//! gradient of the loss with respect to the output `dL/dY`; everything else is matmuls on
+//! those. `kl_div` needs whole-model forwards with one recipe's linears replaced.
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use super::recipes::LinearInfo;
+
+/// One batch of calibration tokens (left padded).
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `[B, T]` token ids.
+    pub input_ids: Vec<Vec<u32>>,
+    /// `[B, T]` 1 = token, 0 = pad.
+    pub attention_mask: Vec<Vec<u32>>,
+    /// Labels are the input ids; positions whose label is this id are ignored by the loss.
+    pub pad_token_id: u32,
+}
+
+/// Fake-quantizes one linear's input.
+pub type InputQuant<'a> = dyn Fn(&Tensor) -> Result<Tensor> + Sync + 'a;
+
+/// A replaced linear for a quantized forward: `y = q_in(x) · w^T`.
+pub struct LinearOverride<'a> {
+    /// The fake-quantized weight `[out, in]`.
+    pub weight: Tensor,
+    /// Fake-quantizes the input, when the format quantizes activations.
+    pub input: Option<&'a InputQuant<'a>>,
+}
+
+/// Sees one linear during the unquantized forward of a score batch: its name, input `X`
+/// (`[tokens, in]`) and output `Y = X Wᵀ` (`[tokens, out]`), f32.
+pub type ForwardSink<'a> = dyn FnMut(&str, &Tensor, &Tensor) -> Result<()> + 'a;
+
+/// Receives one linear's `dL/dY` (`[tokens, out]`, f32) after the backward pass.
+pub type GradSink<'a> = dyn FnMut(&str, &Tensor) -> Result<()> + 'a;
+
+/// Receives one linear's input `X` (`[tokens, in]`) during a calibration forward.
+pub type InputSink<'a> = dyn FnMut(&str, &Tensor) -> Result<()> + 'a;
+
+/// The language model as the scorer drives it.
+pub trait ScoreModel {
+    /// Every scorable linear, in module order.
+    fn linears(&self) -> Vec<LinearInfo>;
+    /// The unquantized weight of a linear, `[out, in]`, in the model's dtype.
+    fn weight(&self, name: &str) -> Result<Tensor>;
+    /// The compute dtype, as the state records it (`f32`).
+    fn dtype_name(&self) -> &'static str;
+    /// One unquantized forward; `sink` gets every linear's input.
+    fn forward_inputs(&self, batch: &Batch, sink: &mut InputSink<'_>) -> Result<()>;
+    /// One unquantized forward and backward of the mean cross-entropy of the shifted logits
+    /// (ignore_index = pad id): `on_forward` sees every linear's input and output during the
+    /// forward, `on_grad` gets every linear's output gradient after the backward.
+    /// Returns the loss.
+    fn forward_backward(
+        &self,
+        batch: &Batch,
+        on_forward: &mut ForwardSink<'_>,
+        on_grad: &mut GradSink<'_>,
+    ) -> Result<f64>;
+    /// Logits `[B, T, V]` (f32) with the named linears replaced.
+    fn logits(&self, batch: &Batch, overrides: &HashMap<String, LinearOverride<'_>>) -> Result<Tensor>;
+}
+
+/// One quantization format as the scorer uses it (see `score::adapters` for the adapter to
+/// the `quant` module). It keeps the calibrated input ranges of every linear itself.
+pub trait ScoreFormat: Sync {
+    /// `NAME(effective-bits: B)` as ModelOpt prints the recipe.
+    fn display_name(&self) -> String;
+    /// Effective bits for the cost model (ModelOpt's `estimate_quant_compression` × 16).
+    fn effective_bits(&self) -> f64;
+    /// Whether inputs are quantized at all.
+    fn quantizes_input(&self) -> bool;
+    /// Whether inputs need max calibration (static ranges) before scoring.
+    fn input_needs_calibration(&self) -> bool;
+    /// Fold one calibration batch's input `x` (`[tokens, in]`) of `linear` into its range.
+    fn observe_input(&self, linear: &str, x: &Tensor) -> Result<()>;
+    /// The calibrated per-tensor input amax of `linear` (its max, for diagnostics).
+    fn input_amax(&self, linear: &str) -> Option<f32>;
+    /// Fake-quantized weight `[out, in]` (ranges from the weight itself).
+    fn quant_weight(&self, linear: &str, w: &Tensor) -> Result<Tensor>;
+    /// Fake-quantized input `[tokens, in]` with the calibrated (or dynamic) range.
+    fn quant_input(&self, linear: &str, x: &Tensor) -> Result<Tensor>;
+}

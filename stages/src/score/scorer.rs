@@ -1,0 +1,374 @@
+//! Calibration and the two scorers, on top of [`ScoreModel`] and [`ScoreFormat`].
+//!
+//! Calibration ("max"): for formats with static input ranges, input amax of every linear
+//! = max |x| over all calibration batches of the *unquantized* model (ModelOpt calibrates
+//! with every quantizer in calibration mode, which does not quantize), pad positions
+//! included. Weight ranges come from the weights themselves (inside the format).
+//!
+//! `gradient`: per score batch one forward + backward of the unquantized model; per linear
+//! and recipe `Σ clamp(dL/dY ⊙ (Y_q − Y), ±1e10)²` where `Y_q` uses the fake-quantized
+//! weight (and input, if the format quantizes inputs) — `_get_auto_quantize_score` in
+//! ModelOpt. A recipe's score is the sum over its members and score batches.
+//!
+//! `kl_div`: per score batch the unquantized log-probabilities, then one recipe at a time
+//! quantized in the whole model: `Σ p_fp · (log p_fp − log p_q)` over every position
+//! (pads included) and the vocabulary (`F.kl_div(..., reduction="sum", log_target=True)`).
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, D};
+use rayon::prelude::*;
+
+use super::backend::{Batch, LinearOverride, ScoreFormat, ScoreModel};
+use super::recipes::Recipe;
+use crate::contract::Progress;
+
+/// Error unless every element of `t` is finite, naming what it is.
+pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
+    let bad = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().any(|v| !v.is_finite());
+    if bad {
+        bail!("{what} contains NaN or Inf; check the checkpoint's weights and the calibration tokens");
+    }
+    Ok(())
+}
+
+/// Max calibration: every calibration batch through the unquantized model, each linear's
+/// input folded into the format's range observer. Errors name the linear on NaN/Inf.
+pub fn calibrate_inputs(
+    model: &dyn ScoreModel,
+    format: &dyn ScoreFormat,
+    batches: &[Batch],
+    progress: &dyn Progress,
+) -> Result<()> {
+    progress.phase("calibrate", Some(batches.len() as u64));
+    for (bi, b) in batches.iter().enumerate() {
+        model
+            .forward_inputs(b, &mut |name, x| {
+                if !x.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+                    bail!("the input of linear `{name}` contains NaN or Inf (calibration batch {bi})");
+                }
+                format.observe_input(name, x).with_context(|| format!("calibrating the input range of `{name}`"))
+            })
+            .with_context(|| format!("calibration forward, batch {bi}"))?;
+        progress.advance(1);
+    }
+    Ok(())
+}
+
+/// Indices of the rows of `g` (`[rows, cols]`) that are not all zero; `None` when more than
+/// three quarters of the rows are.
+fn nonzero_rows(g: &Tensor) -> Result<Option<Tensor>> {
+    let (rows, _) = g.dims2()?;
+    let m = g.abs()?.max_keepdim(1)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let keep: Vec<u32> = m.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(i, _)| i as u32).collect();
+    // Selecting rows copies them: worth it only when it drops a good share of the work.
+    if keep.len() * 4 > rows * 3 {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::from_vec(keep.clone(), keep.len(), g.device())?))
+}
+
+/// Per-linear prepared tensors for the gradient scorer.
+struct Prepared {
+    /// The fake-quantized weight `Wq` `[out, in]`, contiguous.
+    wq: Tensor,
+}
+
+/// `Σ clamp(g ⊙ d, ±1e10)²`, accumulated in f64 (one fused pass, in parallel chunks).
+pub fn grad_score(g: &Tensor, d: &Tensor) -> Result<f64> {
+    if g.dims() != d.dims() {
+        bail!("gradient {:?} and output difference {:?} differ in shape", g.dims(), d.dims());
+    }
+    let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let d = d.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(g.par_chunks(1 << 14)
+        .zip(d.par_chunks(1 << 14))
+        .map(|(g, d)| {
+            g.iter()
+                .zip(d)
+                .map(|(g, d)| {
+                    let p = f64::from((g * d).clamp(-1e10, 1e10));
+                    p * p
+                })
+                .sum::<f64>()
+        })
+        .sum())
+}
+
+/// The `gradient` scores of one format: per recipe, Σ over members and score batches.
+///
+/// Memory: from the forward to the backward of one batch, each linear's input (shared by
+/// q/k/v and by gate/up) and — when inputs are quantized — its output `[tokens, out]` stay
+/// alive; at most what ModelOpt keeps (`Y_q − Y` per linear and recipe). `Y_q − Y` is then
+/// computed per linear right before its score, on the rows with a non-zero gradient.
+pub fn gradient_scores(
+    model: &dyn ScoreModel,
+    format: &dyn ScoreFormat,
+    recipes: &[Recipe],
+    batches: &[Batch],
+    progress: &dyn Progress,
+) -> Result<Vec<f64>> {
+    let mut prepared: HashMap<String, Prepared> = HashMap::new();
+    for r in recipes {
+        for m in &r.members {
+            let w = model.weight(m)?;
+            check_finite(&w, &format!("the weight of linear `{m}`"))?;
+            let wq = format.quant_weight(m, &w).with_context(|| format!("fake-quantizing the weight of `{m}`"))?;
+            prepared.insert(m.clone(), Prepared { wq: wq.contiguous()? });
+        }
+    }
+    let quant_input = format.quantizes_input();
+    // Rows (token positions) whose output gradient is exactly zero add exactly zero to the
+    // score: the difference is computed on the other rows only (left pads whose next label
+    // is a pad — most rows of short captions padded to 512). Valid when the input
+    // quantizer treats rows independently (off or a static range).
+    let row_subset = !quant_input || format.input_needs_calibration();
+    let mut per_linear: HashMap<String, f64> = HashMap::new();
+    progress.phase("score (gradient)", Some(batches.len() as u64));
+    for (bi, b) in batches.iter().enumerate() {
+        // Each linear's input (shared by q/k/v and by gate/up) and, when inputs are
+        // quantized, its output, kept from the forward to the backward.
+        let acts: std::cell::RefCell<HashMap<String, (Tensor, Tensor)>> = Default::default();
+        let mut on_forward = |name: &str, x: &Tensor, y: &Tensor| -> Result<()> {
+            if prepared.contains_key(name) {
+                acts.borrow_mut().insert(name.to_string(), (x.clone(), y.clone()));
+            }
+            Ok(())
+        };
+        // q/k/v (and gate/up) read the same input with the same calibrated range: quantize it once.
+        let mut xq_cache: Option<(candle_core::TensorId, Option<u32>, Tensor)> = None;
+        let mut on_grad = |name: &str, g: &Tensor| -> Result<()> {
+            let Some((x, y)) = acts.borrow_mut().remove(name) else { return Ok(()) };
+            let p = &prepared[name];
+            let rows = if row_subset { nonzero_rows(g)? } else { None };
+            let pick = |t: &Tensor| -> Result<Tensor> {
+                Ok(match &rows {
+                    Some(r) => t.index_select(r, 0)?,
+                    None => t.clone(),
+                })
+            };
+            let g = pick(g)?;
+            let x = if quant_input {
+                let key = (x.id(), format.input_amax(name).map(f32::to_bits));
+                let xq = match &xq_cache {
+                    Some((id, a, xq)) if (*id, *a) == key => xq.clone(),
+                    _ => {
+                        let xq = format
+                            .quant_input(name, &x)
+                            .with_context(|| format!("fake-quantizing the input of `{name}`"))?;
+                        xq_cache = Some((key.0, key.1, xq.clone()));
+                        xq
+                    }
+                };
+                pick(&xq)?
+            } else {
+                pick(&x)?
+            };
+            // Y_q with the same kernel the model computed Y with, as ModelOpt runs F.linear twice.
+            let y_q = crate::model::matmul_xwt(&x, &p.wq)?;
+            let s = crate::model::gradient_score(&g, &y_q, &pick(&y)?)?;
+            if !s.is_finite() {
+                bail!("the score of linear `{name}` is not finite (batch {bi}): its input or gradient has NaN/Inf");
+            }
+            *per_linear.entry(name.to_string()).or_insert(0.0) += s;
+            Ok(())
+        };
+        model
+            .forward_backward(b, &mut on_forward, &mut on_grad)
+            .with_context(|| format!("score forward/backward, batch {bi}"))?;
+        progress.advance(1);
+    }
+    recipes
+        .iter()
+        .map(|r| {
+            r.members
+                .iter()
+                .map(|m| per_linear.get(m).copied().with_context(|| format!("linear `{m}` got no gradient")))
+                .sum()
+        })
+        .collect()
+}
+
+/// `Σ exp(lp) · (lp − lq)` in f64, `lp`/`lq` log-probabilities of the same shape.
+pub fn kl_sum(log_p: &Tensor, log_q: &Tensor) -> Result<f64> {
+    let t = (log_p.exp()? * (log_p - log_q)?)?;
+    Ok(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+}
+
+/// The `kl_div` scores of one format: per recipe, Σ over score batches.
+pub fn kl_div_scores(
+    model: &dyn ScoreModel,
+    format: &dyn ScoreFormat,
+    recipes: &[Recipe],
+    batches: &[Batch],
+    progress: &dyn Progress,
+) -> Result<Vec<f64>> {
+    let mut qweights: HashMap<String, Tensor> = HashMap::new();
+    for r in recipes {
+        for m in &r.members {
+            let w = model.weight(m)?;
+            check_finite(&w, &format!("the weight of linear `{m}`"))?;
+            qweights.insert(m.clone(), format.quant_weight(m, &w)?);
+        }
+    }
+    // One closure per linear that fake-quantizes its input with its calibrated range.
+    type InputFn<'f> = Box<dyn Fn(&Tensor) -> Result<Tensor> + Sync + 'f>;
+    let mut input_fns: HashMap<String, InputFn<'_>> = HashMap::new();
+    if format.quantizes_input() {
+        for r in recipes {
+            for m in &r.members {
+                let name = m.clone();
+                input_fns.insert(m.clone(), Box::new(move |x: &Tensor| format.quant_input(&name, x)));
+            }
+        }
+    }
+    let mut scores = vec![0.0; recipes.len()];
+    progress.phase("score (kl_div)", Some((batches.len() * recipes.len()) as u64));
+    for (bi, b) in batches.iter().enumerate() {
+        let logits = model.logits(b, &HashMap::new()).with_context(|| format!("unquantized forward, batch {bi}"))?;
+        check_finite(&logits, &format!("the unquantized logits of batch {bi}"))?;
+        let log_p = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F64)?, D::Minus1)?;
+        for (ri, r) in recipes.iter().enumerate() {
+            let mut ov: HashMap<String, LinearOverride<'_>> = HashMap::new();
+            for m in &r.members {
+                ov.insert(
+                    m.clone(),
+                    LinearOverride { weight: qweights[m].clone(), input: input_fns.get(m).map(|f| f.as_ref()) },
+                );
+            }
+            let lq =
+                model.logits(b, &ov).with_context(|| format!("forward with `{}` quantized, batch {bi}", r.name))?;
+            let log_q = candle_nn::ops::log_softmax(&lq.to_dtype(DType::F64)?, D::Minus1)?;
+            let s = kl_sum(&log_p, &log_q)?;
+            if !s.is_finite() {
+                bail!("the KL divergence with `{}` quantized is not finite (batch {bi})", r.name);
+            }
+            scores[ri] += s;
+            progress.advance(1);
+        }
+    }
+    Ok(scores)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::Silent;
+    use crate::score::backend::{ForwardSink, GradSink, InputSink};
+    use crate::score::recipes::LinearInfo;
+    use candle_core::Device;
+
+    /// One linear `y = x wᵀ` on fixed inputs, with a fixed output gradient.
+    struct Toy {
+        x: Tensor,
+        w: Tensor,
+        g: Tensor,
+    }
+
+    impl ScoreModel for Toy {
+        fn linears(&self) -> Vec<LinearInfo> {
+            vec![LinearInfo { name: "layers.0.mlp.down_proj".into(), weight_numel: self.w.elem_count() }]
+        }
+        fn weight(&self, _: &str) -> Result<Tensor> {
+            Ok(self.w.clone())
+        }
+        fn dtype_name(&self) -> &'static str {
+            "f32"
+        }
+        fn forward_inputs(&self, _: &Batch, sink: &mut InputSink<'_>) -> Result<()> {
+            sink("layers.0.mlp.down_proj", &self.x)
+        }
+        fn forward_backward(&self, _: &Batch, f: &mut ForwardSink<'_>, g: &mut GradSink<'_>) -> Result<f64> {
+            f("layers.0.mlp.down_proj", &self.x, &self.x.matmul(&self.w.t()?)?)?;
+            g("layers.0.mlp.down_proj", &self.g)?;
+            Ok(0.0)
+        }
+        fn logits(&self, _: &Batch, _: &HashMap<String, LinearOverride<'_>>) -> Result<Tensor> {
+            unreachable!()
+        }
+    }
+
+    /// Rounds weights to multiples of 0.5 (inputs: to multiples of 1 with a calibrated range).
+    struct Halves {
+        amax: std::sync::Mutex<f32>,
+    }
+
+    impl ScoreFormat for Halves {
+        fn display_name(&self) -> String {
+            "CUSTOM_0(effective-bits: 8.0)".into()
+        }
+        fn effective_bits(&self) -> f64 {
+            8.0
+        }
+        fn quantizes_input(&self) -> bool {
+            true
+        }
+        fn input_needs_calibration(&self) -> bool {
+            true
+        }
+        fn observe_input(&self, _: &str, x: &Tensor) -> Result<()> {
+            let m = x.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let mut a = self.amax.lock().unwrap();
+            *a = a.max(m);
+            Ok(())
+        }
+        fn input_amax(&self, _: &str) -> Option<f32> {
+            Some(*self.amax.lock().unwrap())
+        }
+        fn quant_weight(&self, _: &str, w: &Tensor) -> Result<Tensor> {
+            Ok(((w * 2.0)?.round()? / 2.0)?)
+        }
+        fn quant_input(&self, _: &str, x: &Tensor) -> Result<Tensor> {
+            Ok(x.round()?)
+        }
+    }
+
+    fn batch() -> Batch {
+        Batch { input_ids: vec![vec![1, 2]], attention_mask: vec![vec![1, 1]], pad_token_id: 0 }
+    }
+
+    #[test]
+    fn gradient_score_by_hand() {
+        let dev = Device::Cpu;
+        // x = [[1.2, -0.4], [0.0, 2.0]], w = [[0.3, 0.9]] → wq = [[0.5, 1.0]], xq = [[1, 0], [0, 2]].
+        let x = Tensor::new(&[[1.2f32, -0.4], [0.0, 2.0]], &dev).unwrap();
+        let w = Tensor::new(&[[0.3f32, 0.9]], &dev).unwrap();
+        // The second row has a zero gradient: it must not count.
+        let g = Tensor::new(&[[2.0f32], [0.0]], &dev).unwrap();
+        let toy = Toy { x, w, g };
+        let fmt = Halves { amax: std::sync::Mutex::new(0.0) };
+        calibrate_inputs(&toy, &fmt, &[batch()], &Silent).unwrap();
+        assert_eq!(fmt.input_amax("").unwrap(), 2.0);
+        let recipes = crate::score::recipes::group(&toy.linears());
+        let s = gradient_scores(&toy, &fmt, &recipes, &[batch(), batch()], &Silent).unwrap();
+        // y = 1.2·0.3 − 0.4·0.9 = 0; y_q = 1·0.5 + 0·1.0 = 0.5; (2 · 0.5)² = 1 per batch.
+        assert!((s[0] - 2.0).abs() < 1e-6, "{s:?}");
+    }
+
+    #[test]
+    fn nan_activation_names_the_layer() {
+        let dev = Device::Cpu;
+        let toy = Toy {
+            x: Tensor::new(&[[f32::NAN, 1.0]], &dev).unwrap(),
+            w: Tensor::new(&[[1.0f32, 1.0]], &dev).unwrap(),
+            g: Tensor::new(&[[1.0f32]], &dev).unwrap(),
+        };
+        let fmt = Halves { amax: std::sync::Mutex::new(0.0) };
+        let e = format!("{:#}", calibrate_inputs(&toy, &fmt, &[batch()], &Silent).unwrap_err());
+        assert!(e.contains("layers.0.mlp.down_proj") && e.contains("NaN"), "{e}");
+    }
+
+    #[test]
+    fn clamp_and_kl_by_hand() {
+        let dev = Device::Cpu;
+        let g = Tensor::new(&[1e6f32, 3.0], &dev).unwrap();
+        let d = Tensor::new(&[1e6f32, 0.5], &dev).unwrap();
+        // The first product 1e12 is clamped to 1e10 before squaring.
+        assert_eq!(grad_score(&g, &d).unwrap(), 1e20 + 2.25);
+        let lp = Tensor::new(&[[0.5f64.ln(), 0.5f64.ln()]], &dev).unwrap();
+        let lq = Tensor::new(&[[0.25f64.ln(), 0.75f64.ln()]], &dev).unwrap();
+        let want = 0.5 * (0.5f64 / 0.25).ln() + 0.5 * (0.5f64 / 0.75).ln();
+        assert!((kl_sum(&lp, &lq).unwrap() - want).abs() < 1e-12);
+    }
+}
