@@ -204,8 +204,8 @@ fn prerequisites(s: &mut String, m: &ModelInfo, c: &CalibInfo) {
     let _ = writeln!(s, "- The calibration captions `{}` (committed; one caption per line).", c.captions_path);
     let _ = writeln!(
         s,
-        "- A device: `autoquant.device={}` (`auto` picks a CUDA GPU when there is one, else the CPU). A model at \
-         full size wants a GPU; the embedded tiny model runs on a CPU in seconds.",
+        "- A device: `autoquant.device={}`. This qpipe build scores on the CPU (`auto` = `cpu`); GPU scoring is \
+         not built yet, so a model at full size is slow. The embedded tiny model runs on a CPU in seconds.",
         c.device
     );
     let _ = writeln!(s, "- No Python: scoring is qpipe's own (ModelOpt `auto_quantize` semantics).\n");
