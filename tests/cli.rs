@@ -2,34 +2,9 @@
 //! planning the repository's pipeline, errors, help, the cross-process build lock.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn qpipe(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qpipe")).current_dir(cwd).args(args).env("NO_COLOR", "1").output().unwrap()
-}
-
-fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A copy of the repository's pipeline, embedded checkpoint and captions.
-fn workspace_copy() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    fs::copy(repo().join("pipeline.yaml"), dir.path().join("pipeline.yaml")).unwrap();
-    for sub in ["models/tiny_qwen3_vl/checkpoint", "data/calibration"] {
-        for e in walkdir::WalkDir::new(repo().join(sub)).into_iter().flatten().filter(|e| e.file_type().is_file()) {
-            let rel = e.path().strip_prefix(repo()).unwrap();
-            fs::create_dir_all(dir.path().join(rel).parent().unwrap()).unwrap();
-            fs::copy(e.path(), dir.path().join(rel)).unwrap();
-        }
-    }
-    dir
-}
+mod support;
+use support::real::{qpipe, repo, text, workspace_copy};
 
 #[test]
 fn the_repository_pipeline_plans_into_a_dag() {

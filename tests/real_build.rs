@@ -1,0 +1,92 @@
+//! End-to-end builds of the real pipeline on the embedded tiny Qwen3-VL checkpoint:
+//! every quant pair scores, a second build and a build after `clean` do no work, and the
+//! committed baselines are up to date and at parity on a fresh copy.
+
+use std::fs;
+use std::path::Path;
+
+mod support;
+use support::real::{copy_into, qpipe, repo, text, workspace_copy};
+
+fn pair_names() -> Vec<String> {
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&fs::read_to_string(repo().join("pipeline.yaml")).unwrap()).unwrap();
+    yaml["groups"]["quant_pair"].as_mapping().unwrap().keys().map(|k| k.as_str().unwrap().to_string()).collect()
+}
+
+fn files_named(dir: &Path, suffix: &str) -> Vec<std::path::PathBuf> {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file() && e.file_name().to_string_lossy().ends_with(suffix))
+        .map(|e| e.into_path())
+        .collect()
+}
+
+#[test]
+fn every_pair_builds_and_clean_never_forces_rescoring() {
+    let dir = workspace_copy();
+    // `clean` asks git which files are ignored: make the copy a work tree with the repo's rules.
+    copy_into(dir.path(), &[".gitignore", "models/.gitignore"]);
+    let git = std::process::Command::new("git").args(["init", "-q"]).current_dir(dir.path()).status().unwrap();
+    assert!(git.success());
+    let pairs = pair_names();
+    assert_eq!(pairs.len(), 16, "W ∈ {{int4, int8, fp4, fp8}} × A ∈ {{int4, int8, fp8, fp16}}");
+    let sweep = format!("quant_pair={}", pairs.join(","));
+    let args =
+        ["output_layout=tmp", sweep.as_str(), "dataset.max_calib_samples=8", "dataset.calib_seq_len=32", "autoquant.batch_size=4"];
+    let build = |extra: &[&str]| {
+        let mut a = vec!["build"];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&args);
+        let o = qpipe(dir.path(), &a);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{out}{err}");
+        err
+    };
+    build(&[]);
+
+    let manifests = files_named(&dir.path().join("tmp/runs"), "_quant_manifest.json");
+    assert_eq!(manifests.len(), 16, "{manifests:?}");
+    for m in &manifests {
+        let v: serde_json::Value = serde_json::from_slice(&fs::read(m).unwrap()).unwrap();
+        // 4 layers × 7 Linears, grouped into 4 recipes per layer (qkv, o, gate/up, down).
+        assert_eq!(v["num_quantized_layers"], 28, "{}", m.display());
+        let recipes = v["layer_sensitivity"].as_object().unwrap();
+        assert_eq!(recipes.len(), 16, "{}", m.display());
+        let importances: Vec<f64> = recipes.values().map(|r| r["importance"].as_f64().unwrap()).collect();
+        assert!(importances.iter().all(|x| x.is_finite() && *x >= 0.0), "{}: {importances:?}", m.display());
+        assert!(importances.iter().any(|x| *x > 0.0), "{}: quantizing changed nothing", m.display());
+        let run = m.parent().unwrap();
+        for f in ["per-layer-sensitivity.json", "per-layer-sensitivity.md", "per-layer-sensitivity.svg"] {
+            assert!(run.join(f).is_file(), "{} lacks {f}", run.display());
+        }
+    }
+
+    let err = build(&[]);
+    assert!(err.contains("(0 ran"), "a second build must do nothing:\n{err}");
+
+    let o = qpipe(dir.path(), &["clean"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert!(files_named(dir.path(), ".pt").is_empty(), "clean leaves no .pt intermediates");
+    let mut status = vec!["status"];
+    status.extend_from_slice(&args);
+    let o = qpipe(dir.path(), &status);
+    assert_eq!(o.status.code(), Some(0), "status after clean: {}{}", text(&o).0, text(&o).1);
+    let err = build(&[]);
+    assert!(err.contains("(0 ran"), "clean must not force re-scoring:\n{err}");
+}
+
+#[test]
+fn committed_baselines_are_up_to_date_and_at_parity() {
+    let dir = workspace_copy();
+    copy_into(dir.path(), &["qpipe.lock", "models/tiny_qwen3_vl/layer-analysis"]);
+    let o = qpipe(dir.path(), &["status"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "a fresh copy of the committed analyses is up to date:\n{out}{err}");
+    let o = qpipe(dir.path(), &["verify", "--parity", "weight-int8-act-int8"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    // verify rebuilds into a scratch area and leaves the committed files alone.
+    let committed = "models/tiny_qwen3_vl/layer-analysis/weight-int8-act-int8/README.md";
+    assert_eq!(fs::read(dir.path().join(committed)).unwrap(), fs::read(repo().join(committed)).unwrap());
+}
