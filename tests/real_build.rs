@@ -9,7 +9,8 @@ mod support;
 use support::real::{copy_into, qpipe, repo, text, workspace_copy};
 
 fn pair_names() -> Vec<String> {
-    let yaml: serde_yaml::Value = serde_yaml::from_str(&fs::read_to_string(repo().join("pipeline.yaml")).unwrap()).unwrap();
+    let yaml: serde_yaml::Value =
+        serde_yaml::from_str(&fs::read_to_string(repo().join("pipeline.yaml")).unwrap()).unwrap();
     yaml["groups"]["quant_pair"].as_mapping().unwrap().keys().map(|k| k.as_str().unwrap().to_string()).collect()
 }
 
@@ -32,8 +33,13 @@ fn every_pair_builds_and_clean_never_forces_rescoring() {
     let pairs = pair_names();
     assert_eq!(pairs.len(), 16, "W ∈ {{int4, int8, fp4, fp8}} × A ∈ {{int4, int8, fp8, fp16}}");
     let sweep = format!("quant_pair={}", pairs.join(","));
-    let args =
-        ["output_layout=tmp", sweep.as_str(), "dataset.max_calib_samples=8", "dataset.calib_seq_len=32", "autoquant.batch_size=4"];
+    let args = [
+        "output_layout=tmp",
+        sweep.as_str(),
+        "dataset.max_calib_samples=8",
+        "dataset.calib_seq_len=32",
+        "autoquant.batch_size=4",
+    ];
     let build = |extra: &[&str]| {
         let mut a = vec!["build"];
         a.extend_from_slice(extra);

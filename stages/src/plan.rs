@@ -435,8 +435,12 @@ impl ShapeCache {
         if !self.0.contains_key(&dir) {
             let c = crate::model::TextConfig::from_dir(&dir)
                 .with_context(|| format!("key `model.path`: cannot read the model config in `{path}`"))?;
-            let (h, q, kv, i) =
-                (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size);
+            let (h, q, kv, i) = (
+                c.hidden_size,
+                c.num_attention_heads * c.head_dim,
+                c.num_key_value_heads * c.head_dim,
+                c.intermediate_size,
+            );
             self.0.insert(dir.clone(), vec![(h, q), (h, kv), (q, h), (h, i), (i, h)]);
         }
         Ok(self.0.get(&dir).map(Vec::as_slice))
