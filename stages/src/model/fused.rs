@@ -9,8 +9,9 @@ use rayon::prelude::*;
 /// Rows per rayon task (keeps tasks ≥ ~64 KiB for the sizes here).
 const MIN_ELEMS_PER_TASK: usize = 16 * 1024;
 
-/// Runs `f` on the contiguous f32 data of an untracked CPU tensor.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+/// Runs `f` on the contiguous f32 data of an untracked CPU tensor (`None`: the fast path
+/// does not apply).
+pub(super) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     if t.track_op() || !t.is_contiguous() {
         return None;
     }

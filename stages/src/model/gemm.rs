@@ -7,7 +7,7 @@
 //! the CPU has AVX-512F and both operands are contiguous untracked f32 CPU tensors;
 //! otherwise callers use candle's matmul (same results up to summation order).
 
-use candle_core::{CpuStorage, Storage, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 const MR: usize = 12;
@@ -24,18 +24,6 @@ pub enum RhsLayout {
     Normal,
 }
 
-fn f32_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    if t.track_op() || !t.is_contiguous() {
-        return None;
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let (o1, o2) = layout.contiguous_offsets()?;
-    match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => Some(f(&v[o1..o2])),
-        _ => None,
-    }
-}
-
 /// `a: [m, k]` times `b` (see [`RhsLayout`]) as a new `[m, n]` tensor, or `None` when the
 /// fast path does not apply.
 pub fn matmul(a: &Tensor, b: &Tensor, layout: RhsLayout) -> Option<Tensor> {
@@ -49,7 +37,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, layout: RhsLayout) -> Option<Tensor> {
         RhsLayout::Normal if b0 == k => b1,
         _ => return None,
     };
-    let out = f32_data(a, |a| f32_data(b, |b| sgemm(a, m, k, b, n, layout)))??;
+    let out = super::fused::with_f32(a, |a| super::fused::with_f32(b, |b| sgemm(a, m, k, b, n, layout)))??;
     Tensor::from_vec(out, (m, n), a.device()).ok()
 }
 
@@ -73,8 +61,8 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor, layout: RhsLayout) -> Option<Tenso
         RhsLayout::Normal if b0 == k => b1,
         _ => return None,
     };
-    let out = f32_data(a, |a| {
-        f32_data(b, |b| {
+    let out = super::fused::with_f32(a, |a| {
+        super::fused::with_f32(b, |b| {
             let mut out = vec![0f32; batch * m * n];
             if m * n > 0 {
                 out.par_chunks_mut(m * n).enumerate().for_each(|(i, o)| {

@@ -69,6 +69,23 @@ fn nonzero_rows(g: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(keep.clone(), keep.len(), g.device())?))
 }
 
+/// The fake-quantized weight of every member linear of `recipes`, by name; a non-finite
+/// weight is an error naming its linear.
+fn quantized_weights(
+    model: &dyn ScoreModel,
+    format: &dyn ScoreFormat,
+    recipes: &[Recipe],
+) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for m in recipes.iter().flat_map(|r| &r.members) {
+        let w = model.weight(m)?;
+        check_finite(&w, &format!("the weight of linear `{m}`"))?;
+        let wq = format.quant_weight(m, &w).with_context(|| format!("fake-quantizing the weight of `{m}`"))?;
+        out.insert(m.clone(), wq);
+    }
+    Ok(out)
+}
+
 /// Per-linear prepared tensors for the gradient scorer.
 struct Prepared {
     /// The fake-quantized weight `Wq` `[out, in]`, contiguous.
@@ -109,15 +126,10 @@ pub fn gradient_scores(
     batches: &[Batch],
     progress: &dyn Progress,
 ) -> Result<Vec<f64>> {
-    let mut prepared: HashMap<String, Prepared> = HashMap::new();
-    for r in recipes {
-        for m in &r.members {
-            let w = model.weight(m)?;
-            check_finite(&w, &format!("the weight of linear `{m}`"))?;
-            let wq = format.quant_weight(m, &w).with_context(|| format!("fake-quantizing the weight of `{m}`"))?;
-            prepared.insert(m.clone(), Prepared { wq: wq.contiguous()? });
-        }
-    }
+    let prepared: HashMap<String, Prepared> = quantized_weights(model, format, recipes)?
+        .into_iter()
+        .map(|(m, wq)| Ok((m, Prepared { wq: wq.contiguous()? })))
+        .collect::<Result<_>>()?;
     let quant_input = format.quantizes_input();
     // Rows (token positions) whose output gradient is exactly zero add exactly zero to the
     // score: the difference is computed on the other rows only (left pads whose next label
@@ -204,14 +216,7 @@ pub fn kl_div_scores(
     batches: &[Batch],
     progress: &dyn Progress,
 ) -> Result<Vec<f64>> {
-    let mut qweights: HashMap<String, Tensor> = HashMap::new();
-    for r in recipes {
-        for m in &r.members {
-            let w = model.weight(m)?;
-            check_finite(&w, &format!("the weight of linear `{m}`"))?;
-            qweights.insert(m.clone(), format.quant_weight(m, &w)?);
-        }
-    }
+    let qweights = quantized_weights(model, format, recipes)?;
     // One closure per linear that fake-quantizes its input with its calibrated range.
     type InputFn<'f> = Box<dyn Fn(&Tensor) -> Result<Tensor> + Sync + 'f>;
     let mut input_fns: HashMap<String, InputFn<'_>> = HashMap::new();
