@@ -168,6 +168,7 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn score_run(dir: &Path, format: &str, method: &str) -> Result<()> {
+    score::keep_freed_memory();
     let t0 = Instant::now();
     let tokens: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokens.json"))?)?;
     let ids: Vec<Vec<u32>> = serde_json::from_value(tokens["input_ids"].clone())?;

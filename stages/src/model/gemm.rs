@@ -129,36 +129,57 @@ fn sgemm(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: RhsLayout) 
     if m == 0 || n == 0 {
         return c;
     }
-    c.par_chunks_mut(MC * n).enumerate().for_each(|(bi, cblk)| {
-        let i0 = bi * MC;
+    // Row blocks of whole micro-tiles, as many as keep every thread busy to the end: at
+    // least four per thread, at most MC rows each.
+    let tiles = m.div_ceil(MR);
+    let want = 4 * rayon::current_num_threads();
+    let mc = MR * tiles.div_ceil(want).clamp(1, MC / MR);
+    c.par_chunks_mut(mc * n).enumerate().for_each(|(bi, cblk)| {
+        let i0 = bi * mc;
         let rows = cblk.len() / n;
+        // This block's rows of `a`, packed per micro-tile as [kc][MR] so the kernel's
+        // broadcasts read consecutive floats.
+        let mut apack = vec![0f32; rows.div_ceil(MR) * MR * KC];
         for kb in (0..k).step_by(KC) {
             let kc = KC.min(k - kb);
+            for (t, dst) in apack.chunks_mut(MR * KC).enumerate() {
+                let r0 = t * MR;
+                let mr = MR.min(rows - r0);
+                for r in 0..mr {
+                    let src = &a[(i0 + r0 + r) * k + kb..(i0 + r0 + r) * k + kb + kc];
+                    for (kk, &v) in src.iter().enumerate() {
+                        dst[kk * MR + r] = v;
+                    }
+                }
+            }
             for p in 0..np {
                 let panel = &packed[p * k * NR + kb * NR..p * k * NR + (kb + kc) * NR];
                 let cols = NR.min(n - p * NR);
-                for r0 in (0..rows).step_by(MR) {
+                for (t, ap) in apack.chunks(MR * KC).enumerate() {
+                    let r0 = t * MR;
+                    if r0 >= rows {
+                        break;
+                    }
                     let mr = MR.min(rows - r0);
-                    let a_blk = &a[(i0 + r0) * k + kb..];
                     let c_blk = &mut cblk[r0 * n + p * NR..];
-                    // SAFETY: AVX-512F was detected in `matmul`; the kernel reads `mr` rows
-                    // of `kc` values at stride `k` from `a_blk`, `kc·NR` values of `panel`,
-                    // and reads/writes `cols` values of `mr` rows at stride `n` in `c_blk`,
-                    // all inside the slices (checked by the bounds above).
+                    // SAFETY: AVX-512F was detected in `matmul`; the kernel reads `kc·MR`
+                    // packed values of `ap`, `kc·NR` values of `panel`, and reads/writes
+                    // `cols` values of `mr` rows at stride `n` in `c_blk`, all inside the
+                    // slices (checked by the bounds above).
                     unsafe {
                         match mr {
-                            12 => kernel::<12>(a_blk, k, kc, panel, c_blk, n, cols, kb > 0),
-                            11 => kernel::<11>(a_blk, k, kc, panel, c_blk, n, cols, kb > 0),
-                            10 => kernel::<10>(a_blk, k, kc, panel, c_blk, n, cols, kb > 0),
-                            9 => kernel::<9>(a_blk, k, kc, panel, c_blk, n, cols, kb > 0),
-                            8 => kernel::<8>(a_blk, k, kc, panel, c_blk, n, cols, kb > 0),
-                            7 => kernel::<7>(a_blk, k, kc, panel, c_blk, n, cols, kb > 0),
-                            6 => kernel::<6>(a_blk, k, kc, panel, c_blk, n, cols, kb > 0),
-                            5 => kernel::<5>(a_blk, k, kc, panel, c_blk, n, cols, kb > 0),
-                            4 => kernel::<4>(a_blk, k, kc, panel, c_blk, n, cols, kb > 0),
-                            3 => kernel::<3>(a_blk, k, kc, panel, c_blk, n, cols, kb > 0),
-                            2 => kernel::<2>(a_blk, k, kc, panel, c_blk, n, cols, kb > 0),
-                            _ => kernel::<1>(a_blk, k, kc, panel, c_blk, n, cols, kb > 0),
+                            12 => kernel::<12>(ap, kc, panel, c_blk, n, cols, kb > 0),
+                            11 => kernel::<11>(ap, kc, panel, c_blk, n, cols, kb > 0),
+                            10 => kernel::<10>(ap, kc, panel, c_blk, n, cols, kb > 0),
+                            9 => kernel::<9>(ap, kc, panel, c_blk, n, cols, kb > 0),
+                            8 => kernel::<8>(ap, kc, panel, c_blk, n, cols, kb > 0),
+                            7 => kernel::<7>(ap, kc, panel, c_blk, n, cols, kb > 0),
+                            6 => kernel::<6>(ap, kc, panel, c_blk, n, cols, kb > 0),
+                            5 => kernel::<5>(ap, kc, panel, c_blk, n, cols, kb > 0),
+                            4 => kernel::<4>(ap, kc, panel, c_blk, n, cols, kb > 0),
+                            3 => kernel::<3>(ap, kc, panel, c_blk, n, cols, kb > 0),
+                            2 => kernel::<2>(ap, kc, panel, c_blk, n, cols, kb > 0),
+                            _ => kernel::<1>(ap, kc, panel, c_blk, n, cols, kb > 0),
                         }
                     }
                 }
@@ -173,13 +194,12 @@ fn sgemm(_: &[f32], _: usize, _: usize, _: &[f32], _: usize, _: RhsLayout) -> Ve
     unreachable!("has_avx512() is false off x86_64")
 }
 
-/// `C[R × cols] (+)= A[R × kc] · panel[kc × NR]` for one register tile.
+/// `C[R × cols] (+)= A[R × kc] · panel[kc × NR]` for one register tile; `a` is packed
+/// `[kc][MR]` (the first `R` of each `MR` used).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn kernel<const R: usize>(
     a: &[f32],
-    lda: usize,
     kc: usize,
     panel: &[f32],
     c: &mut [f32],
@@ -188,7 +208,7 @@ unsafe fn kernel<const R: usize>(
     accumulate: bool,
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(a.len() >= (R - 1) * lda + kc && panel.len() >= kc * NR && c.len() >= (R - 1) * ldc + cols);
+    debug_assert!(a.len() >= kc * MR && panel.len() >= kc * NR && c.len() >= (R - 1) * ldc + cols);
     let ap = a.as_ptr();
     let bp = panel.as_ptr();
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
@@ -196,7 +216,7 @@ unsafe fn kernel<const R: usize>(
         let b0 = _mm512_loadu_ps(bp.add(kk * NR));
         let b1 = _mm512_loadu_ps(bp.add(kk * NR + 16));
         for (r, acc) in acc.iter_mut().enumerate() {
-            let av = _mm512_set1_ps(*ap.add(r * lda + kk));
+            let av = _mm512_set1_ps(*ap.add(kk * MR + r));
             acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
             acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
         }
@@ -296,5 +316,34 @@ mod bench {
             f = f.min(t0.elapsed().as_secs_f64());
         }
         eprintln!("q·kᵀ [8,4,256,64]x[8,4,128,64]: candle {:.2} ms, avx512 batched {:.2} ms", c * 1e3, f * 1e3);
+    }
+}
+
+#[cfg(test)]
+mod bench_gflops {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn bench_gemm_gflops() {
+        for &(m, k, n) in
+            &[(1024, 512, 1536), (1024, 1536, 512), (1024, 512, 512), (1024, 512, 4096), (4096, 512, 1536)]
+        {
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let b: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
+            for layout in [RhsLayout::Transposed, RhsLayout::Normal] {
+                let mut s = f64::MAX;
+                for _ in 0..10 {
+                    let t0 = std::time::Instant::now();
+                    std::hint::black_box(sgemm(&a, m, k, &b, n, layout));
+                    s = s.min(t0.elapsed().as_secs_f64());
+                }
+                eprintln!(
+                    "{m}x{k}x{n} {layout:?}: {:.2} ms {:.1} GFLOP/s",
+                    s * 1e3,
+                    2.0 * (m * k * n) as f64 / s / 1e9
+                );
+            }
+        }
     }
 }

@@ -52,9 +52,9 @@
 //!
 //! Linears run on an AVX-512 packed GEMM ([`gemm`]) when the CPU has it, element-wise
 //! parts on fused rayon kernels. A [`ForwardCache`] holds, per layer,
-//! 4 bytes × [N·(2·H + 2·Hq·D + 3·Hkv·D + 2·I) + B·Hq·T²] (H hidden, I intermediate,
-//! Hq/Hkv heads, D head_dim) plus logits: ≈ 230 MB for hidden 512 / 8 layers / 8×128
-//! tokens. On the shared 2-core dev box that mid-size batch takes ≈ 0.5–0.9 s forward and
+//! 4 bytes × N·(4·H + Hq·D + 2·Hkv·D + 2·I) (H hidden, I intermediate, Hq/Hkv heads,
+//! D head_dim) plus logits ([`TextModel::forward_cache_bytes`]): ≈ 220 MB for hidden 512 /
+//! 8 layers / 8×128 tokens. Attention probabilities are recomputed, not kept. On the shared 2-core dev box that mid-size batch takes ≈ 0.5–0.9 s forward and
 //! ≈ 0.6–1.1 s backward (min of 5) while PyTorch 2.15 takes ≈ 1.2 s and ≈ 2 s under the
 //! same load (`cargo test -p qpipe-stages --lib model::tests::bench_midsize -- --ignored
 //! --nocapture`).
@@ -163,23 +163,26 @@ impl Batch {
 struct LayerActs {
     /// Residual stream entering the layer `[N, H]`.
     x: Tensor,
-    /// q_proj / k_proj outputs before q_norm/k_norm, `[N·heads, D]`.
+    /// q_proj / k_proj outputs before q_norm/k_norm, `[N·heads, D]`. The rotated queries
+    /// and keys and the attention probabilities (`B·Hq·T²` values, the largest part at long
+    /// sequences) are recomputed from these when needed ([`TextModel::attention_probs`]).
     q_raw: Tensor,
     k_raw: Tensor,
-    /// Rotated queries `[B, Hkv, G·T, D]`, keys `[B, Hkv, T, D]`, values `[B, Hkv, T, D]`.
-    q: Tensor,
-    k: Tensor,
+    /// Values `[B, Hkv, T, D]`.
     v: Tensor,
-    /// Attention probabilities `[B, Hkv, G·T, T]`.
-    p: Tensor,
     /// Residual after attention `[N, H]`.
     h_mid: Tensor,
     /// gate_proj / up_proj outputs `[N, I]`.
     gate: Tensor,
     up: Tensor,
+    /// o_proj / down_proj outputs `[N, H]` (not needed by the backward; kept so that
+    /// [`TextModel::replay_linears`] can hand out every Linear's output).
+    o_out: Tensor,
+    mlp_out: Tensor,
 }
 
-/// A forward pass with everything [`TextModel::backward`] needs.
+/// A forward pass with everything [`TextModel::backward`] and
+/// [`TextModel::replay_linears`] need ([`TextModel::forward_cache_bytes`] says how much).
 pub struct ForwardCache {
     logits: Tensor,
     layers: Vec<LayerActs>,
@@ -187,6 +190,7 @@ pub struct ForwardCache {
     h_last: Tensor,
     cos: Tensor,
     sin: Tensor,
+    masks: AttnMasks,
     dims: (usize, usize),
 }
 
@@ -351,7 +355,6 @@ impl TextModel {
         let mut h = self.w.embed_tokens.index_select(&ids, 0)?;
         let (cos, sin) = ops::rope_tables(t, d, c.rope_theta, self.dtype, dev)?;
         let masks = AttnMasks::new(&batch.attention_mask, t, self.dtype, dev)?;
-        let scale = 1.0 / (d as f64).sqrt();
         let mut acts = Vec::with_capacity(if keep { c.num_hidden_layers } else { 0 });
 
         for (l, nw) in self.w.norms.iter().enumerate() {
@@ -361,37 +364,122 @@ impl TextModel {
             let q_raw = self.linear(i0, &n1, tap)?.reshape((n * hq, d))?;
             let k_raw = self.linear(i0 + 1, &n1, tap)?.reshape((n * hkv, d))?;
             let v = self.linear(i0 + 2, &n1, tap)?;
-            // [B,T,Hkv,G,D] → [B,Hkv,G,T,D] = [B,Hq,T,D] with query head = kv·G + g
-            let q = ops::rms_norm(&q_raw, &nw.q_norm, eps)?.reshape((b, t, hq, d))?.transpose(1, 2)?.contiguous()?;
-            let q = ops::rope(&q, &cos, &sin)?.reshape((b, hkv, g * t, d))?;
-            let k = ops::rms_norm(&k_raw, &nw.k_norm, eps)?.reshape((b, t, hkv, d))?.transpose(1, 2)?.contiguous()?;
-            let k = ops::rope(&k, &cos, &sin)?;
             let v = v.reshape((b, t, hkv, d))?.transpose(1, 2)?.contiguous()?;
-            let s = bmm_t(&q, &k)?.reshape((b, hkv, g, t, t))?;
-            let p = ops::masked_softmax(&s, scale, &masks, self.attn == AttnImpl::Sdpa)?.reshape((b, hkv, g * t, t))?;
+            let (_, _, p) = self.attention_probs(l, &q_raw, &k_raw, &cos, &sin, &masks, (b, t))?;
             // [B,Hkv,G·T,D] → [B,Hkv,G,T,D] → [B,T,Hkv,G,D] → [N, Hq·D]
             let o = bmm_n(&p, &v)?
                 .reshape((b, hkv, g, t, d))?
                 .permute((0, 3, 1, 2, 4))?
                 .contiguous()?
                 .reshape((n, hq * d))?;
-            let h_mid = (&x + self.linear(i0 + 3, &o, tap)?)?;
+            let o_out = self.linear(i0 + 3, &o, tap)?;
+            let h_mid = (&x + &o_out)?;
             let n2 = ops::rms_norm(&h_mid, &nw.post_attention_layernorm, eps)?;
             let gate = self.linear(i0 + 4, &n2, tap)?;
             let up = self.linear(i0 + 5, &n2, tap)?;
             let a = ops::swiglu(&gate, &up)?;
-            h = (&h_mid + self.linear(i0 + 6, &a, tap)?)?;
+            let mlp_out = self.linear(i0 + 6, &a, tap)?;
+            h = (&h_mid + &mlp_out)?;
             ensure_finite(&h, || format!("the output of decoder layer layers.{l}"))?;
             if keep {
-                acts.push(LayerActs { x, q_raw, k_raw, q, k, v, p, h_mid, gate, up });
+                acts.push(LayerActs { x, q_raw, k_raw, v, h_mid, gate, up, o_out, mlp_out });
             }
         }
         let hidden = ops::rms_norm(&h, &self.w.norm, eps)?;
         ensure_finite(&hidden, || "the final norm's output".to_string())?;
         let logits = matmul_xwt(&hidden, self.w.output_weight())?.reshape((b, t, c.vocab_size))?;
-        let kept =
-            keep.then(|| ForwardCache { logits: logits.clone(), layers: acts, h_last: h, cos, sin, dims: (b, t) });
+        let kept = keep.then(|| ForwardCache {
+            logits: logits.clone(),
+            layers: acts,
+            h_last: h,
+            cos,
+            sin,
+            masks,
+            dims: (b, t),
+        });
         Ok((logits, hidden, kept))
+    }
+
+    /// Layer `l`'s rotated queries `[B, Hkv, G·T, D]` (query head = kv·G + g), rotated keys
+    /// `[B, Hkv, T, D]` and attention probabilities `[B, Hkv, G·T, T]` from its q_proj and
+    /// k_proj outputs `[N·heads, D]`: the same kernels in the forward and, recomputing, in
+    /// the backward and [`Self::replay_linears`], so all see the same bits.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_probs(
+        &self,
+        l: usize,
+        q_raw: &Tensor,
+        k_raw: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        masks: &AttnMasks,
+        (b, t): (usize, usize),
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.cfg;
+        let (hq, hkv, d, g) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.group_size());
+        let (nw, eps) = (&self.w.norms[l], c.rms_norm_eps);
+        // [B,T,Hkv,G,D] → [B,Hkv,G,T,D] = [B,Hq,T,D] with query head = kv·G + g
+        let q = ops::rms_norm(q_raw, &nw.q_norm, eps)?.reshape((b, t, hq, d))?.transpose(1, 2)?.contiguous()?;
+        let q = ops::rope(&q, cos, sin)?.reshape((b, hkv, g * t, d))?;
+        let k = ops::rms_norm(k_raw, &nw.k_norm, eps)?.reshape((b, t, hkv, d))?.transpose(1, 2)?.contiguous()?;
+        let k = ops::rope(&k, cos, sin)?;
+        let s = bmm_t(&q, &k)?.reshape((b, hkv, g, t, t))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let p = ops::masked_softmax(&s, scale, masks, self.attn == AttnImpl::Sdpa)?.reshape((b, hkv, g * t, t))?;
+        Ok((q, k, p))
+    }
+
+    /// Bytes a [`ForwardCache`] of a `[b, t]` batch holds, in the model's dtype:
+    /// per layer `N·(4H + Hq·D + 2·Hkv·D + 2I)` values, plus the logits, the last residual,
+    /// the RoPE tables and the masks (N = b·t).
+    pub fn forward_cache_bytes(&self, b: usize, t: usize) -> u64 {
+        let c = &self.cfg;
+        let n = (b * t) as u64;
+        let (h, i, d) = (c.hidden_size as u64, c.intermediate_size as u64, c.head_dim as u64);
+        let (hq, hkv) = (c.num_attention_heads as u64, c.num_key_value_heads as u64);
+        let per_layer = n * (4 * h + hq * d + 2 * hkv * d + 2 * i);
+        let values = c.num_hidden_layers as u64 * per_layer
+            + n * (c.vocab_size as u64 + h)
+            + 2 * (t as u64) * d
+            + (b * t * (t + 1)) as u64;
+        values * self.dtype.size_in_bytes() as u64
+    }
+
+    /// Every Linear's input and output of the forward kept in `fw`, in module order:
+    /// `f(idx, x, y)` with `x: [N, in]`, `y: [N, out]`, equal bit for bit to what a tap
+    /// saw during that forward. Inputs are recomputed from the kept activations with the
+    /// forward's own kernels (norms, SwiGLU, `p·v`); outputs are the kept tensors. Only one
+    /// layer's recomputed inputs are alive at a time.
+    pub fn replay_linears(
+        &self,
+        fw: &ForwardCache,
+        f: &mut dyn FnMut(usize, &Tensor, &Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let (b, t) = fw.dims;
+        let (hq, hkv, d, g) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.group_size());
+        let (n, eps) = (b * t, c.rms_norm_eps);
+        for (l, a) in fw.layers.iter().enumerate() {
+            let nw = &self.w.norms[l];
+            let i0 = l * LINEARS_PER_LAYER;
+            let n1 = ops::rms_norm(&a.x, &nw.input_layernorm, eps)?;
+            f(i0, &n1, &a.q_raw.reshape((n, hq * d))?)?;
+            f(i0 + 1, &n1, &a.k_raw.reshape((n, hkv * d))?)?;
+            // [B,Hkv,T,D] → [B,T,Hkv,D] undoes the forward's transpose exactly
+            f(i0 + 2, &n1, &a.v.transpose(1, 2)?.contiguous()?.reshape((n, hkv * d))?)?;
+            let (_, _, p) = self.attention_probs(l, &a.q_raw, &a.k_raw, &fw.cos, &fw.sin, &fw.masks, (b, t))?;
+            let o = bmm_n(&p, &a.v)?
+                .reshape((b, hkv, g, t, d))?
+                .permute((0, 3, 1, 2, 4))?
+                .contiguous()?
+                .reshape((n, hq * d))?;
+            f(i0 + 3, &o, &a.o_out)?;
+            let n2 = ops::rms_norm(&a.h_mid, &nw.post_attention_layernorm, eps)?;
+            f(i0 + 4, &n2, &a.gate)?;
+            f(i0 + 5, &n2, &a.up)?;
+            f(i0 + 6, &ops::swiglu(&a.gate, &a.up)?, &a.mlp_out)?;
+        }
+        Ok(())
     }
 
     /// dL/dy of every Linear output (module order, each `[N, out]`) given dL/dlogits
@@ -438,10 +526,11 @@ impl TextModel {
                 d,
             ))?;
             let dp = bmm_t(&d_o, &a.v)?;
-            let dv = a.p.t()?.matmul(&d_o)?; // [B,Hkv,T,D]
-            let ds = (ops::softmax_backward(&a.p, &dp)? * scale)?;
-            let dq = bmm_n(&ds, &a.k)?; // [B,Hkv,G·T,D]
-            let dk = ds.t()?.matmul(&a.q)?; // [B,Hkv,T,D]
+            let (q, k, p) = self.attention_probs(l, &a.q_raw, &a.k_raw, &fw.cos, &fw.sin, &fw.masks, (b, t))?;
+            let dv = p.t()?.matmul(&d_o)?; // [B,Hkv,T,D]
+            let ds = (ops::softmax_backward(&p, &dp)? * scale)?;
+            let dq = bmm_n(&ds, &k)?; // [B,Hkv,G·T,D]
+            let dk = ds.t()?.matmul(&q)?; // [B,Hkv,T,D]
             let dq = ops::rope_backward(&dq.reshape((b, hq, t, d))?, &fw.cos, &neg_sin)?;
             let dk = ops::rope_backward(&dk, &fw.cos, &neg_sin)?;
             let dq = dq.transpose(1, 2)?.contiguous()?.reshape((n * hq, d))?;

@@ -109,6 +109,33 @@ fn backward_matches_candle_autograd() {
 }
 
 #[test]
+fn replay_gives_every_linear_input_and_output_bit_for_bit() {
+    let f = fixture();
+    let batch = fixture_batch(&f);
+    let m = TextModel::load(&ckpt()).unwrap();
+    let mut seen: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
+    let mut tap = |_: usize, _: &str, x: &Tensor, _: &Tensor, y: &Tensor| -> Result<Option<Tensor>> {
+        seen.push((x.flatten_all()?.to_vec1()?, y.flatten_all()?.to_vec1()?));
+        Ok(None)
+    };
+    let fw = m.forward_for_backward(&batch, &mut tap).unwrap();
+    let mut n = 0;
+    m.replay_linears(&fw, &mut |idx, x, y| {
+        assert_eq!(idx, n, "module order");
+        let (sx, sy) = &seen[idx];
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&x.flatten_all()?.to_vec1()?), bits(sx), "input of {}", m.linear_names()[idx]);
+        assert_eq!(bits(&y.flatten_all()?.to_vec1()?), bits(sy), "output of {}", m.linear_names()[idx]);
+        n += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(n, m.num_linears());
+    let (b, t) = batch.dims();
+    assert!(m.forward_cache_bytes(b, t) > 0);
+}
+
+#[test]
 fn tap_replaces_outputs_and_sees_every_linear_in_order() {
     let f = fixture();
     let batch = fixture_batch(&f);

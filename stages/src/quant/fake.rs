@@ -13,7 +13,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::numerics::{e8m0_exponent_nv, pow2, round_e2m1_magnitude, round_e4m3, AMAX_EPSILON, E4M3_MAX};
+use super::numerics::{e8m0_exponent_nv, pow2, rne_small, round_e2m1_magnitude, round_e4m3, AMAX_EPSILON, E4M3_MAX};
 use super::observer::{Amax, AmaxKind, AmaxObserver};
 use super::spec::{NumBits, Role};
 
@@ -263,7 +263,9 @@ fn int_qdq(
         for_each_run(kind, r, cols, |cs, g| {
             let (s, d) = scales[g];
             for (o, &v) in o[cs.clone()].iter_mut().zip(&xr[cs]) {
-                *o = (v * s).round_ties_even().clamp(min_bound, max_bound) / d;
+                // The bounds are integers, so clamping before rounding gives the same value
+                // and keeps the argument of `rne_small` in its exact range.
+                *o = rne_small((v * s).clamp(min_bound, max_bound)) / d;
             }
         });
     });

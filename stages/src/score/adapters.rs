@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Tensor};
 
-use super::backend::{Batch, ForwardSink, GradSink, InputSink, LinearOverride, ScoreFormat, ScoreModel};
+use super::backend::{Batch, InputSink, KeptForward, LinearOverride, LinearSink, ScoreFormat, ScoreModel};
 use super::recipes::LinearInfo;
 use super::FormatParams;
 use crate::contract::Job;
@@ -75,25 +75,30 @@ impl ScoreModel for TextModel {
         Ok(())
     }
 
-    fn forward_backward(
-        &self,
-        batch: &Batch,
-        on_forward: &mut ForwardSink<'_>,
-        on_grad: &mut GradSink<'_>,
-    ) -> Result<f64> {
-        let mb = model_batch(batch)?;
+    fn forward_keep(&self, batch: &Batch, sink: &mut InputSink<'_>) -> Result<KeptForward> {
         let mut tap = |_: usize, name: &str, x: &Tensor, _: &Tensor, y: &Tensor| -> Result<Option<Tensor>> {
             if !y.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
                 bail!("the output of linear `{name}` contains NaN or Inf");
             }
-            on_forward(name, x, y)?;
+            sink(name, x)?;
             Ok(None)
         };
-        let lg = self.linear_output_grads(&mb, Some(batch.pad_token_id), &mut tap)?;
-        for (name, g) in self.linear_names().iter().zip(&lg.grads) {
-            on_grad(name, g)?;
-        }
-        Ok(f64::from(lg.loss))
+        Ok(Box::new(self.forward_for_backward(&model_batch(batch)?, &mut tap)?))
+    }
+
+    fn kept_bytes(&self, batch: &Batch) -> u64 {
+        let (b, t) = (batch.input_ids.len(), batch.input_ids.first().map_or(0, Vec::len));
+        self.forward_cache_bytes(b, t)
+    }
+
+    fn backward_linears(&self, batch: &Batch, kept: KeptForward, sink: &mut LinearSink<'_>) -> Result<f64> {
+        let Ok(fw) = kept.downcast::<model::ForwardCache>() else {
+            bail!("internal error: a kept forward of another model was passed to the Qwen3-VL backward");
+        };
+        let ce = model::loss::shifted_cross_entropy(fw.logits(), &batch.input_ids, Some(batch.pad_token_id))?;
+        let grads = self.backward(&fw, &ce.dlogits)?;
+        self.replay_linears(&fw, &mut |idx, x, y| sink(&self.linear_names()[idx], x, y, &grads[idx]))?;
+        Ok(f64::from(ce.loss))
     }
 
     fn logits(&self, batch: &Batch, overrides: &HashMap<String, LinearOverride<'_>>) -> Result<Tensor> {

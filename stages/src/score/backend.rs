@@ -34,12 +34,13 @@ pub struct LinearOverride<'a> {
     pub input: Option<&'a InputQuant<'a>>,
 }
 
-/// Sees one linear during the unquantized forward of a score batch: its name, input `X`
-/// (`[tokens, in]`) and output `Y = X Wᵀ` (`[tokens, out]`), f32.
-pub type ForwardSink<'a> = dyn FnMut(&str, &Tensor, &Tensor) -> Result<()> + 'a;
+/// Sees one linear after the backward of a score batch: its name, its input `X`
+/// (`[tokens, in]`) and output `Y = X Wᵀ` (`[tokens, out]`) in the unquantized forward, and
+/// `dL/dY` (`[tokens, out]`).
+pub type LinearSink<'a> = dyn FnMut(&str, &Tensor, &Tensor, &Tensor) -> Result<()> + 'a;
 
-/// Receives one linear's `dL/dY` (`[tokens, out]`, f32) after the backward pass.
-pub type GradSink<'a> = dyn FnMut(&str, &Tensor) -> Result<()> + 'a;
+/// An unquantized forward pass the model keeps for its backward; opaque to the scorer.
+pub type KeptForward = Box<dyn std::any::Any>;
 
 /// Receives one linear's input `X` (`[tokens, in]`) during a calibration forward.
 pub type InputSink<'a> = dyn FnMut(&str, &Tensor) -> Result<()> + 'a;
@@ -54,16 +55,15 @@ pub trait ScoreModel {
     fn dtype_name(&self) -> &'static str;
     /// One unquantized forward; `sink` gets every linear's input.
     fn forward_inputs(&self, batch: &Batch, sink: &mut InputSink<'_>) -> Result<()>;
-    /// One unquantized forward and backward of the mean cross-entropy of the shifted logits
-    /// (ignore_index = pad id): `on_forward` sees every linear's input and output during the
-    /// forward, `on_grad` gets every linear's output gradient after the backward.
-    /// Returns the loss.
-    fn forward_backward(
-        &self,
-        batch: &Batch,
-        on_forward: &mut ForwardSink<'_>,
-        on_grad: &mut GradSink<'_>,
-    ) -> Result<f64>;
+    /// One unquantized forward that keeps what [`Self::backward_linears`] needs; `sink`
+    /// gets every linear's input, as in [`Self::forward_inputs`].
+    fn forward_keep(&self, batch: &Batch, sink: &mut InputSink<'_>) -> Result<KeptForward>;
+    /// Bytes [`Self::forward_keep`] holds for `batch` (the scorer's memory plan).
+    fn kept_bytes(&self, batch: &Batch) -> u64;
+    /// The backward of the mean cross-entropy of the shifted logits (ignore_index = pad id)
+    /// of a kept forward; then `sink` sees every linear with its input, output and output
+    /// gradient, in module order. Returns the loss.
+    fn backward_linears(&self, batch: &Batch, kept: KeptForward, sink: &mut LinearSink<'_>) -> Result<f64>;
     /// Logits `[B, T, V]` (f32) with the named linears replaced.
     fn logits(&self, batch: &Batch, overrides: &HashMap<String, LinearOverride<'_>>) -> Result<Tensor>;
 }

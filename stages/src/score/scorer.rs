@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 use rayon::prelude::*;
 
-use super::backend::{Batch, LinearOverride, ScoreFormat, ScoreModel};
+use super::backend::{Batch, KeptForward, LinearOverride, ScoreFormat, ScoreModel};
 use super::recipes::Recipe;
 use crate::contract::Progress;
 
@@ -31,6 +31,15 @@ pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
         bail!("{what} contains NaN or Inf; check the checkpoint's weights and the calibration tokens");
     }
     Ok(())
+}
+
+/// Folds one calibration batch's input of `name` into the format's range; errors name
+/// the linear on NaN/Inf.
+fn observe(format: &dyn ScoreFormat, name: &str, x: &Tensor, batch: usize) -> Result<()> {
+    if !x.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+        bail!("the input of linear `{name}` contains NaN or Inf (calibration batch {batch})");
+    }
+    format.observe_input(name, x).with_context(|| format!("calibrating the input range of `{name}`"))
 }
 
 /// Max calibration: every calibration batch through the unquantized model, each linear's
@@ -44,16 +53,26 @@ pub fn calibrate_inputs(
     progress.phase("calibrate", Some(batches.len() as u64));
     for (bi, b) in batches.iter().enumerate() {
         model
-            .forward_inputs(b, &mut |name, x| {
-                if !x.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
-                    bail!("the input of linear `{name}` contains NaN or Inf (calibration batch {bi})");
-                }
-                format.observe_input(name, x).with_context(|| format!("calibrating the input range of `{name}`"))
-            })
+            .forward_inputs(b, &mut |name, x| observe(format, name, x, bi))
             .with_context(|| format!("calibration forward, batch {bi}"))?;
         progress.advance(1);
     }
     Ok(())
+}
+
+/// Bytes of kept forward passes the `gradient` scorer may hold between calibration and
+/// scoring: `QPIPE_SCORE_KEEP_MIB` (MiB) when set, else half of the memory the kernel
+/// reports available (`MemAvailable`), else 2 GiB. Scores do not depend on it.
+pub fn keep_budget_bytes() -> u64 {
+    if let Some(mib) = std::env::var("QPIPE_SCORE_KEEP_MIB").ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+        return mib << 20;
+    }
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    available.map_or(2 << 30, |kib| kib * 1024 / 2)
 }
 
 /// Indices of the rows of `g` (`[rows, cols]`) that are not all zero; `None` when more than
@@ -113,23 +132,50 @@ pub fn grad_score(g: &Tensor, d: &Tensor) -> Result<f64> {
         .sum())
 }
 
-/// The `gradient` scores of one format: per recipe, Σ over members and score batches.
+/// The `gradient` scores of one format: per recipe, Σ over members and the first
+/// `score_steps` batches. Calibrates first when the format has static input ranges.
 ///
-/// Memory: from the forward to the backward of one batch, each linear's input (shared by
-/// q/k/v and by gate/up) and — when inputs are quantized — its output `[tokens, out]` stay
-/// alive; at most what ModelOpt keeps (`Y_q − Y` per linear and recipe). `Y_q − Y` is then
-/// computed per linear right before its score, on the rows with a non-zero gradient.
+/// Work: per score batch one unquantized forward and one backward, then per linear
+/// `Y_q = q(X)·q(W)ᵀ` on the rows whose gradient is not all zero. With static input ranges,
+/// `Y_q` needs every batch calibrated first, so the calibration forwards of the score
+/// batches are kept (up to `keep_budget` bytes, [`keep_budget_bytes`]) and reused for
+/// the backward instead of running the forward a second time; batches beyond the budget
+/// are forwarded again. ModelOpt runs the calibration forward and a separate scoring forward
+/// for every score batch.
+///
+/// Memory: the kept forwards (up to `keep_budget`), plus, for the batch being scored, every
+/// linear's `dL/dY` and one decoder layer's recomputed inputs at a time.
 pub fn gradient_scores(
     model: &dyn ScoreModel,
     format: &dyn ScoreFormat,
     recipes: &[Recipe],
     batches: &[Batch],
+    score_steps: usize,
+    keep_budget: u64,
     progress: &dyn Progress,
 ) -> Result<Vec<f64>> {
+    let score_steps = score_steps.min(batches.len());
     let prepared: HashMap<String, Prepared> = quantized_weights(model, format, recipes)?
         .into_iter()
         .map(|(m, wq)| Ok((m, Prepared { wq: wq.contiguous()? })))
         .collect::<Result<_>>()?;
+    let mut kept: Vec<Option<KeptForward>> = (0..score_steps).map(|_| None).collect();
+    if format.input_needs_calibration() {
+        progress.phase("calibrate", Some(batches.len() as u64));
+        let mut held = 0u64;
+        for (bi, b) in batches.iter().enumerate() {
+            let mut sink = |name: &str, x: &Tensor| observe(format, name, x, bi);
+            let bytes = model.kept_bytes(b);
+            if bi < score_steps && held + bytes <= keep_budget {
+                kept[bi] =
+                    Some(model.forward_keep(b, &mut sink).with_context(|| format!("calibration forward, batch {bi}"))?);
+                held += bytes;
+            } else {
+                model.forward_inputs(b, &mut sink).with_context(|| format!("calibration forward, batch {bi}"))?;
+            }
+            progress.advance(1);
+        }
+    }
     let quant_input = format.quantizes_input();
     // Rows (token positions) whose output gradient is exactly zero add exactly zero to the
     // score: the difference is computed on the other rows only (left pads whose next label
@@ -137,22 +183,16 @@ pub fn gradient_scores(
     // quantizer treats rows independently (off or a static range).
     let row_subset = !quant_input || format.input_needs_calibration();
     let mut per_linear: HashMap<String, f64> = HashMap::new();
-    progress.phase("score (gradient)", Some(batches.len() as u64));
-    for (bi, b) in batches.iter().enumerate() {
-        // Each linear's input (shared by q/k/v and by gate/up) and, when inputs are
-        // quantized, its output, kept from the forward to the backward.
-        let acts: std::cell::RefCell<HashMap<String, (Tensor, Tensor)>> = Default::default();
-        let mut on_forward = |name: &str, x: &Tensor, y: &Tensor| -> Result<()> {
-            if prepared.contains_key(name) {
-                acts.borrow_mut().insert(name.to_string(), (x.clone(), y.clone()));
-            }
-            Ok(())
+    progress.phase("score (gradient)", Some(score_steps as u64));
+    for (bi, b) in batches[..score_steps].iter().enumerate() {
+        let fw = match kept[bi].take() {
+            Some(fw) => fw,
+            None => model.forward_keep(b, &mut |_, _| Ok(())).with_context(|| format!("score forward, batch {bi}"))?,
         };
         // q/k/v (and gate/up) read the same input with the same calibrated range: quantize it once.
         let mut xq_cache: Option<(candle_core::TensorId, Option<u32>, Tensor)> = None;
-        let mut on_grad = |name: &str, g: &Tensor| -> Result<()> {
-            let Some((x, y)) = acts.borrow_mut().remove(name) else { return Ok(()) };
-            let p = &prepared[name];
+        let mut on_linear = |name: &str, x: &Tensor, y: &Tensor, g: &Tensor| -> Result<()> {
+            let Some(p) = prepared.get(name) else { return Ok(()) };
             let rows = if row_subset { nonzero_rows(g)? } else { None };
             let pick = |t: &Tensor| -> Result<Tensor> {
                 Ok(match &rows {
@@ -167,7 +207,7 @@ pub fn gradient_scores(
                     Some((id, a, xq)) if (*id, *a) == key => xq.clone(),
                     _ => {
                         let xq = format
-                            .quant_input(name, &x)
+                            .quant_input(name, x)
                             .with_context(|| format!("fake-quantizing the input of `{name}`"))?;
                         xq_cache = Some((key.0, key.1, xq.clone()));
                         xq
@@ -175,20 +215,18 @@ pub fn gradient_scores(
                 };
                 pick(&xq)?
             } else {
-                pick(&x)?
+                pick(x)?
             };
             // Y_q with the same kernel the model computed Y with, as ModelOpt runs F.linear twice.
             let y_q = crate::model::matmul_xwt(&x, &p.wq)?;
-            let s = crate::model::gradient_score(&g, &y_q, &pick(&y)?)?;
+            let s = crate::model::gradient_score(&g, &y_q, &pick(y)?)?;
             if !s.is_finite() {
                 bail!("the score of linear `{name}` is not finite (batch {bi}): its input or gradient has NaN/Inf");
             }
             *per_linear.entry(name.to_string()).or_insert(0.0) += s;
             Ok(())
         };
-        model
-            .forward_backward(b, &mut on_forward, &mut on_grad)
-            .with_context(|| format!("score forward/backward, batch {bi}"))?;
+        model.backward_linears(b, fw, &mut on_linear).with_context(|| format!("score backward, batch {bi}"))?;
         progress.advance(1);
     }
     recipes
@@ -260,7 +298,7 @@ pub fn kl_div_scores(
 mod tests {
     use super::*;
     use crate::contract::Silent;
-    use crate::score::backend::{ForwardSink, GradSink, InputSink};
+    use crate::score::backend::{InputSink, LinearSink};
     use crate::score::recipes::LinearInfo;
     use candle_core::Device;
 
@@ -284,9 +322,16 @@ mod tests {
         fn forward_inputs(&self, _: &Batch, sink: &mut InputSink<'_>) -> Result<()> {
             sink("layers.0.mlp.down_proj", &self.x)
         }
-        fn forward_backward(&self, _: &Batch, f: &mut ForwardSink<'_>, g: &mut GradSink<'_>) -> Result<f64> {
-            f("layers.0.mlp.down_proj", &self.x, &self.x.matmul(&self.w.t()?)?)?;
-            g("layers.0.mlp.down_proj", &self.g)?;
+        fn forward_keep(&self, b: &Batch, sink: &mut InputSink<'_>) -> Result<KeptForward> {
+            self.forward_inputs(b, sink)?;
+            Ok(Box::new(self.x.matmul(&self.w.t()?)?))
+        }
+        fn kept_bytes(&self, _: &Batch) -> u64 {
+            8
+        }
+        fn backward_linears(&self, _: &Batch, kept: KeptForward, sink: &mut LinearSink<'_>) -> Result<f64> {
+            let y = kept.downcast::<Tensor>().unwrap();
+            sink("layers.0.mlp.down_proj", &self.x, &y, &self.g)?;
             Ok(0.0)
         }
         fn logits(&self, _: &Batch, _: &HashMap<String, LinearOverride<'_>>) -> Result<Tensor> {
@@ -343,12 +388,17 @@ mod tests {
         let g = Tensor::new(&[[2.0f32], [0.0]], &dev).unwrap();
         let toy = Toy { x, w, g };
         let fmt = Halves { amax: std::sync::Mutex::new(0.0) };
+        let recipes = crate::score::recipes::group(&toy.linears());
+        // Kept forwards (budget 16 bytes: both batches), one kept (8), none: same scores.
+        for budget in [16, 8, 0] {
+            let fmt = Halves { amax: std::sync::Mutex::new(0.0) };
+            let s = gradient_scores(&toy, &fmt, &recipes, &[batch(), batch(), batch()], 2, budget, &Silent).unwrap();
+            assert_eq!(fmt.input_amax("").unwrap(), 2.0);
+            // y = 1.2·0.3 − 0.4·0.9 = 0; y_q = 1·0.5 + 0·1.0 = 0.5; (2 · 0.5)² = 1 per batch.
+            assert!((s[0] - 2.0).abs() < 1e-6, "{s:?}");
+        }
         calibrate_inputs(&toy, &fmt, &[batch()], &Silent).unwrap();
         assert_eq!(fmt.input_amax("").unwrap(), 2.0);
-        let recipes = crate::score::recipes::group(&toy.linears());
-        let s = gradient_scores(&toy, &fmt, &recipes, &[batch(), batch()], &Silent).unwrap();
-        // y = 1.2·0.3 − 0.4·0.9 = 0; y_q = 1·0.5 + 0·1.0 = 0.5; (2 · 0.5)² = 1 per batch.
-        assert!((s[0] - 2.0).abs() < 1e-6, "{s:?}");
     }
 
     #[test]
