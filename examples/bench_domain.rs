@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use qpipe_stages::contract::{Domain, Instance, Job, ParityReport, PlanContext, Run, Stage, Tolerance};
+use qpipe_stages::contract::{Domain, Job, ParityReport, Plan, PlanContext, Run, Stage, Tolerance};
 use qpipe_stages::Qwen3Vl;
 
 struct Trivial {
@@ -38,7 +38,7 @@ impl Domain for Bench {
     fn stages(&self) -> Vec<&dyn Stage> {
         self.stages.iter().map(|s| s as &dyn Stage).collect()
     }
-    fn plan(&self, ctx: &PlanContext, runs: &[Run]) -> anyhow::Result<Vec<Instance>> {
+    fn plan(&self, ctx: &PlanContext, runs: &[Run]) -> anyhow::Result<Plan> {
         Qwen3Vl.plan(ctx, runs)
     }
     fn compare(&self, committed: &Path, candidate: &Path, tol: &Tolerance) -> ParityReport {

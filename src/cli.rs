@@ -184,13 +184,22 @@ fn open<'d>(domain: &'d dyn Domain, cwd: &Path, pipeline: Option<&Path>) -> Resu
     Workspace::open(domain, &file)
 }
 
+/// Plans the runs the overrides describe and prints the domain's warnings about them.
+fn plan(ws: &Workspace<'_>, overrides: &[String], ui: &Ui) -> Result<crate::workspace::Planned> {
+    let planned = ws.plan(overrides)?;
+    for w in &planned.warnings {
+        ui.warn(w);
+    }
+    Ok(planned)
+}
+
 fn dispatch(cli: Cli, domain: &dyn Domain, cwd: &Path, ui: &Ui) -> Result<i32> {
     let ws = open(domain, cwd, cli.pipeline.as_deref())?;
     match cli.command {
         Command::Build(a) => {
             let _lock = if a.dry_run { None } else { Some(BuildLock::acquire(&ws.root)?) };
             let (overrides, targets) = Workspace::split_args(&a.args);
-            let planned = ws.plan(&overrides)?;
+            let planned = plan(&ws, &overrides, ui)?;
             let sel = planned.dag.select(&targets, cwd)?;
             let opts = BuildOptions { dry_run: a.dry_run, force: a.force, jobs: a.jobs.unwrap_or_else(default_jobs) };
             let report = build(&ws, &planned, &sel, &opts, ui)?;
@@ -223,7 +232,7 @@ fn dispatch(cli: Cli, domain: &dyn Domain, cwd: &Path, ui: &Ui) -> Result<i32> {
         }
         Command::Status(a) => {
             let (overrides, targets) = Workspace::split_args(&a.args);
-            let planned = ws.plan(&overrides)?;
+            let planned = plan(&ws, &overrides, ui)?;
             let sel = planned.dag.select(&targets, cwd)?;
             let st = status(&ws, &planned, &sel)?;
             if a.json {
@@ -235,7 +244,7 @@ fn dispatch(cli: Cli, domain: &dyn Domain, cwd: &Path, ui: &Ui) -> Result<i32> {
         }
         Command::Dag(a) => {
             let (overrides, targets) = Workspace::split_args(&a.args);
-            let planned = ws.plan(&overrides)?;
+            let planned = plan(&ws, &overrides, ui)?;
             let sel = planned.dag.select(&targets, cwd)?;
             let d = &planned.dag;
             let text = match a.format {

@@ -210,13 +210,42 @@ impl Pipeline {
 
     /// The ad-hoc runs that command-line overrides describe (`published: false`).
     pub fn override_runs(&self, args: &[String]) -> Result<Vec<Run>> {
-        let axes: Vec<Vec<Assignment>> = args.iter().map(|a| parse_override(a)).collect::<Result<_>>()?;
+        let axes: Vec<Vec<Assignment>> =
+            args.iter().map(|a| self.expand_globs(parse_override(a)?, a)).collect::<Result<_>>()?;
         let mut runs = Vec::new();
         for combo in product(&axes) {
             let config = self.compose(&combo)?;
             runs.push(Run { config, overrides: combo.iter().map(Assignment::display).collect(), published: false });
         }
         Ok(runs)
+    }
+
+    /// Replaces a group selection `GROUP=glob(PATTERN)` by one assignment per option of
+    /// the group whose name matches `PATTERN` (`*` any run of characters, `?` one), in the
+    /// group's order, as Hydra's `glob` sweep does.
+    fn expand_globs(&self, axis: Vec<Assignment>, arg: &str) -> Result<Vec<Assignment>> {
+        let mut out = Vec::new();
+        for a in axis {
+            let pattern = a.value.as_str().and_then(|v| v.strip_prefix("glob(")).and_then(|v| v.strip_suffix(')'));
+            let (Some(pattern), Some(options)) = (pattern, self.groups.get(&a.key).and_then(Value::as_object)) else {
+                out.push(a);
+                continue;
+            };
+            let hits: Vec<&String> = options.keys().filter(|o| glob_match(pattern, o)).collect();
+            if hits.is_empty() {
+                bail!(
+                    "`{arg}`: no option of group `{}` matches `{pattern}`; options: {}",
+                    a.key,
+                    list(options.keys(), 40)
+                );
+            }
+            out.extend(hits.into_iter().map(|o| Assignment {
+                key: a.key.clone(),
+                value: Value::String(o.clone()),
+                add: a.add,
+            }));
+        }
+        Ok(out)
     }
 
     /// Compose one run from single-valued assignments.
@@ -291,6 +320,30 @@ pub fn parse_override(arg: &str) -> Result<Vec<Assignment>> {
             Ok(Assignment { key: key.to_string(), value, add })
         })
         .collect()
+}
+
+/// Whether `name` matches the glob `pattern` (`*` any run of characters, `?` one).
+fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    // Iterative matcher with backtracking to the last `*`.
+    let (mut i, mut j, mut star, mut mark) = (0, 0, None, 0);
+    while j < n.len() {
+        if i < p.len() && (p[i] == '?' || p[i] == n[j]) {
+            i += 1;
+            j += 1;
+        } else if i < p.len() && p[i] == '*' {
+            star = Some(i);
+            mark = j;
+            i += 1;
+        } else if let Some(s) = star {
+            i = s + 1;
+            mark += 1;
+            j = mark;
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|&c| c == '*')
 }
 
 /// Cartesian product of the axes, first axis slowest.
@@ -491,6 +544,20 @@ publish:
         let pubs = p().publish_runs().unwrap();
         assert_eq!(pubs.len(), 4);
         assert!(pubs.iter().all(|r| r.published));
+    }
+
+    #[test]
+    fn glob_sweeps_select_matching_options() {
+        let runs = p().override_runs(&["model=glob(*)".into()]).unwrap();
+        let names: Vec<_> = runs.iter().map(|r| r.config["model"]["name"].as_str().unwrap().to_string()).collect();
+        assert_eq!(names, ["tiny", "big"]);
+        let runs = p().override_runs(&["model=glob(t?n*)".into(), "dataset.size=a,b".into()]).unwrap();
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[0].overrides, ["model=tiny", "dataset.size=a"]);
+        let e = p().override_runs(&["model=glob(x*)".into()]).unwrap_err().to_string();
+        assert!(e.contains("no option of group `model` matches `x*`") && e.contains("tiny"), "{e}");
+        assert!(glob_match("w*_a*", "wfp4_afp16") && glob_match("*", "") && glob_match("a*b*c", "aXbYbc"));
+        assert!(!glob_match("w*_afp8", "wfp4_afp16") && !glob_match("?", "") && !glob_match("ab", "abc"));
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct Planned {
     pub dag: Dag,
     /// Per instance: does it feed published artifacts (its lock entry goes to `qpipe.lock`)?
     pub published: Vec<bool>,
+    /// The domain's warnings about the plan (skipped runs of a sweep, experimental formats).
+    pub warnings: Vec<String>,
 }
 
 /// Find the pipeline file: `explicit` (relative to `cwd`), else `pipeline.yaml` in `cwd` or
@@ -93,7 +95,8 @@ impl<'d> Workspace<'d> {
     /// Plan runs. An instance is published when it is also an instance of the publish
     /// matrix (`published_ids`, computed when not given).
     pub fn plan_runs(&self, runs: &[Run], published_ids: Option<HashSet<String>>) -> Result<Planned> {
-        let instances = self.domain.plan(&self.ctx(), runs).context("cannot plan the pipeline's runs")?;
+        let plan = self.domain.plan(&self.ctx(), runs).context("cannot plan the pipeline's runs")?;
+        let (instances, warnings) = (plan.instances, plan.warnings);
         let ids = match published_ids {
             Some(ids) => ids,
             None if runs.iter().all(|r| r.published) => instances.iter().map(|i| i.id.clone()).collect(),
@@ -104,13 +107,13 @@ impl<'d> Workspace<'d> {
         }
         let published = instances.iter().map(|i| ids.contains(&i.id)).collect();
         let dag = Dag::new(&self.root, instances)?;
-        Ok(Planned { dag, published })
+        Ok(Planned { dag, published, warnings })
     }
 
     /// Ids of the publish matrix's instances.
     pub fn published_ids(&self) -> Result<HashSet<String>> {
         let runs = self.pipeline.publish_runs()?;
-        Ok(self.domain.plan(&self.ctx(), &runs)?.into_iter().map(|i| i.id).collect())
+        Ok(self.domain.plan(&self.ctx(), &runs)?.instances.into_iter().map(|i| i.id).collect())
     }
 
     /// Absolute path of a normalized path.

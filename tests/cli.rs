@@ -20,6 +20,36 @@ fn the_repository_pipeline_plans_into_a_dag() {
 }
 
 #[test]
+fn the_whole_grid_dry_runs_and_skips_only_what_cannot_be_built() {
+    // 16 pairs × 9 granularities × 3 sizes on the embedded default model, into tmp/.
+    let args = [
+        "build",
+        "--dry-run",
+        "output_layout=tmp",
+        "quant_pair=glob(*)",
+        "quant_granularity=glob(*)",
+        "dataset.size=small,medium,large",
+    ];
+    let o = qpipe(&repo(), &args);
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    // FP4 (E2M1) weights have no per-tensor or per-channel form: 4 FP4 pairs × 4 overlays × 3 sizes.
+    assert!(err.contains("48 of 432 runs skipped"), "{err}");
+    for g in ["w_per_tensor", "w_per_out_channel", "w_per_in_channel", "recipe_match_channel_token"] {
+        let line = format!("skipping 3 runs: quant_pair `wfp4_afp8` × quant_granularity `{g}`");
+        assert!(err.contains(&line), "{line}\n{err}");
+    }
+    assert_eq!(err.matches("Would run score@").count(), 384, "{err}");
+    assert!(err.contains("weight-fp4-act-fp8/w_group64/"), "{err}");
+    assert!(err.contains("quant pair `wint4_aint4` (INT4_WEIGHT_INT4_ACT_CFG) is marked experimental"), "{err}");
+    // Asked for alone, the same cell is an error naming pair, overlay and reason.
+    let o = qpipe(&repo(), &["build", "--dry-run", "quant_pair=wfp4_afp8", "quant_granularity=w_per_out_channel"]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("wfp4_afp8") && err.contains("w_per_out_channel") && err.contains("E2M1"), "{err}");
+}
+
+#[test]
 fn unknown_pairs_suggest_the_nearest() {
     let o = qpipe(&repo(), &["dag", "quant_pair=wfp8_afp61"]);
     let (_, err) = text(&o);

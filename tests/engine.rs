@@ -193,6 +193,15 @@ fn overrides_and_sweeps_build_ad_hoc_runs_into_the_scratch_lock() {
 }
 
 #[test]
+fn the_domains_plan_warnings_are_printed_before_any_work() {
+    let env = Env::new();
+    for cmd in ["dag", "status", "build"] {
+        let r = env.qp(&[cmd, "+warn=this pair is experimental"]);
+        assert!(r.err.contains("warning: this pair is experimental"), "{cmd}: {}", r.err);
+    }
+}
+
+#[test]
 fn unknown_names_and_malformed_yaml_are_clear_errors() {
     let env = Env::new();
     let r = env.qp(&["status", "sise=small"]);

@@ -67,6 +67,15 @@ pub struct Run {
     pub published: bool,
 }
 
+/// What planning produced.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub instances: Vec<Instance>,
+    /// Lines for the user (printed as `warning: …` before any work): runs of a sweep that
+    /// were skipped and why, formats that are experimental.
+    pub warnings: Vec<String>,
+}
+
 /// What the planner gets besides the runs.
 #[derive(Debug, Clone)]
 pub struct PlanContext {
@@ -167,7 +176,7 @@ pub trait Domain: Sync {
     /// Check and expand composed configurations into stage instances. Errors name the
     /// config key and say what is valid. Instances shared between runs (one calibration
     /// set feeding many pairs) are returned once.
-    fn plan(&self, ctx: &PlanContext, runs: &[Run]) -> anyhow::Result<Vec<Instance>>;
+    fn plan(&self, ctx: &PlanContext, runs: &[Run]) -> anyhow::Result<Plan>;
     /// Compare the artifacts of a run folder with a reference folder.
     fn compare(&self, committed: &Path, candidate: &Path, tol: &Tolerance) -> ParityReport;
 }

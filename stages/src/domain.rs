@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::contract::{Domain, Instance, ParityReport, PlanContext, Run, Stage, Tolerance};
+use crate::contract::{Domain, ParityReport, Plan, PlanContext, Run, Stage, Tolerance};
 use crate::{aggregate, build_calib, docs, fetch_model, parity, plan, render, score};
 
 /// The domain: its stage kinds, its planner, its parity comparison.
@@ -20,7 +20,7 @@ impl Domain for Qwen3Vl {
         ]
     }
 
-    fn plan(&self, ctx: &PlanContext, runs: &[Run]) -> anyhow::Result<Vec<Instance>> {
+    fn plan(&self, ctx: &PlanContext, runs: &[Run]) -> anyhow::Result<Plan> {
         plan::plan(ctx, runs)
     }
 

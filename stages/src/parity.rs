@@ -605,7 +605,7 @@ mod tests {
         });
         let ctx = crate::contract::PlanContext { root: dir.path().into(), pipeline_file: "pipeline.yaml".into() };
         let run = crate::contract::Run { config, overrides: vec![], published: false };
-        let inst = crate::plan::plan(&ctx, &[run]).unwrap();
+        let inst = crate::plan::plan(&ctx, &[run]).unwrap().instances;
         let agg = inst.iter().find(|i| i.kind == "aggregate").unwrap();
         for path in files_named(&legacy, MANIFEST_SUFFIX) {
             let theirs = pyjson::read(&path).unwrap();

@@ -13,14 +13,14 @@
 //! `layer-analysis/` folder. Instances shared by several runs (one calibration set feeds
 //! every pair) come out once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::contract::{Instance, OutSpec, PlanContext, Run};
+use crate::contract::{Instance, OutSpec, Plan, PlanContext, Run};
 
 /// The domain's view of one composed run. Unknown keys are errors.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -386,7 +386,13 @@ struct RunPlan {
 
 /// Expand runs into instances. Runs are checked first; the first bad run stops planning
 /// with an error naming the run (its overrides) and the key.
-pub fn plan(ctx: &PlanContext, runs: &[Run]) -> Result<Vec<Instance>> {
+///
+/// A pair × granularity that cannot be built (an overlay that makes no sense for the
+/// format, a block size that does not divide a Linear's input dimension) is an error when
+/// it is the only run. In a sweep of several runs it is skipped with a warning naming the
+/// run and the reason, so that a whole-grid sweep builds every cell that exists; a sweep
+/// whose runs are all skipped is an error. Experimental pairs get a warning.
+pub fn plan(ctx: &PlanContext, runs: &[Run]) -> Result<Plan> {
     let mut out: Vec<Instance> = Vec::new();
     let mut index: BTreeMap<String, usize> = BTreeMap::new();
     let mut push = |inst: Instance, out: &mut Vec<Instance>| -> Result<()> {
@@ -407,19 +413,57 @@ pub fn plan(ctx: &PlanContext, runs: &[Run]) -> Result<Vec<Instance>> {
 
     let mut planned: Vec<RunPlan> = Vec::new();
     let mut shapes = ShapeCache::default();
+    let mut warnings = Vec::new();
+    // Reasons a sweep's runs were skipped (one per pair × granularity), with their runs.
+    let mut skipped: Vec<(String, Vec<String>)> = Vec::new();
+    let mut experimental = BTreeSet::new();
     for run in runs {
         let cfg = RunConfig::from_value(&run.config).with_context(|| format!("in run {}", describe_run(run)))?;
-        check_format(ctx, &cfg, &mut shapes).with_context(|| format!("in run {}", describe_run(run)))?;
+        if let Err(e) = check_format(ctx, &cfg, &mut shapes)? {
+            if runs.len() == 1 {
+                return Err(e.context(format!("in run {}", describe_run(run))));
+            }
+            let reason = format!("{e:#}");
+            match skipped.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, runs)) => runs.push(describe_run(run)),
+                None => skipped.push((reason, vec![describe_run(run)])),
+            }
+            continue;
+        }
+        if cfg.quant_pair.experimental && experimental.insert(cfg.quant_pair.name.clone()) {
+            warnings.push(format!(
+                "quant pair `{}` ({}) is marked experimental in the pipeline",
+                cfg.quant_pair.name, cfg.quant_pair.format_name
+            ));
+        }
         let (instances, run_dir, manifest) = run_instances(ctx, &cfg)?;
         for inst in instances {
             push(inst, &mut out)?;
         }
         planned.push(RunPlan { cfg, run: run.clone(), run_dir, manifest });
     }
+    let n_skipped: usize = skipped.iter().map(|(_, r)| r.len()).sum();
+    let lines: Vec<String> = skipped
+        .iter()
+        .map(|(reason, r)| match r.as_slice() {
+            [one] => format!("run {one}: {reason}"),
+            many => format!("{} runs: {reason}", many.len()),
+        })
+        .collect();
+    if n_skipped > 0 && planned.is_empty() {
+        bail!("none of the {} runs can be built:\n  {}", runs.len(), lines.join("\n  "));
+    }
+    warnings.extend(lines.iter().map(|l| format!("skipping {l}")));
+    if n_skipped > 0 {
+        warnings.push(format!(
+            "{n_skipped} of {} runs skipped: their pair × granularity cannot be built (see above)",
+            runs.len()
+        ));
+    }
     for inst in docs_instances(ctx, &planned)? {
         push(inst, &mut out)?;
     }
-    Ok(out)
+    Ok(Plan { instances: out, warnings })
 }
 
 /// Linear shapes `(in_features, out_features)` of each local checkpoint, read once per plan.
@@ -447,15 +491,15 @@ impl ShapeCache {
     }
 }
 
-/// Rejects, before any stage runs, a pair × granularity that cannot be built: an unknown
-/// format, an overlay that makes no sense for it, a block size that does not divide a
-/// Linear's input dimension.
-fn check_format(ctx: &PlanContext, cfg: &RunConfig, shapes: &mut ShapeCache) -> Result<()> {
+/// Whether a pair × granularity can be built, checked before any stage runs: the inner
+/// error names an unknown format, an overlay that makes no sense for it, or a block size
+/// that does not divide a Linear's input dimension. The outer error is a model config that
+/// cannot be read.
+fn check_format(ctx: &PlanContext, cfg: &RunConfig, shapes: &mut ShapeCache) -> Result<Result<()>> {
     let q = &cfg.quant_pair;
     let g = &cfg.quant_granularity;
     let shapes = shapes.get(ctx, cfg)?.unwrap_or(&[]);
-    crate::quant::check_combination(&q.name, &g.name, &q.format_name, &g.quant_cfg_overrides, shapes)?;
-    Ok(())
+    Ok(crate::quant::check_combination(&q.name, &g.name, &q.format_name, &g.quant_cfg_overrides, shapes).map(|_| ()))
 }
 
 fn describe_run(run: &Run) -> String {
@@ -887,8 +931,32 @@ pub(crate) mod tests {
         let e = format!("{:#}", plan(&ctx, &[run(v.clone())]).unwrap_err());
         assert!(e.contains("w_group96") && e.contains("96"), "{e}");
         // The same overlay with a dividing size plans.
-        v["quant_granularity"]["quant_cfg_overrides"]["*weight_quantizer"]["block_sizes"]["-1"] = json!(64);
-        assert!(plan(&ctx, &[run(v)]).is_ok());
+        let mut good = v.clone();
+        good["quant_granularity"]["quant_cfg_overrides"]["*weight_quantizer"]["block_sizes"]["-1"] = json!(64);
+        assert!(plan(&ctx, &[run(good.clone())]).is_ok());
+        // In a sweep the bad run is skipped with a warning; the good one plans.
+        let p = plan(&ctx, &[run(v.clone()), run(good)]).unwrap();
+        assert!(
+            p.warnings.iter().any(|w| w.starts_with("skipping run") && w.contains("w_group96")),
+            "{:?}",
+            p.warnings
+        );
+        assert!(p.warnings.iter().any(|w| w.contains("1 of 2 runs skipped")), "{:?}", p.warnings);
+        assert_eq!(p.instances.iter().filter(|i| i.kind == "score").count(), 1);
+        // A sweep of runs that all cannot be built is an error listing each reason once.
+        let e = format!("{:#}", plan(&ctx, &[run(v.clone()), run(v.clone())]).unwrap_err());
+        assert!(
+            e.contains("none of the 2 runs can be built") && e.contains("2 runs: ") && e.contains("w_group96"),
+            "{e}"
+        );
+        // Experimental pairs warn, once per pair.
+        v["quant_granularity"] = json!({"name": "default", "quant_cfg_overrides": {}});
+        v["quant_pair"]["experimental"] = json!(true);
+        let p = plan(&ctx, &[run(v.clone()), run(v)]).unwrap();
+        assert_eq!(
+            p.warnings,
+            ["quant pair `wint4_afp16` (INT4_BLOCKWISE_WEIGHT_ONLY_CFG) is marked experimental in the pipeline"]
+        );
     }
 
     #[test]
@@ -914,7 +982,7 @@ pub(crate) mod tests {
         copy_tiny_config(dir.path());
         std::fs::write(dir.path().join("c.txt"), "a\n").unwrap();
         let ctx = PlanContext { root: dir.path().to_path_buf(), ..ctx() };
-        let inst = plan(&ctx, &runs).unwrap();
+        let inst = plan(&ctx, &runs).unwrap().instances;
         let kinds: Vec<_> = inst.iter().map(|i| i.kind.as_str()).collect();
         assert_eq!(
             kinds,
@@ -944,7 +1012,7 @@ pub(crate) mod tests {
         scratch["runner"]["output_dir"] = json!("tmp/x");
         runs.push(Run { config: scratch, overrides: vec![], published: true });
         runs.push(Run { config: base(), overrides: vec![], published: false });
-        let inst = plan(&ctx, &runs).unwrap();
+        let inst = plan(&ctx, &runs).unwrap().instances;
         let docs: Vec<&Instance> = inst.iter().filter(|i| i.kind == "docs").collect();
         assert_eq!(docs.len(), 2, "{docs:#?}");
         let pair = docs[0];
@@ -969,7 +1037,7 @@ pub(crate) mod tests {
         assert_eq!(model.params["pairs"][0]["sizes"], json!(["small", "medium", "large"]));
         assert_eq!(model.params["pipeline_file"], json!("pipeline.yaml"));
         // Deterministic, and nothing machine-specific in the parameters.
-        let again = plan(&ctx, &runs).unwrap();
+        let again = plan(&ctx, &runs).unwrap().instances;
         assert_eq!(inst, again);
         for d in &docs {
             let text = d.params.to_string();

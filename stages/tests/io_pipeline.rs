@@ -60,7 +60,7 @@ fn planned_fetch_and_calibration_run() {
     let tmp = tempfile::tempdir().unwrap();
     for (size, n) in [("small", 16), ("large", 512)] {
         let runs = [Run { config: config(size), overrides: vec![], published: false }];
-        let instances = qpipe_stages::plan::plan(&ctx, &runs).unwrap();
+        let instances = qpipe_stages::plan::plan(&ctx, &runs).unwrap().instances;
         let fetch = instances.iter().find(|i| i.kind == "fetch-model").unwrap();
         let calib = instances.iter().find(|i| i.kind == "build-calib").unwrap();
         let fetch_out = run(&FetchModel, fetch, &root, fetch.deps.iter().map(|d| root.join(d)).collect(), tmp.path());

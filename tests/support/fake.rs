@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use qpipe_stages::contract::{Domain, Instance, Job, OutSpec, ParityReport, PlanContext, Run, Stage, Tolerance};
+use qpipe_stages::contract::{Domain, Instance, Job, OutSpec, ParityReport, Plan, PlanContext, Run, Stage, Tolerance};
 use serde_json::{json, Value};
 
 /// The test pipeline the fake domain understands.
@@ -196,8 +196,9 @@ impl Domain for Fake {
         vec![&self.prep, &self.score, &self.render, &self.looper, &self.summary]
     }
 
-    fn plan(&self, _ctx: &PlanContext, runs: &[Run]) -> Result<Vec<Instance>> {
+    fn plan(&self, _ctx: &PlanContext, runs: &[Run]) -> Result<Plan> {
         let mut out: Vec<Instance> = Vec::new();
+        let warnings = runs.iter().filter_map(|r| r.config["warn"].as_str().map(str::to_string)).collect();
         let mut push = |i: Instance| {
             if !out.iter().any(|o| o.id == i.id) {
                 out.push(i);
@@ -271,7 +272,7 @@ impl Domain for Fake {
                 }
             }
         }
-        Ok(out)
+        Ok(Plan { instances: out, warnings })
     }
 
     fn compare(&self, committed: &Path, candidate: &Path, _tol: &Tolerance) -> ParityReport {
