@@ -10,6 +10,7 @@ in-process `auto_quantize` time, peak RSS. Writes `<dir>/modelopt_state_<method>
 """
 
 import json
+import os
 import resource
 import sys
 import time
@@ -34,14 +35,18 @@ def main() -> int:
     import modelopt_oracle as oracle
 
     cfg = AutoConfig.from_pretrained(str(d))
-    lm = Qwen3VLTextModel._from_config(cfg.text_config, dtype=torch.float32)
-    sd = load_file(str(d / "model.safetensors"))
+    # QPIPE_BENCH_DTYPE=float64: the same run in float64, the rounding-noise-free reference
+    # that both f32 sides can be held against (the state file gets a `_float64` suffix).
+    dtype_name = os.environ.get("QPIPE_BENCH_DTYPE", "float32")
+    dtype = getattr(torch, dtype_name)
+    lm = Qwen3VLTextModel._from_config(cfg.text_config, dtype=dtype)
+    sd = {k: v.to(dtype) for k, v in load_file(str(d / "model.safetensors")).items()}
     prefix = "model.language_model."
     missing, unexpected = lm.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, strict=False)
     missing = [m for m in missing if "rotary" not in m]
     assert not missing and not unexpected, (missing, unexpected)
     lm.eval()
-    lm_head = torch.nn.Linear(cfg.text_config.hidden_size, cfg.text_config.vocab_size, bias=False)
+    lm_head = torch.nn.Linear(cfg.text_config.hidden_size, cfg.text_config.vocab_size, bias=False, dtype=dtype)
     lm_head.weight = torch.nn.Parameter(sd[prefix + "embed_tokens.weight"].clone(), requires_grad=False)
     tok = json.loads((d / "tokens.json").read_text())
     ids = torch.tensor(tok["input_ids"], dtype=torch.long)
@@ -52,7 +57,8 @@ def main() -> int:
     load_s = time.perf_counter() - t0
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     _, state, score_s = oracle.run_case(lm, lm_head, batches, tok["pad_token_id"], fmt_cfg, method, 8.0, steps)
-    (d / f"modelopt_state_{method}.json").write_text(json.dumps(oracle.state_to_json(state, None), indent=1))
+    suffix = "" if dtype_name == "float32" else f"_{dtype_name}"
+    (d / f"modelopt_state_{method}{suffix}.json").write_text(json.dumps(oracle.state_to_json(state, None), indent=1))
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     score_cpu_s = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     rss = ru1.ru_maxrss / 1024.0

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 const MR: usize = 12;
 const NR: usize = 32;
 const KC: usize = 256;
-const MC: usize = 96;
+const MC: usize = 192;
 
 /// How the right-hand operand `b` is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,19 +63,26 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor, layout: RhsLayout) -> Option<Tenso
     };
     let out = super::fused::with_f32(a, |a| {
         super::fused::with_f32(b, |b| {
-            let mut out = vec![0f32; batch * m * n];
-            if m * n > 0 {
-                out.par_chunks_mut(m * n).enumerate().for_each(|(i, o)| {
-                    o.copy_from_slice(&sgemm(
+            let mut out: Vec<f32> = Vec::with_capacity(batch * m * n);
+            let op = SendPtr(out.as_mut_ptr());
+            (0..batch).into_par_iter().for_each(|i| {
+                let op = &op;
+                // SAFETY: product `i` writes exactly the `m·n` values at offset `i·m·n` of the
+                // `batch·m·n` allocated; the products' ranges are disjoint.
+                unsafe {
+                    sgemm_raw(
                         &a[i * m * k..(i + 1) * m * k],
                         m,
                         k,
                         &b[i * k * n..(i + 1) * k * n],
                         n,
                         layout,
-                    ));
-                });
-            }
+                        op.0.add(i * m * n),
+                    )
+                };
+            });
+            // SAFETY: every one of the `batch·m·n` values was written above.
+            unsafe { out.set_len(batch * m * n) };
             out
         })
     })??;
@@ -121,22 +128,49 @@ fn pack_rhs(b: &[f32], k: usize, n: usize, layout: RhsLayout) -> Vec<f32> {
     packed
 }
 
-#[cfg(target_arch = "x86_64")]
+/// A pointer to the output shared by the threads that write disjoint parts of it.
+struct SendPtr(*mut f32);
+// SAFETY: only used to write disjoint ranges from different threads (see the callers).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `a · b` (see [`RhsLayout`]) as a new row-major `[m, n]` vector.
 fn sgemm(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: RhsLayout) -> Vec<f32> {
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: `sgemm_raw` writes all `m·n` values at `c` (no zero-fill needed first).
+    unsafe {
+        sgemm_raw(a, m, k, b, n, layout, c.as_mut_ptr());
+        c.set_len(m * n);
+    }
+    c
+}
+
+/// Writes `a · b` to the `m·n` row-major values at `c`, every one of them, without
+/// reading them first.
+///
+/// # Safety
+/// `c` must be valid for writes of `m·n` values, and AVX-512F must be available.
+#[cfg(target_arch = "x86_64")]
+unsafe fn sgemm_raw(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: RhsLayout, c: *mut f32) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        std::ptr::write_bytes(c, 0, m * n);
+        return;
+    }
     let packed = pack_rhs(b, k, n, layout);
     let np = n.div_ceil(NR);
-    let mut c = vec![0f32; m * n];
-    if m == 0 || n == 0 {
-        return c;
-    }
+    let cp = SendPtr(c);
     // Row blocks of whole micro-tiles, as many as keep every thread busy to the end: at
     // least four per thread, at most MC rows each.
     let tiles = m.div_ceil(MR);
     let want = 4 * rayon::current_num_threads();
     let mc = MR * tiles.div_ceil(want).clamp(1, MC / MR);
-    c.par_chunks_mut(mc * n).enumerate().for_each(|(bi, cblk)| {
+    (0..m.div_ceil(mc)).into_par_iter().for_each(|bi| {
+        let cp = &cp;
         let i0 = bi * mc;
-        let rows = cblk.len() / n;
+        let rows = mc.min(m - i0);
         // This block's rows of `a`, packed per micro-tile as [kc][MR] so the kernel's
         // broadcasts read consecutive floats.
         let mut apack = vec![0f32; rows.div_ceil(MR) * MR * KC];
@@ -161,12 +195,13 @@ fn sgemm(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: RhsLayout) 
                         break;
                     }
                     let mr = MR.min(rows - r0);
-                    let c_blk = &mut cblk[r0 * n + p * NR..];
-                    // SAFETY: AVX-512F was detected in `matmul`; the kernel reads `kc·MR`
-                    // packed values of `ap`, `kc·NR` values of `panel`, and reads/writes
-                    // `cols` values of `mr` rows at stride `n` in `c_blk`, all inside the
-                    // slices (checked by the bounds above).
-                    unsafe {
+                    // SAFETY: AVX-512F is available (the caller's contract); the kernel reads
+                    // `kc·MR` packed values of `ap` and `kc·NR` values of `panel` (inside
+                    // the slices), and writes (and, from the second `kb` on, reads back)
+                    // `cols` values of `mr` rows at stride `n` from `c_blk`: rows
+                    // `i0 + r0 ..` of this thread's own block, inside the `m·n` output.
+                    let c_blk = cp.0.add((i0 + r0) * n + p * NR);
+                    {
                         match mr {
                             12 => kernel::<12>(ap, kc, panel, c_blk, n, cols, kb > 0),
                             11 => kernel::<11>(ap, kc, panel, c_blk, n, cols, kb > 0),
@@ -186,11 +221,10 @@ fn sgemm(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: RhsLayout) 
             }
         }
     });
-    c
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn sgemm(_: &[f32], _: usize, _: usize, _: &[f32], _: usize, _: RhsLayout) -> Vec<f32> {
+unsafe fn sgemm_raw(_: &[f32], _: usize, _: usize, _: &[f32], _: usize, _: RhsLayout, _: *mut f32) {
     unreachable!("has_avx512() is false off x86_64")
 }
 
@@ -202,13 +236,13 @@ unsafe fn kernel<const R: usize>(
     a: &[f32],
     kc: usize,
     panel: &[f32],
-    c: &mut [f32],
+    c: *mut f32,
     ldc: usize,
     cols: usize,
     accumulate: bool,
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(a.len() >= kc * MR && panel.len() >= kc * NR && c.len() >= (R - 1) * ldc + cols);
+    debug_assert!(a.len() >= kc * MR && panel.len() >= kc * NR && cols <= NR && ldc >= cols);
     let ap = a.as_ptr();
     let bp = panel.as_ptr();
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
@@ -229,9 +263,8 @@ unsafe fn kernel<const R: usize>(
     } else {
         0
     };
-    let cp = c.as_mut_ptr();
     for (r, acc) in acc.iter().enumerate() {
-        let row = cp.add(r * ldc);
+        let row = c.add(r * ldc);
         let (mut v0, mut v1) = (acc[0], acc[1]);
         if accumulate {
             v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));

@@ -159,7 +159,12 @@ impl Batch {
     }
 }
 
+/// Receives one decoder layer in the backward pass: its index, kept activations, attention
+/// probabilities and dL/dy of its seven Linears (module order).
+type LayerSink<'a> = dyn FnMut(usize, &LayerActs, &Tensor, [Tensor; LINEARS_PER_LAYER]) -> Result<()> + 'a;
+
 /// Activations of one decoder layer kept for the backward pass.
+#[derive(Clone)]
 struct LayerActs {
     /// Residual stream entering the layer `[N, H]`.
     x: Tensor,
@@ -176,13 +181,15 @@ struct LayerActs {
     gate: Tensor,
     up: Tensor,
     /// o_proj / down_proj outputs `[N, H]` (not needed by the backward; kept so that
-    /// [`TextModel::replay_linears`] can hand out every Linear's output).
+    /// [`TextModel::backward_linears`] can hand out every Linear's output).
     o_out: Tensor,
     mlp_out: Tensor,
 }
 
 /// A forward pass with everything [`TextModel::backward`] and
-/// [`TextModel::replay_linears`] need ([`TextModel::forward_cache_bytes`] says how much).
+/// [`TextModel::backward_linears`] need ([`TextModel::forward_cache_bytes`] says how much).
+/// Cloning it clones reference counts, not activations.
+#[derive(Clone)]
 pub struct ForwardCache {
     logits: Tensor,
     layers: Vec<LayerActs>,
@@ -326,6 +333,25 @@ impl TextModel {
         }
     }
 
+    /// Logits `[B, T, V]` and the residual stream entering each decoder layer `[N, H]`, in
+    /// layer order (for [`Self::forward_from`]).
+    pub fn forward_layer_inputs(&self, batch: &Batch, tap: &mut dyn LinearTap) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut inputs = Vec::with_capacity(self.cfg.num_hidden_layers);
+        let (logits, ..) = self.run_from(batch, tap, false, None, Some(&mut inputs))?;
+        Ok((logits, inputs))
+    }
+
+    /// Logits `[B, T, V]` of a forward that starts at decoder layer `layer` with the
+    /// residual stream `h: [N, H]` entering it (as [`Self::forward_layer_inputs`] recorded
+    /// it). When the layers before `layer` are unchanged, this equals a full forward bit
+    /// for bit. `tap` sees the Linears from that layer on (indices as in a full forward).
+    pub fn forward_from(&self, batch: &Batch, layer: usize, h: &Tensor, tap: &mut dyn LinearTap) -> Result<Tensor> {
+        ensure!(layer < self.cfg.num_hidden_layers, "layer {layer} out of range");
+        let (b, t) = batch.dims();
+        ensure!(h.dims() == [b * t, self.cfg.hidden_size], "residual stream {:?} for a [{b}, {t}] batch", h.dims());
+        Ok(self.run_from(batch, tap, false, Some((layer, h.clone())), None)?.0)
+    }
+
     /// Logits `[B, T, V]`, final hidden states `[N, H]`, and the cache when `keep`.
     fn run(
         &self,
@@ -333,6 +359,20 @@ impl TextModel {
         tap: &mut dyn LinearTap,
         keep: bool,
     ) -> Result<(Tensor, Tensor, Option<ForwardCache>)> {
+        self.run_from(batch, tap, keep, None, None)
+    }
+
+    /// [`Self::run`] starting at decoder layer `from.0` with residual stream `from.1`
+    /// (not with `keep`), recording each layer's input residual stream into `record`.
+    fn run_from(
+        &self,
+        batch: &Batch,
+        tap: &mut dyn LinearTap,
+        keep: bool,
+        from: Option<(usize, Tensor)>,
+        mut record: Option<&mut Vec<Tensor>>,
+    ) -> Result<(Tensor, Tensor, Option<ForwardCache>)> {
+        debug_assert!(!(keep && from.is_some()), "a kept forward starts at layer 0");
         let c = &self.cfg;
         let (b, t) = batch.dims();
         if t > c.max_position_embeddings {
@@ -351,15 +391,20 @@ impl TextModel {
         if let Some(bad) = flat.iter().find(|&&id| id as usize >= c.vocab_size) {
             bail!("token id {bad} is outside the vocabulary (vocab_size {})", c.vocab_size);
         }
-        let ids = Tensor::from_vec(flat, n, dev)?;
-        let mut h = self.w.embed_tokens.index_select(&ids, 0)?;
+        let (first, mut h) = match from {
+            Some((l, h)) => (l, h),
+            None => (0, self.w.embed_tokens.index_select(&Tensor::from_vec(flat, n, dev)?, 0)?),
+        };
         let (cos, sin) = ops::rope_tables(t, d, c.rope_theta, self.dtype, dev)?;
         let masks = AttnMasks::new(&batch.attention_mask, t, self.dtype, dev)?;
         let mut acts = Vec::with_capacity(if keep { c.num_hidden_layers } else { 0 });
 
-        for (l, nw) in self.w.norms.iter().enumerate() {
+        for (l, nw) in self.w.norms.iter().enumerate().skip(first) {
             let i0 = l * LINEARS_PER_LAYER;
             let x = h;
+            if let Some(r) = record.as_deref_mut() {
+                r.push(x.clone());
+            }
             let n1 = ops::rms_norm(&x, &nw.input_layernorm, eps)?;
             let q_raw = self.linear(i0, &n1, tap)?.reshape((n * hq, d))?;
             let k_raw = self.linear(i0 + 1, &n1, tap)?.reshape((n * hkv, d))?;
@@ -403,7 +448,7 @@ impl TextModel {
     /// Layer `l`'s rotated queries `[B, Hkv, G·T, D]` (query head = kv·G + g), rotated keys
     /// `[B, Hkv, T, D]` and attention probabilities `[B, Hkv, G·T, T]` from its q_proj and
     /// k_proj outputs `[N·heads, D]`: the same kernels in the forward and, recomputing, in
-    /// the backward and [`Self::replay_linears`], so all see the same bits.
+    /// the backward, so both see the same bits.
     #[allow(clippy::too_many_arguments)]
     fn attention_probs(
         &self,
@@ -445,46 +490,62 @@ impl TextModel {
         values * self.dtype.size_in_bytes() as u64
     }
 
-    /// Every Linear's input and output of the forward kept in `fw`, in module order:
-    /// `f(idx, x, y)` with `x: [N, in]`, `y: [N, out]`, equal bit for bit to what a tap
-    /// saw during that forward. Inputs are recomputed from the kept activations with the
-    /// forward's own kernels (norms, SwiGLU, `p·v`); outputs are the kept tensors. Only one
-    /// layer's recomputed inputs are alive at a time.
-    pub fn replay_linears(
+    /// dL/dy of every Linear output (module order, each `[N, out]`) given dL/dlogits
+    /// `[B, T, V]` of the forward in `fw`.
+    pub fn backward(&self, fw: &ForwardCache, dlogits: &Tensor) -> Result<Vec<Tensor>> {
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.names.len()];
+        // Cloning the cache clones reference counts, not activations.
+        self.backward_layers(fw.clone(), dlogits, &mut |l, _, _, g| {
+            for (k, g) in g.into_iter().enumerate() {
+                grads[l * LINEARS_PER_LAYER + k] = Some(g);
+            }
+            Ok(())
+        })?;
+        Ok(grads.into_iter().map(|g| g.expect("every linear gets a gradient")).collect())
+    }
+
+    /// The backward of `fw` given dL/dlogits, one decoder layer at a time from the last:
+    /// once a layer's gradients are known, `sink(idx, x, y, dy)` sees each of its Linears
+    /// (module order within the layer) with its input `x: [N, in]` and output `y: [N, out]`
+    /// — equal bit for bit to what a tap saw in the forward: inputs are recomputed from the
+    /// kept activations with the forward's own kernels — and `dy = dL/dy: [N, out]`. The
+    /// layer's kept activations are freed right after, so the memory held falls as the
+    /// backward goes: the cache plus one layer's gradients and inputs at most.
+    pub fn backward_linears(
         &self,
-        fw: &ForwardCache,
-        f: &mut dyn FnMut(usize, &Tensor, &Tensor) -> Result<()>,
+        fw: ForwardCache,
+        dlogits: &Tensor,
+        sink: &mut dyn FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>,
     ) -> Result<()> {
         let c = &self.cfg;
         let (b, t) = fw.dims;
         let (hq, hkv, d, g) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.group_size());
         let (n, eps) = (b * t, c.rms_norm_eps);
-        for (l, a) in fw.layers.iter().enumerate() {
+        self.backward_layers(fw, dlogits, &mut |l, a, p, [dq, dk, dv, dh_mid, dgate, dup, ddown]| {
             let nw = &self.w.norms[l];
             let i0 = l * LINEARS_PER_LAYER;
             let n1 = ops::rms_norm(&a.x, &nw.input_layernorm, eps)?;
-            f(i0, &n1, &a.q_raw.reshape((n, hq * d))?)?;
-            f(i0 + 1, &n1, &a.k_raw.reshape((n, hkv * d))?)?;
+            sink(i0, &n1, &a.q_raw.reshape((n, hq * d))?, &dq)?;
+            sink(i0 + 1, &n1, &a.k_raw.reshape((n, hkv * d))?, &dk)?;
             // [B,Hkv,T,D] → [B,T,Hkv,D] undoes the forward's transpose exactly
-            f(i0 + 2, &n1, &a.v.transpose(1, 2)?.contiguous()?.reshape((n, hkv * d))?)?;
-            let (_, _, p) = self.attention_probs(l, &a.q_raw, &a.k_raw, &fw.cos, &fw.sin, &fw.masks, (b, t))?;
-            let o = bmm_n(&p, &a.v)?
+            sink(i0 + 2, &n1, &a.v.transpose(1, 2)?.contiguous()?.reshape((n, hkv * d))?, &dv)?;
+            let o = bmm_n(p, &a.v)?
                 .reshape((b, hkv, g, t, d))?
                 .permute((0, 3, 1, 2, 4))?
                 .contiguous()?
                 .reshape((n, hq * d))?;
-            f(i0 + 3, &o, &a.o_out)?;
+            sink(i0 + 3, &o, &a.o_out, &dh_mid)?;
             let n2 = ops::rms_norm(&a.h_mid, &nw.post_attention_layernorm, eps)?;
-            f(i0 + 4, &n2, &a.gate)?;
-            f(i0 + 5, &n2, &a.up)?;
-            f(i0 + 6, &ops::swiglu(&a.gate, &a.up)?, &a.mlp_out)?;
-        }
-        Ok(())
+            sink(i0 + 4, &n2, &a.gate, &dgate)?;
+            sink(i0 + 5, &n2, &a.up, &dup)?;
+            sink(i0 + 6, &ops::swiglu(&a.gate, &a.up)?, &a.mlp_out, &ddown)
+        })
     }
 
-    /// dL/dy of every Linear output (module order, each `[N, out]`) given dL/dlogits
-    /// `[B, T, V]` of the forward in `fw`.
-    pub fn backward(&self, fw: &ForwardCache, dlogits: &Tensor) -> Result<Vec<Tensor>> {
+    /// The backward pass proper. Per decoder layer `l`, last first, `on_layer` gets the
+    /// layer's kept activations, its attention probabilities `[B, Hkv, G·T, T]` and dL/dy
+    /// of its seven Linears in module order; the activations are dropped after it returns.
+    fn backward_layers(&self, mut fw: ForwardCache, dlogits: &Tensor, on_layer: &mut LayerSink<'_>) -> Result<()> {
         let c = &self.cfg;
         let (b, t) = fw.dims;
         let (hq, hkv, d, g) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.group_size());
@@ -499,22 +560,20 @@ impl TextModel {
         let scale = 1.0 / (d as f64).sqrt();
         let neg_sin = fw.sin.neg()?;
         let lw = &self.w.linears;
-        let mut grads: Vec<Option<Tensor>> = vec![None; self.names.len()];
 
         let dhidden = matmul_xw(&dlogits.reshape((n, c.vocab_size))?, self.w.output_weight())?;
         let mut dh = ops::rms_norm_backward(&fw.h_last, &self.w.norm, eps, &dhidden)?;
 
-        for (l, a) in fw.layers.iter().enumerate().rev() {
+        while let Some(a) = fw.layers.pop() {
+            let l = fw.layers.len();
             let nw = &self.w.norms[l];
             let i0 = l * LINEARS_PER_LAYER;
             // MLP: h = h_mid + down(silu(gate)·up)
+            let ddown = dh.clone();
             let dact = matmul_xw(&dh, &lw[i0 + 6])?;
             let (dgate, dup) = ops::swiglu_backward(&a.gate, &a.up, &dact)?;
             let dn2 = (matmul_xw(&dgate, &lw[i0 + 4])? + matmul_xw(&dup, &lw[i0 + 5])?)?;
             let dh_mid = (&dh + ops::rms_norm_backward(&a.h_mid, &nw.post_attention_layernorm, eps, &dn2)?)?;
-            grads[i0 + 6] = Some(dh.clone());
-            grads[i0 + 4] = Some(dgate);
-            grads[i0 + 5] = Some(dup);
 
             // attention: h_mid = x + o_proj(attn)
             let dattn = matmul_xw(&dh_mid, &lw[i0 + 3])?;
@@ -543,12 +602,9 @@ impl TextModel {
                 let dn1 = ((matmul_xw(&dq, &lw[i0])? + matmul_xw(&dk, &lw[i0 + 1])?)? + matmul_xw(&dv, &lw[i0 + 2])?)?;
                 dh = (&dh_mid + ops::rms_norm_backward(&a.x, &nw.input_layernorm, eps, &dn1)?)?;
             }
-            grads[i0] = Some(dq);
-            grads[i0 + 1] = Some(dk);
-            grads[i0 + 2] = Some(dv);
-            grads[i0 + 3] = Some(dh_mid);
+            on_layer(l, &a, &p, [dq, dk, dv, dh_mid, dgate, dup, ddown])?;
         }
-        Ok(grads.into_iter().map(|g| g.expect("every linear gets a gradient")).collect())
+        Ok(())
     }
 }
 

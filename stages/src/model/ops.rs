@@ -125,6 +125,7 @@ pub fn masked_softmax(s: &Tensor, scale: f64, masks: &AttnMasks, zero_empty_rows
 }
 
 /// Masks of a left- (or otherwise) padded batch as transformers builds them.
+#[derive(Clone)]
 pub struct AttnMasks {
     /// Additive mask `[b, 1, 1, t, t]`: 0 where query i may see key j (j ≤ i and j is a
     /// token), `f32::MIN` elsewhere (what transformers' eager mask adds).

@@ -109,7 +109,7 @@ fn backward_matches_candle_autograd() {
 }
 
 #[test]
-fn replay_gives_every_linear_input_and_output_bit_for_bit() {
+fn backward_linears_gives_every_linear_input_output_and_gradient_bit_for_bit() {
     let f = fixture();
     let batch = fixture_batch(&f);
     let m = TextModel::load(&ckpt()).unwrap();
@@ -119,20 +119,53 @@ fn replay_gives_every_linear_input_and_output_bit_for_bit() {
         Ok(None)
     };
     let fw = m.forward_for_backward(&batch, &mut tap).unwrap();
-    let mut n = 0;
-    m.replay_linears(&fw, &mut |idx, x, y| {
-        assert_eq!(idx, n, "module order");
-        let (sx, sy) = &seen[idx];
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&x.flatten_all()?.to_vec1()?), bits(sx), "input of {}", m.linear_names()[idx]);
-        assert_eq!(bits(&y.flatten_all()?.to_vec1()?), bits(sy), "output of {}", m.linear_names()[idx]);
-        n += 1;
+    let ce = loss::shifted_cross_entropy(fw.logits(), &batch.input_ids, Some(0)).unwrap();
+    let grads = m.backward(&fw, &ce.dlogits).unwrap();
+    let bits =
+        |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    let raw = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    let mut order = Vec::new();
+    m.backward_linears(fw, &ce.dlogits, &mut |idx, x, y, dy| {
+        let name = &m.linear_names()[idx];
+        assert_eq!(bits(x), raw(&seen[idx].0), "input of {name}");
+        assert_eq!(bits(y), raw(&seen[idx].1), "output of {name}");
+        assert_eq!(bits(dy), bits(&grads[idx]), "gradient of {name}");
+        order.push(idx);
         Ok(())
     })
     .unwrap();
-    assert_eq!(n, m.num_linears());
+    // last layer first, module order within a layer
+    let l = m.config().num_hidden_layers;
+    let want: Vec<usize> = (0..l).rev().flat_map(|l| l * LINEARS_PER_LAYER..(l + 1) * LINEARS_PER_LAYER).collect();
+    assert_eq!(order, want);
     let (b, t) = batch.dims();
     assert!(m.forward_cache_bytes(b, t) > 0);
+}
+
+#[test]
+fn a_forward_resumed_at_a_layer_equals_the_whole_forward() {
+    let f = fixture();
+    let batch = fixture_batch(&f);
+    let m = TextModel::load(&ckpt()).unwrap();
+    let (logits, inputs) = m.forward_layer_inputs(&batch, &mut NoTap).unwrap();
+    assert_eq!(inputs.len(), m.config().num_hidden_layers);
+    assert_eq!(max_abs_diff(&logits, &m.forward(&batch, &mut NoTap).unwrap()), 0.0);
+    // Replace layer 2's down_proj (halved weights) in a whole forward and in one resumed at layer 2.
+    let mut replace = |_: usize, name: &str, x: &Tensor, w: &Tensor, _: &Tensor| -> Result<Option<Tensor>> {
+        Ok((name == "layers.2.mlp.down_proj").then(|| matmul_xwt(x, &(w * 0.5).unwrap()).unwrap()))
+    };
+    let whole = m.forward(&batch, &mut replace).unwrap();
+    let mut seen = Vec::new();
+    let mut replace_and_log = |i: usize, name: &str, x: &Tensor, w: &Tensor, y: &Tensor| -> Result<Option<Tensor>> {
+        seen.push(i);
+        replace(i, name, x, w, y)
+    };
+    let resumed = m.forward_from(&batch, 2, &inputs[2], &mut replace_and_log).unwrap();
+    let bits =
+        |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&resumed), bits(&whole));
+    assert!(max_abs_diff(&whole, &logits) > 0.0);
+    assert_eq!(seen.first(), Some(&(2 * LINEARS_PER_LAYER)), "the tap starts at layer 2");
 }
 
 #[test]

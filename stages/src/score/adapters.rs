@@ -96,12 +96,32 @@ impl ScoreModel for TextModel {
             bail!("internal error: a kept forward of another model was passed to the Qwen3-VL backward");
         };
         let ce = model::loss::shifted_cross_entropy(fw.logits(), &batch.input_ids, Some(batch.pad_token_id))?;
-        let grads = self.backward(&fw, &ce.dlogits)?;
-        self.replay_linears(&fw, &mut |idx, x, y| sink(&self.linear_names()[idx], x, y, &grads[idx]))?;
+        self.backward_linears(*fw, &ce.dlogits, &mut |idx, x, y, dy| sink(&self.linear_names()[idx], x, y, dy))?;
         Ok(f64::from(ce.loss))
     }
 
-    fn logits(&self, batch: &Batch, overrides: &HashMap<String, LinearOverride<'_>>) -> Result<Tensor> {
+    fn forward_resumable(&self, batch: &Batch) -> Result<(Tensor, KeptForward)> {
+        let (logits, layer_inputs) = self.forward_layer_inputs(&model_batch(batch)?, &mut model::NoTap)?;
+        Ok((logits, Box::new(layer_inputs)))
+    }
+
+    /// Starts at the first decoder layer an override touches, from the residual stream the
+    /// unquantized forward recorded there: the layers before it are unchanged, so the
+    /// logits are those of a whole forward, bit for bit, for about half the work on average.
+    fn logits_resumed(
+        &self,
+        batch: &Batch,
+        kept: &KeptForward,
+        overrides: &HashMap<String, LinearOverride<'_>>,
+    ) -> Result<Tensor> {
+        let Some(layer_inputs) = kept.downcast_ref::<Vec<Tensor>>() else {
+            bail!("internal error: a kept forward of another kind was passed to the Qwen3-VL resumed forward");
+        };
+        let mut first = usize::MAX;
+        for name in overrides.keys() {
+            let idx = self.linear_index(name).with_context(|| format!("the model has no linear `{name}`"))?;
+            first = first.min(idx / model::LINEARS_PER_LAYER);
+        }
         let mut tap = |_: usize, name: &str, x: &Tensor, _: &Tensor, _: &Tensor| -> Result<Option<Tensor>> {
             let Some(o) = overrides.get(name) else { return Ok(None) };
             let xq = match o.input {
@@ -110,7 +130,11 @@ impl ScoreModel for TextModel {
             };
             Ok(Some(model::matmul_xwt(&xq, &o.weight)?))
         };
-        self.forward(&model_batch(batch)?, &mut tap)
+        let mb = model_batch(batch)?;
+        match layer_inputs.get(first) {
+            Some(h) => self.forward_from(&mb, first, h, &mut tap),
+            None => self.forward(&mb, &mut tap),
+        }
     }
 }
 
@@ -165,9 +189,9 @@ impl ScoreFormat for QuantFormat {
     fn observe_input(&self, linear: &str, x: &Tensor) -> Result<()> {
         let Some(fresh) = self.input.observer() else { return Ok(()) };
         let (rows, cols) = x.dims2()?;
-        let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut obs = self.observers.lock().expect("observer lock");
-        obs.entry(linear.to_string()).or_insert(fresh).observe(&v, rows, cols)
+        let obs = obs.entry(linear.to_string()).or_insert(fresh);
+        quant::with_f32_values(x, |v| obs.observe(v, rows, cols))?
     }
     fn input_amax(&self, linear: &str) -> Option<f32> {
         self.amax(linear).map(|a| a.values.iter().cloned().fold(0.0, f32::max))

@@ -64,8 +64,18 @@ pub trait ScoreModel {
     /// of a kept forward; then `sink` sees every linear with its input, output and output
     /// gradient, in module order. Returns the loss.
     fn backward_linears(&self, batch: &Batch, kept: KeptForward, sink: &mut LinearSink<'_>) -> Result<f64>;
-    /// Logits `[B, T, V]` (f32) with the named linears replaced.
-    fn logits(&self, batch: &Batch, overrides: &HashMap<String, LinearOverride<'_>>) -> Result<Tensor>;
+    /// One unquantized forward: its logits `[B, T, V]` (f32) and what
+    /// [`Self::logits_resumed`] needs to redo it with some linears replaced.
+    fn forward_resumable(&self, batch: &Batch) -> Result<(Tensor, KeptForward)>;
+    /// Logits `[B, T, V]` (f32) with the named linears replaced, equal to a whole forward
+    /// of `batch` with them replaced; the model may start from `kept` (of
+    /// [`Self::forward_resumable`] on the same batch) where the replacements begin.
+    fn logits_resumed(
+        &self,
+        batch: &Batch,
+        kept: &KeptForward,
+        overrides: &HashMap<String, LinearOverride<'_>>,
+    ) -> Result<Tensor>;
 }
 
 /// One quantization format as the scorer uses it (see `score::adapters` for the adapter to

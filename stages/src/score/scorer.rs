@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::backend::{Batch, KeptForward, LinearOverride, ScoreFormat, ScoreModel};
@@ -240,13 +240,76 @@ pub fn gradient_scores(
         .collect()
 }
 
-/// `Σ exp(lp) · (lp − lq)` in f64, `lp`/`lq` log-probabilities of the same shape.
-pub fn kl_sum(log_p: &Tensor, log_q: &Tensor) -> Result<f64> {
-    let t = (log_p.exp()? * (log_p - log_q)?)?;
-    Ok(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+/// The unquantized side of a KL divergence: per position, the log-probabilities and
+/// probabilities of the vocabulary in f64, from logits `[.., V]`.
+pub struct LogProbs {
+    vocab: usize,
+    log_p: Vec<f64>,
+    p: Vec<f64>,
+}
+
+/// `(max, log Σ exp(x − max))` of one row, in f64.
+fn row_logsumexp(row: &[f32]) -> (f64, f64) {
+    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    (m, row.iter().map(|&v| (f64::from(v) - m).exp()).sum::<f64>().ln())
+}
+
+impl LogProbs {
+    /// Log-softmax over the last dimension of `logits` (computed in f64).
+    pub fn new(logits: &Tensor) -> Result<Self> {
+        let vocab = *logits.dims().last().context("logits have no dimensions")?;
+        let (log_p, p) = crate::quant::with_f32_values(logits, |x| {
+            let rows: Vec<(Vec<f64>, Vec<f64>)> = x
+                .par_chunks(vocab.max(1))
+                .map(|row| {
+                    let (m, lse) = row_logsumexp(row);
+                    let lp: Vec<f64> = row.iter().map(|&v| f64::from(v) - m - lse).collect();
+                    let p = lp.iter().map(|v| v.exp()).collect();
+                    (lp, p)
+                })
+                .collect();
+            rows.into_iter().fold(
+                (Vec::with_capacity(x.len()), Vec::with_capacity(x.len())),
+                |(mut a, mut b), (lp, p)| {
+                    a.extend(lp);
+                    b.extend(p);
+                    (a, b)
+                },
+            )
+        })?;
+        Ok(Self { vocab, log_p, p })
+    }
+
+    /// `Σ p · (log p − log q)` over every position and the vocabulary, in f64, with `q` the
+    /// softmax of `logits_q` (same shape as the unquantized logits): `F.kl_div(log q, log p,
+    /// reduction="sum", log_target=True)`. One fused pass, parallel over positions, summed
+    /// in a fixed order.
+    pub fn kl_from_logits(&self, logits_q: &Tensor) -> Result<f64> {
+        crate::quant::with_f32_values(logits_q, |q| {
+            if q.len() != self.p.len() {
+                bail!("logits of {} values, the unquantized ones had {}", q.len(), self.p.len());
+            }
+            let v = self.vocab.max(1);
+            let rows: Vec<f64> = q
+                .par_chunks(v)
+                .zip(self.log_p.par_chunks(v))
+                .zip(self.p.par_chunks(v))
+                .map(|((q, lp), p)| {
+                    let (m, lse) = row_logsumexp(q);
+                    q.iter().zip(lp).zip(p).map(|((&q, &lp), &p)| p * (lp - (f64::from(q) - m - lse))).sum::<f64>()
+                })
+                .collect();
+            Ok(rows.iter().sum())
+        })?
+    }
 }
 
 /// The `kl_div` scores of one format: per recipe, Σ over score batches.
+///
+/// Per batch one unquantized forward, then one forward per recipe with the recipe's linears
+/// replaced, resumed at the first decoder layer the recipe touches
+/// ([`ScoreModel::logits_resumed`]): the same logits as a whole forward, with the layers
+/// before the recipe taken from the unquantized pass.
 pub fn kl_div_scores(
     model: &dyn ScoreModel,
     format: &dyn ScoreFormat,
@@ -269,9 +332,9 @@ pub fn kl_div_scores(
     let mut scores = vec![0.0; recipes.len()];
     progress.phase("score (kl_div)", Some((batches.len() * recipes.len()) as u64));
     for (bi, b) in batches.iter().enumerate() {
-        let logits = model.logits(b, &HashMap::new()).with_context(|| format!("unquantized forward, batch {bi}"))?;
+        let (logits, kept) = model.forward_resumable(b).with_context(|| format!("unquantized forward, batch {bi}"))?;
         check_finite(&logits, &format!("the unquantized logits of batch {bi}"))?;
-        let log_p = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F64)?, D::Minus1)?;
+        let log_p = LogProbs::new(&logits)?;
         for (ri, r) in recipes.iter().enumerate() {
             let mut ov: HashMap<String, LinearOverride<'_>> = HashMap::new();
             for m in &r.members {
@@ -280,10 +343,10 @@ pub fn kl_div_scores(
                     LinearOverride { weight: qweights[m].clone(), input: input_fns.get(m).map(|f| f.as_ref()) },
                 );
             }
-            let lq =
-                model.logits(b, &ov).with_context(|| format!("forward with `{}` quantized, batch {bi}", r.name))?;
-            let log_q = candle_nn::ops::log_softmax(&lq.to_dtype(DType::F64)?, D::Minus1)?;
-            let s = kl_sum(&log_p, &log_q)?;
+            let lq = model
+                .logits_resumed(b, &kept, &ov)
+                .with_context(|| format!("forward with `{}` quantized, batch {bi}", r.name))?;
+            let s = log_p.kl_from_logits(&lq)?;
             if !s.is_finite() {
                 bail!("the KL divergence with `{}` quantized is not finite (batch {bi})", r.name);
             }
@@ -334,7 +397,15 @@ mod tests {
             sink("layers.0.mlp.down_proj", &self.x, &y, &self.g)?;
             Ok(0.0)
         }
-        fn logits(&self, _: &Batch, _: &HashMap<String, LinearOverride<'_>>) -> Result<Tensor> {
+        fn forward_resumable(&self, _: &Batch) -> Result<(Tensor, KeptForward)> {
+            unreachable!()
+        }
+        fn logits_resumed(
+            &self,
+            _: &Batch,
+            _: &KeptForward,
+            _: &HashMap<String, LinearOverride<'_>>,
+        ) -> Result<Tensor> {
             unreachable!()
         }
     }
@@ -421,9 +492,11 @@ mod tests {
         let d = Tensor::new(&[1e6f32, 0.5], &dev).unwrap();
         // The first product 1e12 is clamped to 1e10 before squaring.
         assert_eq!(grad_score(&g, &d).unwrap(), 1e20 + 2.25);
-        let lp = Tensor::new(&[[0.5f64.ln(), 0.5f64.ln()]], &dev).unwrap();
-        let lq = Tensor::new(&[[0.25f64.ln(), 0.75f64.ln()]], &dev).unwrap();
         let want = 0.5 * (0.5f64 / 0.25).ln() + 0.5 * (0.5f64 / 0.75).ln();
-        assert!((kl_sum(&lp, &lq).unwrap() - want).abs() < 1e-12);
+        // The fused path from logits: p = softmax([0, 0]), q = softmax([0, ln 3]) = [1/4, 3/4].
+        let lp = LogProbs::new(&Tensor::new(&[[0.0f32, 0.0]], &dev).unwrap()).unwrap();
+        let q = Tensor::new(&[[0.0f32, 3f32.ln()]], &dev).unwrap();
+        assert!((lp.kl_from_logits(&q).unwrap() - want).abs() < 1e-7);
+        assert_eq!(lp.kl_from_logits(&Tensor::new(&[[5.0f32, 5.0]], &dev).unwrap()).unwrap(), 0.0);
     }
 }
