@@ -8,14 +8,13 @@
 //! Shape (defaults, overridable with env vars): hidden 512, 8 layers, intermediate 1536,
 //! 8 heads × 64 (4 KV heads), vocab 4096; 32 samples × 128 tokens (left padded), batch 8.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
 use qpipe_stages::contract::Progress;
 use qpipe_stages::score::{self, adapters, FormatParams, Method, Settings};
+use qpipe_stages::synth::{self, Shape};
 use serde_json::json;
 
 fn env_usize(k: &str, d: usize) -> usize {
@@ -31,79 +30,25 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f32 {
-        let (u1, u2) = (self.uniform().max(1e-300), self.uniform());
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
 }
 
 fn gen(dir: &Path) -> Result<()> {
-    let (h, l, inter, v) = (
-        env_usize("BENCH_HIDDEN", 512),
-        env_usize("BENCH_LAYERS", 8),
-        env_usize("BENCH_INTER", 1536),
-        env_usize("BENCH_VOCAB", 4096),
-    );
-    let (heads, kv, hd) =
-        (env_usize("BENCH_HEADS", 8), env_usize("BENCH_KV_HEADS", 4), env_usize("BENCH_HEAD_DIM", 64));
-    let (samples, seq) = (env_usize("BENCH_SAMPLES", 32), env_usize("BENCH_SEQ", 128));
-    std::fs::create_dir_all(dir)?;
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let dev = Device::Cpu;
-    let mut t: HashMap<String, Tensor> = HashMap::new();
-    let rand = |shape: &[usize], std: f32, rng: &mut Rng| -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.normal() * std).collect();
-        Ok(Tensor::from_vec(v, shape, &dev)?)
+    let m = Shape::MID;
+    let shape = Shape {
+        hidden: env_usize("BENCH_HIDDEN", m.hidden),
+        layers: env_usize("BENCH_LAYERS", m.layers),
+        intermediate: env_usize("BENCH_INTER", m.intermediate),
+        heads: env_usize("BENCH_HEADS", m.heads),
+        kv_heads: env_usize("BENCH_KV_HEADS", m.kv_heads),
+        head_dim: env_usize("BENCH_HEAD_DIM", m.head_dim),
+        vocab: env_usize("BENCH_VOCAB", m.vocab),
+        max_positions: m.max_positions,
     };
-    let p = "model.language_model.";
-    t.insert(format!("{p}embed_tokens.weight"), rand(&[v, h], 0.02, &mut rng)?);
-    t.insert(format!("{p}norm.weight"), Tensor::ones(h, candle_core::DType::F32, &dev)?);
-    for i in 0..l {
-        let q = format!("{p}layers.{i}.");
-        for (name, shape) in [
-            ("self_attn.q_proj.weight", [heads * hd, h]),
-            ("self_attn.k_proj.weight", [kv * hd, h]),
-            ("self_attn.v_proj.weight", [kv * hd, h]),
-            ("self_attn.o_proj.weight", [h, heads * hd]),
-            ("mlp.gate_proj.weight", [inter, h]),
-            ("mlp.up_proj.weight", [inter, h]),
-            ("mlp.down_proj.weight", [h, inter]),
-        ] {
-            t.insert(format!("{q}{name}"), rand(&shape, 0.02, &mut rng)?);
-        }
-        for (name, n) in [
-            ("input_layernorm.weight", h),
-            ("post_attention_layernorm.weight", h),
-            ("self_attn.q_norm.weight", hd),
-            ("self_attn.k_norm.weight", hd),
-        ] {
-            t.insert(format!("{q}{name}"), Tensor::ones(n, candle_core::DType::F32, &dev)?);
-        }
-    }
-    candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
-    let half = hd / 2;
-    let s = [half * 3 / 8, half * 5 / 16, half - half * 3 / 8 - half * 5 / 16];
-    let config = json!({
-        "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl", "dtype": "float32",
-        "image_token_id": v - 1, "video_token_id": v - 2, "vision_start_token_id": v - 3, "vision_end_token_id": v - 4,
-        "tie_word_embeddings": true,
-        "text_config": {
-            "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 2, "head_dim": hd,
-            "hidden_act": "silu", "hidden_size": h, "initializer_range": 0.02, "intermediate_size": inter,
-            "max_position_embeddings": 4096, "model_type": "qwen3_vl_text", "num_attention_heads": heads,
-            "num_hidden_layers": l, "num_key_value_heads": kv, "pad_token_id": 0, "rms_norm_eps": 1e-6,
-            "rope_parameters": {"mrope_interleaved": true, "mrope_section": s, "rope_theta": 5000000.0, "rope_type": "default"},
-            "use_cache": false, "vocab_size": v
-        },
-        "vision_config": {"deepstack_visual_indexes": [0], "depth": 1, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 32,
-            "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 64, "model_type": "qwen3_vl_vision", "num_heads": 2,
-            "num_position_embeddings": 16, "out_hidden_size": h, "patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2}
-    });
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    let (h, l, inter, v) = (shape.hidden, shape.layers, shape.intermediate, shape.vocab);
+    let (samples, seq) = (env_usize("BENCH_SAMPLES", 32), env_usize("BENCH_SEQ", 128));
+    // One f32 `model.safetensors` (what the ModelOpt side loads).
+    synth::write(dir, &shape, synth::Dtype::F32, u64::MAX, 0x9e37_79b9, &|_| {})?;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     // Tokens: left padded, each sample 3/4 to all of `seq` long; pad id 0.
     let (mut ids, mut mask) = (vec![], vec![]);
     for _ in 0..samples {

@@ -15,7 +15,8 @@
 //! Support: [`model`] (the Qwen3-VL language model in candle), [`quant`] (fake-quant
 //! formats), [`checkpoint`] (finding, checking and reading checkpoints), [`torch_pt`]
 //! (writing `torch.load`-able files), [`pyjson`] (JSON and numbers formatted as Python
-//! formats them), [`plan`] (pipeline config → stage instances), [`parity`] (verify).
+//! formats them), [`plan`] (pipeline config → stage instances), [`parity`] (verify),
+//! [`synth`] (synthetic checkpoints with real shapes, for timing runs and tests).
 
 pub mod contract;
 pub mod domain;
@@ -35,4 +36,5 @@ pub mod quant;
 pub mod render;
 pub mod score;
 pub mod stats;
+pub mod synth;
 pub mod torch_pt;

@@ -166,6 +166,26 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// Errors, before loading anything, when the CPU scorer's weights cannot fit: it holds the
+/// language model in f32 twice (as loaded, and fake-quantized).
+pub fn check_weights_fit(ckpt: &std::path::Path, available: Option<u64>) -> Result<()> {
+    let cfg = crate::model::TextConfig::from_dir(ckpt)?;
+    let need = 2 * 4 * cfg.params();
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    match available {
+        Some(avail) if need > avail => bail!(
+            "scoring {} on the CPU holds its {:.2} B language-model parameters in f32 twice (as loaded and \
+             fake-quantized): {:.1} GiB, but only {:.1} GiB of memory is available; score it on a machine with more \
+             memory (GPU scoring is not built yet)",
+            ckpt.display(),
+            cfg.params() as f64 / 1e9,
+            gib(need),
+            gib(avail)
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// `auto` → `cpu` (no CUDA build); `cpu` as is; anything else is an error naming the key.
 pub fn resolve_device(device: &str) -> Result<String> {
     match device {
@@ -205,6 +225,7 @@ impl Stage for Score {
         let progress: &dyn Progress = job.progress;
         keep_freed_memory();
         let ckpt = adapters::checkpoint_dir(job)?;
+        check_weights_fit(&ckpt, scorer::available_memory_bytes())?;
         progress.note(&format!("score: loading {}", ckpt.display()));
         let model = adapters::load_model(&ckpt)?;
         let format = adapters::load_format(&p.format)?;
@@ -228,6 +249,20 @@ mod tests {
         assert_eq!(num_score_steps(128, 8, 64), 16);
         assert_eq!(num_score_steps(16, 8, 64), 2);
         assert_eq!(num_score_steps(4, 8, 3), 1);
+    }
+
+    #[test]
+    fn a_model_too_large_for_memory_is_refused_before_loading() {
+        let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny_qwen3_vl/checkpoint");
+        assert!(check_weights_fit(&tiny, Some(1 << 30)).is_ok());
+        let e = check_weights_fit(&tiny, Some(1 << 10)).unwrap_err().to_string();
+        assert!(e.contains("in f32 twice") && e.contains("GiB of memory is available"), "{e}");
+        // The 4B shape: 4.02 B parameters → 30 GiB.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::synth::Shape::QWEN3_VL_4B.config(crate::synth::Dtype::Bf16);
+        std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+        let e = check_weights_fit(dir.path(), Some(24 << 30)).unwrap_err().to_string();
+        assert!(e.contains("4.02 B") && e.contains("30.0 GiB"), "{e}");
     }
 
     #[test]

@@ -86,6 +86,16 @@ fn mrope_fields(rope: &Map<String, Value>, prefix: &str) -> Result<(Vec<usize>, 
 }
 
 impl TextConfig {
+    /// Parameters of the language model (norms included; `lm_head` once more when untied).
+    pub fn params(&self) -> u64 {
+        let (h, i, v) = (self.hidden_size as u64, self.intermediate_size as u64, self.vocab_size as u64);
+        let (q, kv) =
+            ((self.num_attention_heads * self.head_dim) as u64, (self.num_key_value_heads * self.head_dim) as u64);
+        let per_layer = 2 * h * q + 2 * h * kv + 3 * h * i + 2 * h + 2 * self.head_dim as u64;
+        let heads = if self.tie_word_embeddings { 1 } else { 2 };
+        heads * v * h + self.num_hidden_layers as u64 * per_layer + h
+    }
+
     /// Reads `config.json` from a checkpoint directory.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");

@@ -111,10 +111,9 @@ fn pack_rhs(b: &[f32], k: usize, n: usize, layout: RhsLayout) -> Vec<f32> {
         let cols = NR.min(n - j0);
         match layout {
             RhsLayout::Transposed => {
-                for c in 0..cols {
-                    let row = &b[(j0 + c) * k..(j0 + c + 1) * k];
-                    for (kk, &v) in row.iter().enumerate() {
-                        panel[kk * NR + c] = v;
+                for (kk, d) in panel.chunks_exact_mut(NR).enumerate() {
+                    for (c, d) in d[..cols].iter_mut().enumerate() {
+                        *d = b[(j0 + c) * k + kk];
                     }
                 }
             }
@@ -179,10 +178,11 @@ unsafe fn sgemm_raw(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: 
             for (t, dst) in apack.chunks_mut(MR * KC).enumerate() {
                 let r0 = t * MR;
                 let mr = MR.min(rows - r0);
-                for r in 0..mr {
-                    let src = &a[(i0 + r0 + r) * k + kb..(i0 + r0 + r) * k + kb + kc];
-                    for (kk, &v) in src.iter().enumerate() {
-                        dst[kk * MR + r] = v;
+                // Row-interleaved: consecutive writes, `mr` sequential read streams.
+                let base = (i0 + r0) * k + kb;
+                for (kk, d) in dst.chunks_exact_mut(MR).take(kc).enumerate() {
+                    for (r, d) in d[..mr].iter_mut().enumerate() {
+                        *d = a[base + r * k + kk];
                     }
                 }
             }

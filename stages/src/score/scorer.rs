@@ -60,19 +60,43 @@ pub fn calibrate_inputs(
     Ok(())
 }
 
+/// The memory the kernel reports available (`MemAvailable`), when it does.
+pub fn available_memory_bytes() -> Option<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = m
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// Bytes of kept forward passes the `gradient` scorer may hold between calibration and
-/// scoring: `QPIPE_SCORE_KEEP_MIB` (MiB) when set, else half of the memory the kernel
-/// reports available (`MemAvailable`), else 2 GiB. Scores do not depend on it.
+/// scoring: `QPIPE_SCORE_KEEP_MIB` (MiB) when set, else half of the available memory
+/// ([`available_memory_bytes`]), else 2 GiB. Scores do not depend on it.
 pub fn keep_budget_bytes() -> u64 {
     if let Some(mib) = std::env::var("QPIPE_SCORE_KEEP_MIB").ok().and_then(|v| v.trim().parse::<u64>().ok()) {
         return mib << 20;
     }
-    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find_map(|l| l.strip_prefix("MemAvailable:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-    });
-    available.map_or(2 << 30, |kib| kib * 1024 / 2)
+    available_memory_bytes().map_or(2 << 30, |b| b / 2)
+}
+
+/// Errors, before any work, when one batch's forward pass for the backward
+/// (`per_batch` bytes) cannot fit in the memory available.
+fn check_fits(per_batch: u64, available: Option<u64>) -> Result<()> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    match available {
+        Some(avail) if per_batch > avail => bail!(
+            "the gradient scorer keeps {:.1} GiB of activations per batch for its backward pass, but only {:.1} GiB \
+             of memory is available; lower `autoquant.batch_size` or `dataset.calib_seq_len`, or free memory",
+            gib(per_batch),
+            gib(avail)
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Indices of the rows of `g` (`[rows, cols]`) that are not all zero; `None` when more than
@@ -160,7 +184,17 @@ pub fn gradient_scores(
         .map(|(m, wq)| Ok((m, Prepared { wq: wq.contiguous()? })))
         .collect::<Result<_>>()?;
     let mut kept: Vec<Option<KeptForward>> = (0..score_steps).map(|_| None).collect();
+    let per_batch = batches.first().map_or(0, |b| model.kept_bytes(b));
+    check_fits(per_batch, available_memory_bytes())?;
     if format.input_needs_calibration() {
+        let fit = keep_budget.checked_div(per_batch).map_or(score_steps, |k| (k as usize).min(score_steps));
+        progress.note(&format!(
+            "score: memory plan: {:.0} MiB per kept forward; keeping {fit} of {score_steps} score batches' \
+             calibration forwards (budget {:.0} MiB, QPIPE_SCORE_KEEP_MIB), forwarding the other {} again",
+            per_batch as f64 / 1048576.0,
+            keep_budget as f64 / 1048576.0,
+            score_steps - fit
+        ));
         progress.phase("calibrate", Some(batches.len() as u64));
         let mut held = 0u64;
         for (bi, b) in batches.iter().enumerate() {
@@ -483,6 +517,13 @@ mod tests {
         let fmt = Halves { amax: std::sync::Mutex::new(0.0) };
         let e = format!("{:#}", calibrate_inputs(&toy, &fmt, &[batch()], &Silent).unwrap_err());
         assert!(e.contains("layers.0.mlp.down_proj") && e.contains("NaN"), "{e}");
+    }
+
+    #[test]
+    fn a_batch_that_cannot_fit_is_refused_before_any_work() {
+        let e = check_fits(30 << 30, Some(20 << 30)).unwrap_err().to_string();
+        assert!(e.contains("30.0 GiB") && e.contains("20.0 GiB") && e.contains("autoquant.batch_size"), "{e}");
+        assert!(check_fits(1 << 30, Some(20 << 30)).is_ok() && check_fits(1 << 40, None).is_ok());
     }
 
     #[test]

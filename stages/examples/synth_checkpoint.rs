@@ -1,0 +1,74 @@
+//! Writes a synthetic Qwen3-VL checkpoint with real language-model shapes and random
+//! weights (see `qpipe_stages::synth`), for timing and memory runs of the score stage.
+//!
+//!     cargo run --release -p qpipe-stages --example synth_checkpoint -- <dir> \
+//!         [--shape qwen3-vl-4b|mid] [--dtype bf16|f32] [--shard-gib 4] [--seed 0] \
+//!         [--tokenizer-from models/tiny_qwen3_vl/checkpoint]
+//!
+//! Defaults: the Qwen3-VL-4B-Instruct shape (36 layers, hidden 2560, intermediate 9728,
+//! 32 heads, 8 KV heads, head dim 128, vocab 151936, tied embeddings), bf16, 4 GiB shards
+//! with an index, the embedded tiny model's tokenizer (so `qpipe build model.path=<dir>`
+//! can tokenize captions for it).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use qpipe_stages::synth::{self, Dtype, Shape};
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut dir: Option<PathBuf> = None;
+    let (mut shape, mut dtype, mut shard_gib, mut seed) = (Shape::QWEN3_VL_4B, Dtype::Bf16, 4.0f64, 0u64);
+    let mut tokenizer = Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny_qwen3_vl/checkpoint")));
+    while let Some(a) = args.next() {
+        let mut value = || args.next().with_context(|| format!("`{a}` needs a value"));
+        match a.as_str() {
+            "--shape" => shape = Shape::by_name(&value()?)?,
+            "--dtype" => dtype = Dtype::parse(&value()?)?,
+            "--shard-gib" => shard_gib = value()?.parse().context("--shard-gib: a number of GiB")?,
+            "--seed" => seed = value()?.parse().context("--seed: an integer")?,
+            "--tokenizer-from" => tokenizer = Some(PathBuf::from(value()?)),
+            "--no-tokenizer" => tokenizer = None,
+            "-h" | "--help" => {
+                eprintln!("usage: synth_checkpoint <dir> [--shape qwen3-vl-4b|mid] [--dtype bf16|f32] [--shard-gib N] [--seed N] [--tokenizer-from DIR | --no-tokenizer]");
+                return Ok(());
+            }
+            s if s.starts_with('-') => bail!("unknown option `{s}` (see --help)"),
+            s => dir = Some(PathBuf::from(s)),
+        }
+    }
+    let dir = dir.context("give the folder to write the checkpoint into (see --help)")?;
+    let total = shape.params() * if dtype == Dtype::Bf16 { 2 } else { 4 };
+    eprintln!(
+        "writing {} ({:.2} B parameters, {:.2} GiB {dtype:?}) into {}",
+        if shape == Shape::QWEN3_VL_4B { "a Qwen3-VL-4B-shaped language model" } else { "a synthetic model" },
+        shape.params() as f64 / 1e9,
+        total as f64 / (1u64 << 30) as f64,
+        dir.display()
+    );
+    let t0 = Instant::now();
+    let done = AtomicU64::new(0);
+    let step = (total / 20).max(1);
+    let progress = |n: u64| {
+        let before = done.fetch_add(n, Ordering::Relaxed);
+        if (before + n) / step != before / step {
+            let s = t0.elapsed().as_secs_f64();
+            let frac = (before + n) as f64 / total as f64;
+            eprintln!("  {:3.0} % ({s:.0} s, ETA {:.0} s)", frac * 100.0, s / frac - s);
+        }
+    };
+    let shard_bytes = (shard_gib * (1u64 << 30) as f64) as u64;
+    let summary = synth::write(&dir, &shape, dtype, shard_bytes, seed, &progress)?;
+    if let Some(from) = tokenizer {
+        synth::copy_tokenizer(&from, &dir)?;
+    }
+    eprintln!(
+        "wrote {} file(s), {:.2} GiB, in {:.1} s",
+        summary.files.len(),
+        summary.bytes as f64 / (1u64 << 30) as f64,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
