@@ -369,11 +369,18 @@ fn slug(s: &str) -> String {
 }
 
 fn rel(p: &Path) -> String {
-    p.components()
-        .filter(|c| !matches!(c, Component::CurDir))
+    let joined = p
+        .components()
+        .filter(|c| !matches!(c, Component::CurDir | Component::RootDir))
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
         .collect::<Vec<_>>()
-        .join("/")
+        .join("/");
+    // An absolute path keeps one leading slash (`/tmp/out`, not `//tmp/out`).
+    if p.has_root() {
+        format!("/{joined}")
+    } else {
+        joined
+    }
 }
 
 /// The instances of one run, and what the docs need to know about it.
@@ -906,6 +913,12 @@ pub(crate) mod tests {
         v["autoquant"]["extra"] = json!(1);
         let e = format!("{:#}", RunConfig::from_value(&v).unwrap_err());
         assert!(e.contains("unknown field `extra`"), "{e}");
+    }
+
+    #[test]
+    fn instance_paths_are_slash_joined_with_one_leading_slash_when_absolute() {
+        assert_eq!(rel(Path::new("./models/a/b")), "models/a/b");
+        assert_eq!(rel(Path::new("/tmp/out")), "/tmp/out");
     }
 
     #[test]
