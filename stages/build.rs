@@ -17,6 +17,7 @@ const SOURCE_SETS: &[(&str, &[&str])] = &[
         &[
             "src/score.rs",
             "src/score",
+            "src/cpu_f32.rs",
             "src/model",
             "src/quant",
             "src/checkpoint",

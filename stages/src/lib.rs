@@ -12,7 +12,8 @@
 //! | `render`      | [`render`]        | manifest                      | `per-layer-sensitivity.{md,json,svg}` |
 //! | `docs`        | [`docs`]          | manifests of a pair / model   | folder `README.md`s             |
 //!
-//! Support: [`model`] (the Qwen3-VL language model in candle), [`quant`] (fake-quant
+//! Support: [`model`] (the Qwen3-VL language model in candle), [`cpu_f32`] (tensor values as
+//! `&[f32]`), [`quant`] (fake-quant
 //! formats), [`checkpoint`] (finding, checking and reading checkpoints), [`torch_pt`]
 //! (writing `torch.load`-able files), [`pyjson`] (JSON and numbers formatted as Python
 //! formats them), [`plan`] (pipeline config → stage instances), [`parity`] (verify),
@@ -26,6 +27,7 @@ pub use domain::Qwen3Vl;
 pub mod aggregate;
 pub mod build_calib;
 pub mod checkpoint;
+pub mod cpu_f32;
 pub mod docs;
 pub mod fetch_model;
 pub mod model;

@@ -3,25 +3,13 @@
 //! per op). Each kernel works on contiguous f32 CPU tensors that autograd does not track
 //! and returns `None` otherwise, so callers fall back to the composed candle ops.
 
-use candle_core::{CpuStorage, Storage, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 /// Rows per rayon task (keeps tasks ≥ ~64 KiB for the sizes here).
 const MIN_ELEMS_PER_TASK: usize = 16 * 1024;
 
-/// Runs `f` on the contiguous f32 data of an untracked CPU tensor (`None`: the fast path
-/// does not apply).
-pub(super) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    if t.track_op() || !t.is_contiguous() {
-        return None;
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let (o1, o2) = layout.contiguous_offsets()?;
-    match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => Some(f(&v[o1..o2])),
-        _ => None,
-    }
-}
+pub(super) use crate::cpu_f32::borrow as with_f32;
 
 fn rows_per_task(row: usize) -> usize {
     (MIN_ELEMS_PER_TASK / row.max(1)).max(1)

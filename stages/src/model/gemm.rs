@@ -360,11 +360,6 @@ mod bench {
         }
         eprintln!("q·kᵀ [8,4,256,64]x[8,4,128,64]: candle {:.2} ms, avx512 batched {:.2} ms", c * 1e3, f * 1e3);
     }
-}
-
-#[cfg(test)]
-mod bench_gflops {
-    use super::*;
 
     #[test]
     #[ignore]

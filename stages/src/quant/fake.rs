@@ -10,7 +10,7 @@
 //! | MX (`Mx`) | the CUDA kernel (`fused_amax_convert`, E8M0 scales): `e = ceil(log2(block_amax / elem_max))` ("NV" rule), `elem(|x| · 2^-e) · 2^e`, sign of x; block amax 0/inf/NaN → scale 1 |
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{CpuStorage, DType, Storage, Tensor};
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::numerics::{e8m0_exponent_nv, pow2, rne_small, round_e2m1_magnitude, round_e4m3, AMAX_EPSILON, E4M3_MAX};
@@ -204,22 +204,9 @@ impl Quantizer {
         ensure!(!dims.is_empty(), "cannot fake-quantize a scalar");
         let cols = dims[dims.len() - 1];
         let rows = t.elem_count().checked_div(cols).unwrap_or(0);
-        let y = with_f32_values(t, |x| self.fake_quant(x, rows, cols, amax))??;
+        let y = crate::cpu_f32::with_values(t, |x| self.fake_quant(x, rows, cols, amax))??;
         Ok(Tensor::from_vec(y, t.shape(), t.device())?)
     }
-}
-
-/// Runs `f` on the values of `t` as f32: borrowed in place when `t` is a contiguous f32
-/// CPU tensor (the scorer's activations), else converted into a temporary copy.
-pub fn with_f32_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    if t.is_contiguous() {
-        let (storage, layout) = t.storage_and_layout();
-        if let (Storage::Cpu(CpuStorage::F32(v)), Some((o1, o2))) = (&*storage, layout.contiguous_offsets()) {
-            return Ok(f(&v[o1..o2]));
-        }
-    }
-    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(f(&v))
 }
 
 /// Calls `f(columns, group)` for each run of columns of row `r` that share one range.

@@ -80,7 +80,7 @@ pub mod spec;
 #[cfg(test)]
 mod tests;
 
-pub use fake::{with_f32_values, Quantizer, Scheme};
+pub use fake::{Quantizer, Scheme};
 pub use observer::{Amax, AmaxKind, AmaxObserver};
 pub use spec::{
     check_combination, config_for, known_formats, BlockSizes, NumBits, QuantConfig, QuantizerSpec, Role,

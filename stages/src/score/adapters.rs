@@ -191,7 +191,7 @@ impl ScoreFormat for QuantFormat {
         let (rows, cols) = x.dims2()?;
         let mut obs = self.observers.lock().expect("observer lock");
         let obs = obs.entry(linear.to_string()).or_insert(fresh);
-        quant::with_f32_values(x, |v| obs.observe(v, rows, cols))?
+        crate::cpu_f32::with_values(x, |v| obs.observe(v, rows, cols))?
     }
     fn input_amax(&self, linear: &str) -> Option<f32> {
         self.amax(linear).map(|a| a.values.iter().cloned().fold(0.0, f32::max))

@@ -187,23 +187,32 @@ pub fn gradient_scores(
     let per_batch = batches.first().map_or(0, |b| model.kept_bytes(b));
     check_fits(per_batch, available_memory_bytes())?;
     if format.input_needs_calibration() {
-        let fit = keep_budget.checked_div(per_batch).map_or(score_steps, |k| (k as usize).min(score_steps));
+        // The plan: the score batches whose calibration forward is kept, in order, while
+        // their total stays within the budget.
+        let mut held = 0u64;
+        let keep: Vec<bool> = batches[..score_steps]
+            .iter()
+            .map(|b| {
+                let bytes = model.kept_bytes(b);
+                let fits = held + bytes <= keep_budget;
+                held += if fits { bytes } else { 0 };
+                fits
+            })
+            .collect();
+        let n_keep = keep.iter().filter(|k| **k).count();
         progress.note(&format!(
-            "score: memory plan: {:.0} MiB per kept forward; keeping {fit} of {score_steps} score batches' \
+            "score: memory plan: {:.0} MiB per kept forward; keeping {n_keep} of {score_steps} score batches' \
              calibration forwards (budget {:.0} MiB, QPIPE_SCORE_KEEP_MIB), forwarding the other {} again",
             per_batch as f64 / 1048576.0,
             keep_budget as f64 / 1048576.0,
-            score_steps - fit
+            score_steps - n_keep
         ));
         progress.phase("calibrate", Some(batches.len() as u64));
-        let mut held = 0u64;
         for (bi, b) in batches.iter().enumerate() {
             let mut sink = |name: &str, x: &Tensor| observe(format, name, x, bi);
-            let bytes = model.kept_bytes(b);
-            if bi < score_steps && held + bytes <= keep_budget {
+            if keep.get(bi).copied().unwrap_or(false) {
                 kept[bi] =
                     Some(model.forward_keep(b, &mut sink).with_context(|| format!("calibration forward, batch {bi}"))?);
-                held += bytes;
             } else {
                 model.forward_inputs(b, &mut sink).with_context(|| format!("calibration forward, batch {bi}"))?;
             }
@@ -292,24 +301,17 @@ impl LogProbs {
     /// Log-softmax over the last dimension of `logits` (computed in f64).
     pub fn new(logits: &Tensor) -> Result<Self> {
         let vocab = *logits.dims().last().context("logits have no dimensions")?;
-        let (log_p, p) = crate::quant::with_f32_values(logits, |x| {
-            let rows: Vec<(Vec<f64>, Vec<f64>)> = x
-                .par_chunks(vocab.max(1))
-                .map(|row| {
-                    let (m, lse) = row_logsumexp(row);
-                    let lp: Vec<f64> = row.iter().map(|&v| f64::from(v) - m - lse).collect();
-                    let p = lp.iter().map(|v| v.exp()).collect();
-                    (lp, p)
-                })
-                .collect();
-            rows.into_iter().fold(
-                (Vec::with_capacity(x.len()), Vec::with_capacity(x.len())),
-                |(mut a, mut b), (lp, p)| {
-                    a.extend(lp);
-                    b.extend(p);
-                    (a, b)
-                },
-            )
+        let (log_p, p) = crate::cpu_f32::with_values(logits, |x| {
+            let (mut log_p, mut p) = (vec![0f64; x.len()], vec![0f64; x.len()]);
+            let v = vocab.max(1);
+            x.par_chunks(v).zip(log_p.par_chunks_mut(v)).zip(p.par_chunks_mut(v)).for_each(|((row, lp), p)| {
+                let (m, lse) = row_logsumexp(row);
+                for ((lp, p), &x) in lp.iter_mut().zip(p.iter_mut()).zip(row) {
+                    *lp = f64::from(x) - m - lse;
+                    *p = lp.exp();
+                }
+            });
+            (log_p, p)
         })?;
         Ok(Self { vocab, log_p, p })
     }
@@ -319,7 +321,7 @@ impl LogProbs {
     /// reduction="sum", log_target=True)`. One fused pass, parallel over positions, summed
     /// in a fixed order.
     pub fn kl_from_logits(&self, logits_q: &Tensor) -> Result<f64> {
-        crate::quant::with_f32_values(logits_q, |q| {
+        crate::cpu_f32::with_values(logits_q, |q| {
             if q.len() != self.p.len() {
                 bail!("logits of {} values, the unquantized ones had {}", q.len(), self.p.len());
             }

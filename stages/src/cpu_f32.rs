@@ -1,0 +1,47 @@
+//! A tensor's values as an `&[f32]`, in place when they already are one: what the fused
+//! model kernels, the GEMM, the fake quantizers and the scorer read activations through.
+
+use anyhow::Result;
+use candle_core::{CpuStorage, DType, Storage, Tensor};
+
+/// Runs `f` on the values of `t` in place when `t` is a contiguous f32 CPU tensor that
+/// autograd does not track; `None` otherwise (the caller falls back to candle ops).
+pub fn borrow<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if t.track_op() || !t.is_contiguous() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (o1, o2) = layout.contiguous_offsets()?;
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Some(f(&v[o1..o2])),
+        _ => None,
+    }
+}
+
+/// Runs `f` on the values of `t` as f32: in place when [`borrow`] applies, else on a
+/// converted copy.
+pub fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let mut f = Some(f);
+    if let Some(r) = borrow(t, |v| f.take().expect("called once")(v)) {
+        return Ok(r);
+    }
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f.take().expect("not called yet")(&v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn borrows_contiguous_f32_and_copies_the_rest() {
+        let t = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
+        assert_eq!(borrow(&t, |v| v.to_vec()), Some(vec![1.0, 2.0, 3.0, 4.0]));
+        let tt = t.t().unwrap();
+        assert_eq!(borrow(&tt, |v| v.len()), None);
+        assert_eq!(with_values(&tt, |v| v.to_vec()).unwrap(), [1.0, 3.0, 2.0, 4.0]);
+        let h = t.to_dtype(DType::BF16).unwrap();
+        assert_eq!(with_values(&h, |v| v.to_vec()).unwrap(), [1.0, 2.0, 3.0, 4.0]);
+    }
+}
