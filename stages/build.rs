@@ -18,6 +18,7 @@ const SOURCE_SETS: &[(&str, &[&str])] = &[
             "src/score.rs",
             "src/score",
             "src/cpu_f32.rs",
+            "src/device.rs",
             "src/model",
             "src/quant",
             "src/checkpoint",
@@ -38,7 +39,7 @@ fn files_under(path: &Path, out: &mut Vec<PathBuf>) {
         for e in entries {
             files_under(&e, out);
         }
-    } else if path.is_file() && path.extension().is_some_and(|e| e == "rs") {
+    } else if path.is_file() && path.extension().is_some_and(|e| e == "rs" || e == "cu") {
         out.push(path.to_path_buf());
     }
 }

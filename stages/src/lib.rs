@@ -28,6 +28,7 @@ pub mod aggregate;
 pub mod build_calib;
 pub mod checkpoint;
 pub mod cpu_f32;
+pub mod device;
 pub mod docs;
 pub mod fetch_model;
 pub mod model;

@@ -165,8 +165,15 @@ pub struct AutoquantCfg {
     pub score_size: usize,
     pub effective_bits: f64,
     pub device: String,
+    /// `auto | f32 | bf16 | f16` (auto: bf16 on a GPU, f32 on the CPU).
+    #[serde(default = "auto")]
+    pub dtype: String,
     #[serde(default)]
     pub verbose: Option<bool>,
+}
+
+fn auto() -> String {
+    "auto".into()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -242,6 +249,9 @@ impl RunConfig {
             bail!("key `autoquant.effective_bits`: {} is outside (0, 16]", a.effective_bits);
         }
         parse_device(&a.device).context("key `autoquant.device`")?;
+        if !matches!(a.dtype.as_str(), "auto" | "f32" | "bf16" | "f16") {
+            bail!("key `autoquant.dtype`: unknown dtype `{}`; valid: auto, f32, bf16, f16", a.dtype);
+        }
         for (key, value) in [
             ("quant_pair.name", &self.quant_pair.name),
             ("quant_granularity.name", &self.quant_granularity.name),
@@ -591,6 +601,8 @@ fn run_instances(ctx: &PlanContext, cfg: &RunConfig) -> Result<(Vec<Instance>, P
     let state_json = run_dir.join(format!("{scheme}_autoquant_state.json"));
     let manifest = run_dir.join(format!("{scheme}_quant_manifest.json"));
     let a = &cfg.autoquant;
+    // Resolved here so that the device and dtype scores are computed on go into the key.
+    let compute = crate::device::resolve(&a.device, &a.dtype)?;
     let mut score_deps = vec![fetch_out.clone(), calib_out.clone()];
     if let CheckpointSource::Local { path } = &src {
         score_deps.push(PathBuf::from(path));
@@ -608,7 +620,8 @@ fn run_instances(ctx: &PlanContext, cfg: &RunConfig) -> Result<(Vec<Instance>, P
             "batch_size": a.batch_size,
             "score_size": a.score_size,
             "effective_bits": a.effective_bits,
-            "device": a.device,
+            "device": compute.device,
+            "dtype": compute.dtype,
         }),
         locators: json!({
             "checkpoint": locator,

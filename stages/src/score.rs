@@ -34,7 +34,15 @@ pub struct ScoreParams {
     pub batch_size: usize,
     pub score_size: usize,
     pub effective_bits: f64,
+    /// Resolved at plan time: `cpu` or `cuda:N` ([`crate::device`]).
     pub device: String,
+    /// Resolved at plan time: `f32`, `bf16` or `f16`.
+    #[serde(default = "f32_name")]
+    pub dtype: String,
+}
+
+fn f32_name() -> String {
+    "f32".into()
 }
 
 /// The quantization format of a run: a ModelOpt config name plus granularity overrides.
@@ -110,7 +118,7 @@ pub fn run_scoring(
     let score_steps = num_score_steps(settings.score_size, settings.batch_size, batches.len());
     let scores = match settings.method {
         Method::Gradient => {
-            let budget = scorer::keep_budget_bytes();
+            let budget = scorer::keep_budget_bytes(model.available_memory());
             scorer::gradient_scores(model, format, &recipes, batches, score_steps, budget, progress)?
         }
         Method::KlDiv => {
@@ -166,34 +174,29 @@ pub fn keep_freed_memory() {
     }
 }
 
-/// Errors, before loading anything, when the CPU scorer's weights cannot fit: it holds the
-/// language model in f32 twice (as loaded, and fake-quantized).
-pub fn check_weights_fit(ckpt: &std::path::Path, available: Option<u64>) -> Result<()> {
+/// Errors, before loading anything, when the scorer's weights cannot fit on `device`: it
+/// holds the language model twice in the compute dtype (as loaded, and fake-quantized).
+pub fn check_weights_fit(
+    ckpt: &std::path::Path,
+    dtype: candle_core::DType,
+    device: &str,
+    available: Option<u64>,
+) -> Result<()> {
     let cfg = crate::model::TextConfig::from_dir(ckpt)?;
-    let need = 2 * 4 * cfg.params();
+    let need = 2 * dtype.size_in_bytes() as u64 * cfg.params();
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     match available {
         Some(avail) if need > avail => bail!(
-            "scoring {} on the CPU holds its {:.2} B language-model parameters in f32 twice (as loaded and \
-             fake-quantized): {:.1} GiB, but only {:.1} GiB of memory is available; score it on a machine with more \
-             memory (GPU scoring is not built yet)",
+            "scoring {} on {device} holds its {:.2} B language-model parameters in {dtype:?} twice (as loaded and \
+             fake-quantized): {:.1} GiB, but only {:.1} GiB of memory is available there; use a device with more \
+             memory{}",
             ckpt.display(),
             cfg.params() as f64 / 1e9,
             gib(need),
-            gib(avail)
+            gib(avail),
+            if dtype == candle_core::DType::F32 { " or `autoquant.dtype=bf16`" } else { "" }
         ),
         _ => Ok(()),
-    }
-}
-
-/// `auto` → `cpu` (no CUDA build); `cpu` as is; anything else is an error naming the key.
-pub fn resolve_device(device: &str) -> Result<String> {
-    match device {
-        "auto" | "cpu" => Ok("cpu".into()),
-        d if d.starts_with("cuda") => {
-            bail!("key `autoquant.device`: `{d}` asked for, but this qpipe build scores on the CPU only; use `cpu` or `auto`")
-        }
-        d => bail!("key `autoquant.device`: unknown device `{d}`; use `cpu`, `auto` or `cuda[:N]`"),
     }
 }
 
@@ -209,13 +212,17 @@ impl Stage for Score {
     }
     fn run(&self, job: &Job<'_>) -> Result<()> {
         let p: ScoreParams = serde_json::from_value(job.params.clone()).context("reading the `score` parameters")?;
+        // Already resolved by the plan; resolving again checks the device is still there.
+        let compute = crate::device::resolve(&p.device, &p.dtype)?;
         let settings = Settings {
             method: Method::parse(&p.method)?,
             batch_size: p.batch_size,
             score_size: p.score_size,
             effective_bits: p.effective_bits,
-            device: resolve_device(&p.device)?,
+            device: compute.device.clone(),
         };
+        let device = crate::device::candle_device(&compute.device)?;
+        let dtype = crate::device::candle_dtype(&compute.dtype)?;
         if job.deps.len() < 2 || job.outs.len() != 2 {
             bail!(
                 "`score` ({}) expects deps [identity, calibration, (checkpoint)] and outs [state.pt, state.json]",
@@ -225,9 +232,9 @@ impl Stage for Score {
         let progress: &dyn Progress = job.progress;
         keep_freed_memory();
         let ckpt = adapters::checkpoint_dir(job)?;
-        check_weights_fit(&ckpt, scorer::available_memory_bytes())?;
-        progress.note(&format!("score: loading {}", ckpt.display()));
-        let model = adapters::load_model(&ckpt)?;
+        check_weights_fit(&ckpt, dtype, &compute.device, crate::device::available_bytes(&device))?;
+        progress.note(&format!("score: loading {} ({} on {})", ckpt.display(), compute.dtype, compute.device));
+        let model = adapters::load_model_on(&ckpt, dtype, &device)?;
         let format = adapters::load_format(&p.format)?;
         let batches = adapters::load_batches(&job.deps[1], settings.batch_size)?;
         let state = run_scoring(model.as_ref(), format.as_ref(), &batches, &settings, progress)
@@ -254,21 +261,25 @@ mod tests {
     #[test]
     fn a_model_too_large_for_memory_is_refused_before_loading() {
         let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny_qwen3_vl/checkpoint");
-        assert!(check_weights_fit(&tiny, Some(1 << 30)).is_ok());
-        let e = check_weights_fit(&tiny, Some(1 << 10)).unwrap_err().to_string();
-        assert!(e.contains("in f32 twice") && e.contains("GiB of memory is available"), "{e}");
+        let f32 = candle_core::DType::F32;
+        assert!(check_weights_fit(&tiny, f32, "cpu", Some(1 << 30)).is_ok());
+        let e = check_weights_fit(&tiny, f32, "cpu", Some(1 << 10)).unwrap_err().to_string();
+        assert!(e.contains("in F32 twice") && e.contains("GiB of memory is available"), "{e}");
         // The 4B shape: 4.02 B parameters → 30 GiB.
         let dir = tempfile::tempdir().unwrap();
         let cfg = crate::synth::Shape::QWEN3_VL_4B.config(crate::synth::Dtype::Bf16);
         std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
-        let e = check_weights_fit(dir.path(), Some(24 << 30)).unwrap_err().to_string();
-        assert!(e.contains("4.02 B") && e.contains("30.0 GiB"), "{e}");
+        let e = check_weights_fit(dir.path(), f32, "cpu", Some(24 << 30)).unwrap_err().to_string();
+        assert!(e.contains("4.02 B") && e.contains("30.0 GiB") && e.contains("dtype=bf16"), "{e}");
+        // In bf16 on an 80 GB GPU it fits: 15 GiB.
+        let bf16 = candle_core::DType::BF16;
+        assert!(check_weights_fit(dir.path(), bf16, "cuda:0", Some(79 << 30)).is_ok());
+        let e = check_weights_fit(dir.path(), bf16, "cuda:0", Some(8 << 30)).unwrap_err().to_string();
+        assert!(e.contains("15.0 GiB") && e.contains("on cuda:0"), "{e}");
     }
 
     #[test]
-    fn devices() {
-        assert_eq!(resolve_device("auto").unwrap(), "cpu");
-        assert!(resolve_device("cuda:0").unwrap_err().to_string().contains("autoquant.device"));
+    fn methods() {
         assert!(Method::parse("hessian").unwrap_err().to_string().contains("gradient"));
     }
 }

@@ -24,6 +24,11 @@ pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
 /// ignore_index=ignore_index)` and its gradient. `labels` is `[B][T]` (usually the input
 /// ids); `None` ignores nothing.
 pub fn shifted_cross_entropy(logits: &Tensor, labels: &[Vec<u32>], ignore_index: Option<u32>) -> Result<CrossEntropy> {
+    if super::ops::is_half(logits.dtype()) {
+        // In f32, as transformers' loss upcasts the logits; dL/dlogits back in the model's dtype.
+        let ce = shifted_cross_entropy(&logits.to_dtype(DType::F32)?, labels, ignore_index)?;
+        return Ok(CrossEntropy { dlogits: ce.dlogits.to_dtype(logits.dtype())?, ..ce });
+    }
     let (b, t, v) = logits.dims3()?;
     ensure!(labels.len() == b, "labels have {} rows, logits {b}", labels.len());
     let n = b * t;

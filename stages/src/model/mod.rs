@@ -636,7 +636,15 @@ pub fn gradient_score(dy: &Tensor, y_q: &Tensor, y: &Tensor) -> Result<f64> {
         y_q.dims(),
         y.dims()
     );
-    let (dy, y_q, y) = (dy.contiguous()?, y_q.contiguous()?, y.contiguous()?);
+    // Half-precision models (bf16/f16, the GPU default): the terms in f32, as ModelOpt's
+    // score accumulates them.
+    let f32 = |t: &Tensor| -> Result<Tensor> {
+        Ok(match t.dtype() {
+            DType::BF16 | DType::F16 => t.to_dtype(DType::F32)?,
+            _ => t.contiguous()?,
+        })
+    };
+    let (dy, y_q, y) = (f32(dy)?, f32(y_q)?, f32(y)?);
     if let Some(s) = fused::grad_diff_score(&dy, &y_q, &y) {
         return Ok(s);
     }

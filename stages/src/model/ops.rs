@@ -8,8 +8,23 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 
+/// Whether `dtype` is a 16-bit float: such models compute norms, softmaxes and the loss in
+/// f32 (as transformers upcasts them) and everything else in their dtype.
+pub fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+}
+
+/// `f` on the f32 upcasts of `xs`, its result cast back to the dtype of `xs[0]`.
+fn in_f32(xs: &[&Tensor], f: impl FnOnce(&[Tensor]) -> Result<Tensor>) -> Result<Tensor> {
+    let up: Vec<Tensor> = xs.iter().map(|t| t.to_dtype(DType::F32)).collect::<candle_core::Result<_>>()?;
+    Ok(f(&up)?.to_dtype(xs[0].dtype())?)
+}
+
 /// RMSNorm over the last dim: `w * x / sqrt(mean(x²) + eps)`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if is_half(x.dtype()) {
+        return in_f32(&[x, w], |t| rms_norm(&t[0], &t[1], eps));
+    }
     if x.track_op() || w.track_op() {
         Ok(candle_nn::ops::rms_norm_slow(x, w, eps as f32)?)
     } else {
@@ -20,6 +35,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// Backward of [`rms_norm`]: `dx = r·g − x·r³·mean(g·x)` with `g = dy·w`,
 /// `r = 1/sqrt(mean(x²)+eps)`.
 pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<Tensor> {
+    if is_half(x.dtype()) {
+        return in_f32(&[x, w, dy], |t| rms_norm_backward(&t[0], &t[1], eps, &t[2]));
+    }
     if let Some(dx) = super::fused::rms_norm_backward(x, w, eps, dy) {
         return Ok(dx);
     }
@@ -41,6 +59,9 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// Backward of softmax over the last dim given its output `p`.
 pub fn softmax_backward(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+    if is_half(p.dtype()) {
+        return in_f32(&[p, dp], |t| softmax_backward(&t[0], &t[1]));
+    }
     if let Some(ds) = super::fused::softmax_backward(p, dp) {
         return Ok(ds);
     }
@@ -117,6 +138,13 @@ pub fn rope_backward(dy: &Tensor, cos: &Tensor, neg_sin: &Tensor) -> Result<Tens
 /// Attention probabilities `softmax(scale·s + mask)` for `s: [B, Hkv, G, T, T]`; with
 /// `zero_empty_rows` (SDPA) rows that see no key are 0.
 pub fn masked_softmax(s: &Tensor, scale: f64, masks: &AttnMasks, zero_empty_rows: bool) -> Result<Tensor> {
+    if is_half(s.dtype()) {
+        let m = AttnMasks {
+            additive: masks.additive.to_dtype(DType::F32)?,
+            row_valid: masks.row_valid.to_dtype(DType::F32)?,
+        };
+        return in_f32(&[s], |t| masked_softmax(&t[0], scale, &m, zero_empty_rows));
+    }
     if let Some(p) = super::fused::masked_softmax(s, scale as f32, &masks.additive, zero_empty_rows) {
         return Ok(p);
     }
@@ -128,7 +156,8 @@ pub fn masked_softmax(s: &Tensor, scale: f64, masks: &AttnMasks, zero_empty_rows
 #[derive(Clone)]
 pub struct AttnMasks {
     /// Additive mask `[b, 1, 1, t, t]`: 0 where query i may see key j (j ≤ i and j is a
-    /// token), `f32::MIN` elsewhere (what transformers' eager mask adds).
+    /// token), the dtype's most negative finite value elsewhere (what transformers' eager
+    /// mask adds).
     pub additive: Tensor,
     /// `[b, 1, 1, t, 1]`: 1 where the query row sees at least one key, else 0. Under SDPA
     /// (transformers' default) such fully-masked rows (left pads) output exactly 0.
@@ -138,7 +167,14 @@ pub struct AttnMasks {
 impl AttnMasks {
     pub fn new(mask: &[Vec<u32>], t: usize, dtype: DType, dev: &Device) -> Result<Self> {
         let b = mask.len();
-        let mut add = vec![f32::MIN; b * t * t];
+        // `finfo(dtype).min`, as transformers: f32::MIN would round to -inf in bf16/f16 and
+        // turn the fully masked rows of left pads into NaN.
+        let min = match dtype {
+            DType::BF16 => half::bf16::MIN.to_f32(),
+            DType::F16 => half::f16::MIN.to_f32(),
+            _ => f32::MIN,
+        };
+        let mut add = vec![min; b * t * t];
         let mut valid = vec![0f32; b * t];
         for (bi, row) in mask.iter().enumerate() {
             for i in 0..t {

@@ -77,6 +77,16 @@ impl Quantizer {
         self.role
     }
 
+    /// Unsigned integer grid (`unsigned: true`).
+    pub fn is_unsigned(&self) -> bool {
+        self.unsigned
+    }
+
+    /// Integer grid symmetric around zero (`narrow_range: true`).
+    pub fn is_narrow_range(&self) -> bool {
+        self.narrow_range
+    }
+
     pub fn is_enabled(&self) -> bool {
         self.scheme != Scheme::Off
     }
@@ -186,24 +196,29 @@ impl Quantizer {
     }
 
     /// [`Quantizer::fake_quant_weight`] on a candle weight `[out, in]` (any float dtype);
-    /// returns the fake-quantized weight as f32 on the same device.
+    /// returns the fake-quantized weight as f32 on the same device (on a GPU without leaving
+    /// it: [`super::kernels`]).
     pub fn fake_quant_weight_tensor(&self, w: &Tensor) -> Result<Tensor> {
         let (out_features, in_features) = w.dims2().context("a Linear weight must be 2-D [out, in]")?;
+        if !w.device().is_cpu() {
+            return super::device::fake_quant(self, w, super::kernels::RangeSource::FromTensor);
+        }
         let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let y = self.fake_quant_weight(&data, out_features, in_features)?;
         Ok(Tensor::from_vec(y, (out_features, in_features), w.device())?)
     }
 
     /// [`Quantizer::fake_quant`] on a candle tensor of any rank (leading dimensions are
-    /// rows, the last dimension is `cols`); the result is f32 on the same device.
+    /// rows, the last dimension is `cols`); the result is f32 on the same device (on a GPU
+    /// without leaving it: [`super::kernels`]).
     pub fn fake_quant_tensor(&self, t: &Tensor, amax: Option<&Amax>) -> Result<Tensor> {
         if self.scheme == Scheme::Off {
             return Ok(t.to_dtype(DType::F32)?);
         }
-        let dims = t.dims();
-        ensure!(!dims.is_empty(), "cannot fake-quantize a scalar");
-        let cols = dims[dims.len() - 1];
-        let rows = t.elem_count().checked_div(cols).unwrap_or(0);
+        if !t.device().is_cpu() {
+            return super::device::fake_quant(self, t, super::kernels::RangeSource::Calibrated(amax));
+        }
+        let (rows, cols) = super::kernels::rows_cols(t.dims())?;
         let y = crate::cpu_f32::with_values(t, |x| self.fake_quant(x, rows, cols, amax))??;
         Ok(Tensor::from_vec(y, t.shape(), t.device())?)
     }

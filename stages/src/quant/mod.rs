@@ -72,14 +72,21 @@
 //! Overlays on a disabled input quantizer (fp16 activations) change nothing and warn.
 //! See [`config_for`] for the overlay rules and [`check_combination`] for load-time checks.
 
+#[cfg(feature = "cuda")]
+mod cuda;
+mod device;
 pub mod fake;
+pub mod kernels;
 pub mod numerics;
 pub mod observer;
 pub mod spec;
 
 #[cfg(test)]
+mod kernel_tests;
+#[cfg(test)]
 mod tests;
 
+pub use device::ranges as device_ranges;
 pub use fake::{Quantizer, Scheme};
 pub use observer::{Amax, AmaxKind, AmaxObserver};
 pub use spec::{

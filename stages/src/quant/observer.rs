@@ -129,6 +129,12 @@ impl AmaxObserver {
         if bad {
             bail!("calibration batch {} contains NaN or infinite values", self.batches);
         }
+        self.observe_ranges(local, rows, cols)
+    }
+
+    /// Folds one batch's ranges (of a `[rows, cols]` tensor, [`AmaxKind::reduce`] of it,
+    /// computed elsewhere — on the GPU) into the running max.
+    pub fn observe_ranges(&mut self, local: Vec<f32>, rows: usize, cols: usize) -> Result<()> {
         match &mut self.values {
             None => self.values = Some(local),
             Some(v) if v.len() != local.len() => bail!(

@@ -32,7 +32,12 @@ pub fn load_model(dir: &Path) -> Result<Box<dyn ScoreModel>> {
 
 /// [`load_model`] in another dtype (f64 for rounding-noise-free parity checks).
 pub fn load_model_with(dir: &Path, dtype: DType) -> Result<Box<dyn ScoreModel>> {
-    let m = TextModel::load_with(dir, dtype, &candle_core::Device::Cpu)
+    load_model_on(dir, dtype, &candle_core::Device::Cpu)
+}
+
+/// [`load_model`] in `dtype` on `device` (a GPU with the `cuda` feature).
+pub fn load_model_on(dir: &Path, dtype: DType, device: &candle_core::Device) -> Result<Box<dyn ScoreModel>> {
+    let m = TextModel::load_with(dir, dtype, device)
         .with_context(|| format!("loading the language model of {}", dir.display()))?;
     Ok(Box::new(m))
 }
@@ -66,6 +71,10 @@ impl ScoreModel for TextModel {
         }
     }
 
+    fn available_memory(&self) -> Option<u64> {
+        crate::device::available_bytes(self.device())
+    }
+
     fn forward_inputs(&self, batch: &Batch, sink: &mut InputSink<'_>) -> Result<()> {
         let mut tap = |_: usize, name: &str, x: &Tensor, _: &Tensor, _: &Tensor| -> Result<Option<Tensor>> {
             sink(name, x)?;
@@ -91,12 +100,19 @@ impl ScoreModel for TextModel {
         self.forward_cache_bytes(b, t)
     }
 
-    fn backward_linears(&self, batch: &Batch, kept: KeptForward, sink: &mut LinearSink<'_>) -> Result<f64> {
+    fn backward_linears(
+        &self,
+        batch: &Batch,
+        kept: KeptForward,
+        loss_scale: f64,
+        sink: &mut LinearSink<'_>,
+    ) -> Result<f64> {
         let Ok(fw) = kept.downcast::<model::ForwardCache>() else {
             bail!("internal error: a kept forward of another model was passed to the Qwen3-VL backward");
         };
         let ce = model::loss::shifted_cross_entropy(fw.logits(), &batch.input_ids, Some(batch.pad_token_id))?;
-        self.backward_linears(*fw, &ce.dlogits, &mut |idx, x, y, dy| sink(&self.linear_names()[idx], x, y, dy))?;
+        let dlogits = if loss_scale == 1.0 { ce.dlogits } else { (ce.dlogits * loss_scale)? };
+        self.backward_linears(*fw, &dlogits, &mut |idx, x, y, dy| sink(&self.linear_names()[idx], x, y, dy))?;
         Ok(f64::from(ce.loss))
     }
 
@@ -191,6 +207,14 @@ impl ScoreFormat for QuantFormat {
         let (rows, cols) = x.dims2()?;
         let mut obs = self.observers.lock().expect("observer lock");
         let obs = obs.entry(linear.to_string()).or_insert(fresh);
+        if !x.device().is_cpu() {
+            // Reduced on the device; only the ranges come to the host.
+            let (ranges, bad) = quant::device_ranges(obs.kind(), x)?;
+            if bad {
+                bail!("calibration batch {} contains NaN or infinite values", obs.batches());
+            }
+            return obs.observe_ranges(ranges, rows, cols);
+        }
         crate::cpu_f32::with_values(x, |v| obs.observe(v, rows, cols))?
     }
     fn input_amax(&self, linear: &str) -> Option<f32> {
@@ -199,16 +223,14 @@ impl ScoreFormat for QuantFormat {
     fn quant_weight(&self, linear: &str, w: &Tensor) -> Result<Tensor> {
         let (o, i) = w.dims2()?;
         self.cfg.check_shape(i, o).with_context(|| format!("linear `{linear}`"))?;
-        let v = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let q = self.weight.fake_quant_weight(&v, o, i)?;
-        Ok(Tensor::from_vec(q, (o, i), w.device())?.to_dtype(w.dtype())?)
+        self.weight.fake_quant_weight_tensor(w)
     }
     fn quant_input(&self, linear: &str, x: &Tensor) -> Result<Tensor> {
         let amax = self.amax(linear);
         if self.input.needs_calibration() && amax.is_none() {
             bail!("linear `{linear}`: its input range was never calibrated");
         }
-        Ok(self.input.fake_quant_tensor(x, amax.as_ref())?.to_dtype(x.dtype())?)
+        self.input.fake_quant_tensor(x, amax.as_ref())
     }
 }
 

@@ -53,6 +53,9 @@ pub trait ScoreModel {
     fn weight(&self, name: &str) -> Result<Tensor>;
     /// The compute dtype, as the state records it (`f32`).
     fn dtype_name(&self) -> &'static str;
+    /// Memory free where the model computes (host RAM or GPU memory), for the scorer's
+    /// memory plan; `None` when unknown.
+    fn available_memory(&self) -> Option<u64>;
     /// One unquantized forward; `sink` gets every linear's input.
     fn forward_inputs(&self, batch: &Batch, sink: &mut InputSink<'_>) -> Result<()>;
     /// One unquantized forward that keeps what [`Self::backward_linears`] needs; `sink`
@@ -61,9 +64,17 @@ pub trait ScoreModel {
     /// Bytes [`Self::forward_keep`] holds for `batch` (the scorer's memory plan).
     fn kept_bytes(&self, batch: &Batch) -> u64;
     /// The backward of the mean cross-entropy of the shifted logits (ignore_index = pad id)
-    /// of a kept forward; then `sink` sees every linear with its input, output and output
-    /// gradient, in module order. Returns the loss.
-    fn backward_linears(&self, batch: &Batch, kept: KeptForward, sink: &mut LinearSink<'_>) -> Result<f64>;
+    /// of a kept forward, its gradient multiplied by `loss_scale` (1 for a whole batch; a
+    /// slice's share of the batch's targets when a batch is scored in slices); then `sink`
+    /// sees every linear with its input, output and output gradient, in module order.
+    /// Returns the loss.
+    fn backward_linears(
+        &self,
+        batch: &Batch,
+        kept: KeptForward,
+        loss_scale: f64,
+        sink: &mut LinearSink<'_>,
+    ) -> Result<f64>;
     /// One unquantized forward: its logits `[B, T, V]` (f32) and what
     /// [`Self::logits_resumed`] needs to redo it with some linears replaced.
     fn forward_resumable(&self, batch: &Batch) -> Result<(Tensor, KeptForward)>;
@@ -93,8 +104,10 @@ pub trait ScoreFormat: Sync {
     fn observe_input(&self, linear: &str, x: &Tensor) -> Result<()>;
     /// The calibrated per-tensor input amax of `linear` (its max, for diagnostics).
     fn input_amax(&self, linear: &str) -> Option<f32>;
-    /// Fake-quantized weight `[out, in]` (ranges from the weight itself).
+    /// Fake-quantized weight `[out, in]` (ranges from the weight itself), in f32 whatever
+    /// the weight's dtype: the quantized values exactly, on the weight's device.
     fn quant_weight(&self, linear: &str, w: &Tensor) -> Result<Tensor>;
-    /// Fake-quantized input `[tokens, in]` with the calibrated (or dynamic) range.
+    /// Fake-quantized input `[tokens, in]` with the calibrated (or dynamic) range, in f32
+    /// on the input's device.
     fn quant_input(&self, linear: &str, x: &Tensor) -> Result<Tensor>;
 }

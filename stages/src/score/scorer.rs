@@ -60,28 +60,15 @@ pub fn calibrate_inputs(
     Ok(())
 }
 
-/// The memory the kernel reports available (`MemAvailable`), when it does.
-pub fn available_memory_bytes() -> Option<u64> {
-    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib = m
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse::<u64>()
-        .ok()?;
-    Some(kib * 1024)
-}
-
 /// Bytes of kept forward passes the `gradient` scorer may hold between calibration and
-/// scoring: `QPIPE_SCORE_KEEP_MIB` (MiB) when set, else half of the available memory
-/// ([`available_memory_bytes`]), else 2 GiB. Scores do not depend on it.
-pub fn keep_budget_bytes() -> u64 {
+/// scoring: `QPIPE_SCORE_KEEP_MIB` (MiB) when set, else half of `available` (the memory
+/// free where the model computes: host RAM, or the GPU's after its weights are loaded),
+/// else 2 GiB. Scores do not depend on it.
+pub fn keep_budget_bytes(available: Option<u64>) -> u64 {
     if let Some(mib) = std::env::var("QPIPE_SCORE_KEEP_MIB").ok().and_then(|v| v.trim().parse::<u64>().ok()) {
         return mib << 20;
     }
-    available_memory_bytes().map_or(2 << 30, |b| b / 2)
+    available.map_or(2 << 30, |b| b / 2)
 }
 
 /// Errors, before any work, when one batch's forward pass for the backward
@@ -112,8 +99,8 @@ fn nonzero_rows(g: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(keep.clone(), keep.len(), g.device())?))
 }
 
-/// The fake-quantized weight of every member linear of `recipes`, by name; a non-finite
-/// weight is an error naming its linear.
+/// The fake-quantized weight (f32) of every member linear of `recipes`, by name; a
+/// non-finite weight is an error naming its linear.
 fn quantized_weights(
     model: &dyn ScoreModel,
     format: &dyn ScoreFormat,
@@ -133,27 +120,119 @@ fn quantized_weights(
 struct Prepared {
     /// The fake-quantized weight `Wq` `[out, in]`, contiguous.
     wq: Tensor,
+    /// Half-precision models: `Wq − W` (see [`half_precision_diff`]).
+    dw: Option<Tensor>,
 }
 
-/// `Σ clamp(g ⊙ d, ±1e10)²`, accumulated in f64 (one fused pass, in parallel chunks).
+/// `Σ clamp(g ⊙ d, ±1e10)²`, accumulated in f64: one fused pass in parallel chunks for f32
+/// tensors on the CPU, candle ops (in f32, summed in f64) elsewhere.
 pub fn grad_score(g: &Tensor, d: &Tensor) -> Result<f64> {
     if g.dims() != d.dims() {
         bail!("gradient {:?} and output difference {:?} differ in shape", g.dims(), d.dims());
     }
-    let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let d = d.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(g.par_chunks(1 << 14)
-        .zip(d.par_chunks(1 << 14))
-        .map(|(g, d)| {
-            g.iter()
-                .zip(d)
+    let (g, d) = (g.to_dtype(DType::F32)?.contiguous()?, d.to_dtype(DType::F32)?.contiguous()?);
+    if let Some(Some(s)) = crate::cpu_f32::borrow(&g, |g| {
+        crate::cpu_f32::borrow(&d, |d| {
+            g.par_chunks(1 << 14)
+                .zip(d.par_chunks(1 << 14))
                 .map(|(g, d)| {
-                    let p = f64::from((g * d).clamp(-1e10, 1e10));
-                    p * p
+                    g.iter()
+                        .zip(d)
+                        .map(|(g, d)| {
+                            let p = f64::from((g * d).clamp(-1e10, 1e10));
+                            p * p
+                        })
+                        .sum::<f64>()
                 })
                 .sum::<f64>()
         })
-        .sum())
+    }) {
+        return Ok(s);
+    }
+    let p = (g * d)?.clamp(-1e10f32, 1e10f32)?;
+    Ok(p.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?)
+}
+
+/// `Y_q − Y` of one linear in a half-precision (bf16/f16) model, from the quantization
+/// errors: `(X_q − X)·W_qᵀ + X·(W_q − W)ᵀ`. Each product rounds to half precision relative
+/// to its own small magnitude, where `X_q·W_qᵀ − X·Wᵀ` would subtract two outputs rounded
+/// relative to `|Y|` (2⁻⁹ of `|Y|` is as large as the difference of a good 8-bit format).
+/// `dx` = `X_q − X` (`None` when inputs are not quantized), `dw` = `W_q − W`.
+fn half_precision_diff(x: &Tensor, dx: Option<&Tensor>, wq: &Tensor, dw: &Tensor) -> Result<Tensor> {
+    let d = crate::model::matmul_xwt(x, dw)?;
+    Ok(match dx {
+        Some(dx) => (d + crate::model::matmul_xwt(dx, wq)?)?,
+        None => d,
+    })
+}
+
+/// `a − b` computed in f32, returned in `dtype`.
+fn diff_in(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
+    Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.to_dtype(dtype)?)
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// One forward/backward of the `gradient` scorer: a batch, or a slice of its rows when a
+/// whole batch's activations do not fit.
+struct Piece {
+    batch: usize,
+    rows: Batch,
+    /// `targets(slice) / targets(batch)`: makes the slice's mean-loss gradient the batch's.
+    loss_scale: f64,
+}
+
+impl Piece {
+    fn split(batch: usize, b: &Batch, rows: usize) -> Vec<Piece> {
+        if rows >= b.input_ids.len() {
+            return vec![Piece { batch, rows: b.clone(), loss_scale: 1.0 }];
+        }
+        let total = target_count(b).max(1) as f64;
+        (0..b.input_ids.len())
+            .step_by(rows.max(1))
+            .map(|s| {
+                let e = (s + rows).min(b.input_ids.len());
+                let r = Batch {
+                    input_ids: b.input_ids[s..e].to_vec(),
+                    attention_mask: b.attention_mask[s..e].to_vec(),
+                    pad_token_id: b.pad_token_id,
+                };
+                Piece { batch, loss_scale: target_count(&r) as f64 / total, rows: r }
+            })
+            .collect()
+    }
+}
+
+/// Positions of `b` the shifted cross-entropy counts: those whose next token is not the pad
+/// id (`ignore_index`).
+fn target_count(b: &Batch) -> usize {
+    b.input_ids.iter().map(|row| row.iter().skip(1).filter(|&&y| y != b.pad_token_id).count()).sum()
+}
+
+/// Rows per [`Piece`]: the whole batch when its kept forward fits in `available`, else the
+/// most rows that do — when rows are independent; an error when even one row does not fit,
+/// or when slicing would change the scores.
+fn rows_per_piece(model: &dyn ScoreModel, b: &Batch, available: Option<u64>, rows_independent: bool) -> Result<usize> {
+    let n = b.input_ids.len();
+    let Some(avail) = available else { return Ok(n) };
+    let bytes = |r: usize| {
+        model.kept_bytes(&Batch {
+            input_ids: b.input_ids[..r].to_vec(),
+            attention_mask: b.attention_mask[..r].to_vec(),
+            pad_token_id: b.pad_token_id,
+        })
+    };
+    if bytes(n) <= avail {
+        return Ok(n);
+    }
+    if !rows_independent {
+        // A dynamic per-tensor input range spans the whole batch: slicing would change it.
+        check_fits(bytes(n), Some(avail))?;
+    }
+    match (1..n).rev().find(|&r| bytes(r) <= avail) {
+        Some(r) => Ok(r),
+        None => check_fits(bytes(1), Some(avail)).map(|_| 1),
+    }
 }
 
 /// The `gradient` scores of one format: per recipe, Σ over members and the first
@@ -179,21 +258,45 @@ pub fn gradient_scores(
     progress: &dyn Progress,
 ) -> Result<Vec<f64>> {
     let score_steps = score_steps.min(batches.len());
+    let half = matches!(model.dtype_name(), "bf16" | "f16");
     let prepared: HashMap<String, Prepared> = quantized_weights(model, format, recipes)?
         .into_iter()
-        .map(|(m, wq)| Ok((m, Prepared { wq: wq.contiguous()? })))
+        .map(|(m, wq)| {
+            let w = model.weight(&m)?;
+            // From the exact f32 `Wq`: rounding it to half precision first would add that
+            // rounding to every quantization error.
+            let dw = if half { Some(diff_in(&wq, &w, w.dtype())?.contiguous()?) } else { None };
+            Ok((m, Prepared { wq: wq.to_dtype(w.dtype())?.contiguous()?, dw }))
+        })
         .collect::<Result<_>>()?;
-    let mut kept: Vec<Option<KeptForward>> = (0..score_steps).map(|_| None).collect();
-    let per_batch = batches.first().map_or(0, |b| model.kept_bytes(b));
-    check_fits(per_batch, available_memory_bytes())?;
+    let quant_input = format.quantizes_input();
+    // Whether the input quantizer treats token rows independently (off or a static range):
+    // then a batch may be scored in slices of its rows, and rows with zero gradient skipped.
+    let rows_independent = !quant_input || format.input_needs_calibration();
+    let available = model.available_memory();
+    let batch_rows = batches.first().map_or(1, |b| b.input_ids.len());
+    let rows = rows_per_piece(model, &batches[0], available, rows_independent)?;
+    if rows < batch_rows {
+        progress.note(&format!(
+            "score: memory plan: a batch's forward for the backward needs {:.1} GiB, {:.1} GiB are free: scoring \
+             each batch in slices of {rows} of its {batch_rows} rows (the same scores: each slice's loss gradient \
+             is scaled to the whole batch's mean)",
+            model.kept_bytes(&batches[0]) as f64 / GIB,
+            available.unwrap_or(0) as f64 / GIB,
+        ));
+    }
+    let pieces: Vec<Piece> = batches.iter().enumerate().flat_map(|(bi, b)| Piece::split(bi, b, rows)).collect();
+    let n_score = pieces.iter().filter(|p| p.batch < score_steps).count();
+    let mut kept: Vec<Option<KeptForward>> = (0..n_score).map(|_| None).collect();
+    let per_piece = model.kept_bytes(&pieces[0].rows);
     if format.input_needs_calibration() {
-        // The plan: the score batches whose calibration forward is kept, in order, while
+        // The plan: the score pieces whose calibration forward is kept, in order, while
         // their total stays within the budget.
         let mut held = 0u64;
-        let keep: Vec<bool> = batches[..score_steps]
+        let keep: Vec<bool> = pieces[..n_score]
             .iter()
-            .map(|b| {
-                let bytes = model.kept_bytes(b);
+            .map(|p| {
+                let bytes = model.kept_bytes(&p.rows);
                 let fits = held + bytes <= keep_budget;
                 held += if fits { bytes } else { 0 };
                 fits
@@ -201,34 +304,37 @@ pub fn gradient_scores(
             .collect();
         let n_keep = keep.iter().filter(|k| **k).count();
         progress.note(&format!(
-            "score: memory plan: {:.0} MiB per kept forward; keeping {n_keep} of {score_steps} score batches' \
-             calibration forwards (budget {:.0} MiB, QPIPE_SCORE_KEEP_MIB), forwarding the other {} again",
-            per_batch as f64 / 1048576.0,
+            "score: memory plan: {:.0} MiB per kept forward; keeping {n_keep} of {n_score} score forwards from \
+             calibration (budget {:.0} MiB, QPIPE_SCORE_KEEP_MIB), forwarding the other {} again",
+            per_piece as f64 / 1048576.0,
             keep_budget as f64 / 1048576.0,
-            score_steps - n_keep
+            n_score - n_keep
         ));
-        progress.phase("calibrate", Some(batches.len() as u64));
-        for (bi, b) in batches.iter().enumerate() {
+        progress.phase("calibrate", Some(pieces.len() as u64));
+        for (pi, p) in pieces.iter().enumerate() {
+            let bi = p.batch;
             let mut sink = |name: &str, x: &Tensor| observe(format, name, x, bi);
-            if keep.get(bi).copied().unwrap_or(false) {
-                kept[bi] =
-                    Some(model.forward_keep(b, &mut sink).with_context(|| format!("calibration forward, batch {bi}"))?);
+            if keep.get(pi).copied().unwrap_or(false) {
+                kept[pi] = Some(
+                    model
+                        .forward_keep(&p.rows, &mut sink)
+                        .with_context(|| format!("calibration forward, batch {bi}"))?,
+                );
             } else {
-                model.forward_inputs(b, &mut sink).with_context(|| format!("calibration forward, batch {bi}"))?;
+                model.forward_inputs(&p.rows, &mut sink).with_context(|| format!("calibration forward, batch {bi}"))?;
             }
             progress.advance(1);
         }
     }
-    let quant_input = format.quantizes_input();
     // Rows (token positions) whose output gradient is exactly zero add exactly zero to the
     // score: the difference is computed on the other rows only (left pads whose next label
-    // is a pad — most rows of short captions padded to 512). Valid when the input
-    // quantizer treats rows independently (off or a static range).
-    let row_subset = !quant_input || format.input_needs_calibration();
+    // is a pad — most rows of short captions padded to 512).
+    let row_subset = rows_independent;
     let mut per_linear: HashMap<String, f64> = HashMap::new();
-    progress.phase("score (gradient)", Some(score_steps as u64));
-    for (bi, b) in batches[..score_steps].iter().enumerate() {
-        let fw = match kept[bi].take() {
+    progress.phase("score (gradient)", Some(n_score as u64));
+    for (pi, piece) in pieces[..n_score].iter().enumerate() {
+        let (bi, b) = (piece.batch, &piece.rows);
+        let fw = match kept[pi].take() {
             Some(fw) => fw,
             None => model.forward_keep(b, &mut |_, _| Ok(())).with_context(|| format!("score forward, batch {bi}"))?,
         };
@@ -244,8 +350,10 @@ pub fn gradient_scores(
                 })
             };
             let g = pick(g)?;
+            let x_in = x;
             let x = if quant_input {
                 let key = (x.id(), format.input_amax(name).map(f32::to_bits));
+                // f32, exact (see `dw` above).
                 let xq = match &xq_cache {
                     Some((id, a, xq)) if (*id, *a) == key => xq.clone(),
                     _ => {
@@ -260,16 +368,28 @@ pub fn gradient_scores(
             } else {
                 pick(x)?
             };
-            // Y_q with the same kernel the model computed Y with, as ModelOpt runs F.linear twice.
-            let y_q = crate::model::matmul_xwt(&x, &p.wq)?;
-            let s = crate::model::gradient_score(&g, &y_q, &pick(y)?)?;
+            let s = match &p.dw {
+                Some(dw) => {
+                    let x0 = pick(x_in)?;
+                    let dx = if quant_input { Some(diff_in(&x, &x0, x0.dtype())?) } else { None };
+                    grad_score(&g, &half_precision_diff(&x0, dx.as_ref(), &p.wq, dw)?)?
+                }
+                None => {
+                    // Y_q with the same kernel the model computed Y with, as ModelOpt runs
+                    // F.linear twice.
+                    let y_q = crate::model::matmul_xwt(&x.to_dtype(p.wq.dtype())?, &p.wq)?;
+                    crate::model::gradient_score(&g, &y_q, &pick(y)?)?
+                }
+            };
             if !s.is_finite() {
                 bail!("the score of linear `{name}` is not finite (batch {bi}): its input or gradient has NaN/Inf");
             }
             *per_linear.entry(name.to_string()).or_insert(0.0) += s;
             Ok(())
         };
-        model.backward_linears(b, fw, &mut on_linear).with_context(|| format!("score backward, batch {bi}"))?;
+        model
+            .backward_linears(b, fw, piece.loss_scale, &mut on_linear)
+            .with_context(|| format!("score backward, batch {bi}"))?;
         progress.advance(1);
     }
     recipes
@@ -353,7 +473,10 @@ pub fn kl_div_scores(
     batches: &[Batch],
     progress: &dyn Progress,
 ) -> Result<Vec<f64>> {
-    let qweights = quantized_weights(model, format, recipes)?;
+    let qweights = quantized_weights(model, format, recipes)?
+        .into_iter()
+        .map(|(m, wq)| Ok((wq.to_dtype(model.weight(&m)?.dtype())?, m)).map(|(w, m)| (m, w)))
+        .collect::<Result<HashMap<_, _>>>()?;
     // One closure per linear that fake-quantizes its input with its calibrated range.
     type InputFn<'f> = Box<dyn Fn(&Tensor) -> Result<Tensor> + Sync + 'f>;
     let mut input_fns: HashMap<String, InputFn<'_>> = HashMap::new();
@@ -361,7 +484,10 @@ pub fn kl_div_scores(
         for r in recipes {
             for m in &r.members {
                 let name = m.clone();
-                input_fns.insert(m.clone(), Box::new(move |x: &Tensor| format.quant_input(&name, x)));
+                input_fns.insert(
+                    m.clone(),
+                    Box::new(move |x: &Tensor| Ok(format.quant_input(&name, x)?.to_dtype(x.dtype())?)),
+                );
             }
         }
     }
@@ -418,6 +544,9 @@ mod tests {
         fn dtype_name(&self) -> &'static str {
             "f32"
         }
+        fn available_memory(&self) -> Option<u64> {
+            None
+        }
         fn forward_inputs(&self, _: &Batch, sink: &mut InputSink<'_>) -> Result<()> {
             sink("layers.0.mlp.down_proj", &self.x)
         }
@@ -428,7 +557,7 @@ mod tests {
         fn kept_bytes(&self, _: &Batch) -> u64 {
             8
         }
-        fn backward_linears(&self, _: &Batch, kept: KeptForward, sink: &mut LinearSink<'_>) -> Result<f64> {
+        fn backward_linears(&self, _: &Batch, kept: KeptForward, _: f64, sink: &mut LinearSink<'_>) -> Result<f64> {
             let y = kept.downcast::<Tensor>().unwrap();
             sink("layers.0.mlp.down_proj", &self.x, &y, &self.g)?;
             Ok(0.0)
