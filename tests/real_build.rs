@@ -96,3 +96,29 @@ fn committed_baselines_are_up_to_date_and_at_parity() {
     let committed = "models/tiny_qwen3_vl/layer-analysis/weight-int8-act-int8/README.md";
     assert_eq!(fs::read(dir.path().join(committed)).unwrap(), fs::read(repo().join(committed)).unwrap());
 }
+
+#[test]
+fn the_compute_dtype_is_in_the_key_and_a_bf16_build_scores_in_bf16() {
+    let dir = workspace_copy();
+    let args =
+        ["output_layout=tmp", "quant_pair=wint8_aint8", "dataset.max_calib_samples=8", "dataset.calib_seq_len=32"];
+    let run = |extra: &str| {
+        let mut a = vec!["build", extra];
+        a.extend_from_slice(&args);
+        let o = qpipe(dir.path(), &a);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{out}{err}");
+        err
+    };
+    run("autoquant.dtype=auto");
+    let err = run("autoquant.dtype=bf16");
+    assert!(err.contains("(bf16 on cpu)") && !err.contains("(0 ran"), "bf16 must re-score, in bf16:\n{err}");
+    let states = files_named(&dir.path().join("tmp/runs"), "_autoquant_state.json");
+    assert_eq!(states.len(), 1, "{states:?}");
+    let state: serde_json::Value = serde_json::from_slice(&fs::read(&states[0]).unwrap()).unwrap();
+    assert_eq!((state["device"].as_str(), state["dtype"].as_str()), (Some("cpu"), Some("bf16")));
+    // Back to f32 (what `auto` is on the CPU): the bf16 run overwrote the run folder, so
+    // it scores again, in f32.
+    let err = run("autoquant.dtype=f32");
+    assert!(err.contains("(f32 on cpu)"), "{err}");
+}
