@@ -8,8 +8,6 @@
 //! only a few times finer than an 8-bit one, so their quantization error is not the f32
 //! model's (on a real bf16 deployment it is the bf16 one that is right).
 
-use std::path::PathBuf;
-
 use candle_core::DType;
 use qpipe_stages::contract::Silent;
 use qpipe_stages::score::{self, adapters, FormatParams, Method, Settings};
@@ -19,9 +17,8 @@ use serde_json::Value;
 const REL_TOL: f64 = 0.15;
 const MIN_SPEARMAN: f64 = 0.99;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
+mod common;
+use common::{oracle_batches, root};
 
 /// The fixture checkpoint with its weights rounded to bf16, as real checkpoints ship (the
 /// fixture's are f32): both runs then see the same weights, as they do on real models.
@@ -44,13 +41,8 @@ fn bf16_checkpoint() -> tempfile::TempDir {
 }
 
 fn scores(ckpt: &std::path::Path, dtype: DType, device: &candle_core::Device, format: &str) -> Vec<(String, f64)> {
-    let p = root().join("stages/tests/fixtures/oracle_modelopt.json");
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
-    let ids: Vec<Vec<u32>> = serde_json::from_value(doc["input_ids"].clone()).unwrap();
-    let mask: Vec<Vec<u32>> = serde_json::from_value(doc["attention_mask"].clone()).unwrap();
-    let pad = doc["pad_token_id"].as_u64().unwrap() as u32;
-    let batch_size = doc["batch_size"].as_u64().unwrap() as usize;
-    let batches = score::make_batches(&ids, &mask, pad, batch_size);
+    let doc = common::fixture("oracle_modelopt.json");
+    let (batches, batch_size) = oracle_batches(&doc);
     let settings = Settings {
         method: Method::Gradient,
         batch_size,

@@ -2,7 +2,8 @@
 //! the memory the device reports is scored in slices of its rows, with each slice's loss
 //! gradient scaled to the whole batch's mean, and gives the same scores.
 
-use std::path::PathBuf;
+mod common;
+use common::{oracle_batches, root};
 
 use candle_core::Tensor;
 use std::sync::Mutex;
@@ -77,12 +78,9 @@ impl Progress for Notes {
 
 /// Scores of every recipe, and the notes the scorer printed.
 fn run(format: &str, available: Option<u64>) -> anyhow::Result<(Vec<f64>, Vec<String>)> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    let doc: Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("stages/tests/fixtures/oracle_modelopt.json"))?)?;
-    let ids: Vec<Vec<u32>> = serde_json::from_value(doc["input_ids"].clone())?;
-    let mask: Vec<Vec<u32>> = serde_json::from_value(doc["attention_mask"].clone())?;
-    let batches = score::make_batches(&ids, &mask, doc["pad_token_id"].as_u64().unwrap() as u32, 8);
+    let (batches, batch_size) = oracle_batches(&common::fixture("oracle_modelopt.json"));
+    assert_eq!(batch_size, 8);
+    let root = root();
     let settings =
         Settings { method: Method::Gradient, batch_size: 8, score_size: 64, effective_bits: 8.0, device: "cpu".into() };
     let model = Tight { inner: adapters::load_model(&root.join("models/tiny_qwen3_vl/checkpoint"))?, available };
@@ -97,8 +95,7 @@ fn run(format: &str, available: Option<u64>) -> anyhow::Result<(Vec<f64>, Vec<St
 
 /// Bytes of the fixture model's forward-for-backward for `rows` rows of 64 tokens.
 fn kept(rows: usize) -> u64 {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    let m = adapters::load_model(&root.join("models/tiny_qwen3_vl/checkpoint")).unwrap();
+    let m = adapters::load_model(&root().join("models/tiny_qwen3_vl/checkpoint")).unwrap();
     m.kept_bytes(&Batch {
         input_ids: vec![vec![1; 64]; rows],
         attention_mask: vec![vec![1; 64]; rows],

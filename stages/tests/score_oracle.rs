@@ -3,8 +3,6 @@
 //! `scripts/modelopt_oracle.py`). Every recipe's score must agree to 1e-3 relative and the
 //! ranking to Spearman ρ ≥ 0.999; `best` must be the same.
 
-use std::path::PathBuf;
-
 use qpipe_stages::contract::Silent;
 use qpipe_stages::score::{self, adapters, FormatParams, Method, Settings};
 use serde_json::Value;
@@ -12,17 +10,15 @@ use serde_json::Value;
 const REL_TOL: f64 = 1e-3;
 const MIN_SPEARMAN: f64 = 0.999;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
+mod common;
+use common::{oracle_batches, root};
 
 fn oracle() -> Value {
     oracle_file("oracle_modelopt.json")
 }
 
 fn oracle_file(name: &str) -> Value {
-    let p = root().join("stages/tests/fixtures").join(name);
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+    common::fixture(name)
 }
 
 /// Spearman's ρ of two score lists (the project's own, as `qpipe verify` computes it).
@@ -33,11 +29,7 @@ fn spearman(a: &[f64], b: &[f64]) -> f64 {
 /// Runs one oracle case; returns (worst relative difference, spearman).
 fn check_case(doc: &Value, case: &str, format_name: &str) -> (f64, f64) {
     let c = &doc["cases"][case];
-    let ids: Vec<Vec<u32>> = serde_json::from_value(doc["input_ids"].clone()).unwrap();
-    let mask: Vec<Vec<u32>> = serde_json::from_value(doc["attention_mask"].clone()).unwrap();
-    let pad = doc["pad_token_id"].as_u64().unwrap() as u32;
-    let batch_size = doc["batch_size"].as_u64().unwrap() as usize;
-    let batches = score::make_batches(&ids, &mask, pad, batch_size);
+    let (batches, batch_size) = oracle_batches(doc);
     let settings = Settings {
         method: Method::parse(c["method"].as_str().unwrap()).unwrap(),
         batch_size,
@@ -180,10 +172,8 @@ fn reference_int8_weight_only_gradient_and_kl_div() {
     let doc = oracle();
     for case in ["int8_weight_only_gradient", "int8_weight_only_kl_div"] {
         let c = &doc["cases"][case];
-        let ids: Vec<Vec<u32>> = serde_json::from_value(doc["input_ids"].clone()).unwrap();
-        let mask: Vec<Vec<u32>> = serde_json::from_value(doc["attention_mask"].clone()).unwrap();
-        let pad = doc["pad_token_id"].as_u64().unwrap() as u32;
-        let batches = score::make_batches(&ids, &mask, pad, 8);
+        let (batches, batch_size) = oracle_batches(&doc);
+        assert_eq!(batch_size, 8);
         let settings = Settings {
             method: Method::parse(c["method"].as_str().unwrap()).unwrap(),
             batch_size: 8,

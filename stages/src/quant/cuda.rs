@@ -39,15 +39,16 @@ fn ptx() -> Result<&'static str> {
     .map_err(|e| anyhow::anyhow!("compiling qpipe's fake-quant kernels with NVRTC failed: {e}"))
 }
 
-/// Runs `plan` on `x` (f32, contiguous, on `dev`); returns `y` (when the plan quantizes)
-/// and the ranges buffer, downloaded when `download_ranges`.
+/// Runs `plan` on `x` (f32, contiguous, on `dev`); returns `y` (when the plan quantizes),
+/// the ranges buffer (downloaded when `download_ranges`) and whether a computed range saw
+/// NaN/Inf.
 fn execute(
     plan: &KernelPlan,
     dev: &candle_core::CudaDevice,
     x: &cudarc::driver::CudaView<'_, f32>,
     numel: usize,
     download_ranges: bool,
-) -> candle_core::Result<(CudaSlice<f32>, Vec<f32>)> {
+) -> candle_core::Result<(CudaSlice<f32>, Vec<f32>, bool)> {
     use candle_core::cuda_backend::WrapErr;
     let ptx = ptx().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let stream = dev.cuda_stream();
@@ -72,11 +73,9 @@ fn execute(
         // derived from `numel` and `plan.ranges_len`, the sizes of these buffers.
         unsafe { b.launch(cfg) }.w()?;
     }
-    if plan.computes_ranges && stream.clone_dtoh(&bad).w()?[0] != 0 {
-        candle_core::bail!("tensor contains NaN or infinite values");
-    }
+    let bad = plan.computes_ranges && stream.clone_dtoh(&bad).w()?[0] != 0;
     let r = if download_ranges { stream.clone_dtoh(&ranges).w()? } else { vec![] };
-    Ok((y, r))
+    Ok((y, r, bad))
 }
 
 /// A fake quantization as a candle op (so the output is a candle tensor on the device).
@@ -98,7 +97,10 @@ impl CustomOp1 for FakeQuantOp {
             candle_core::bail!("internal error: the GPU fake-quant op needs a contiguous tensor")
         };
         let x = s.as_cuda_slice::<f32>()?.slice(start..end);
-        let (y, _) = execute(&self.plan, &s.device, &x, end - start, false)?;
+        let (y, _, bad) = execute(&self.plan, &s.device, &x, end - start, false)?;
+        if bad {
+            candle_core::bail!("tensor contains NaN or infinite values");
+        }
         Ok((CudaStorage::wrap_cuda_slice(y, s.device.clone()), l.shape().clone()))
     }
 }
@@ -120,14 +122,9 @@ pub fn ranges(kind: AmaxKind, t: &Tensor) -> Result<(Vec<f32>, bool)> {
     let Storage::Cuda(s) = &*storage else { bail!("internal error: a CPU tensor was passed to the GPU range kernels") };
     let (start, end) = layout.contiguous_offsets().context("internal error: not contiguous")?;
     let view = s.as_cuda_slice::<f32>()?.slice(start..end);
-    match execute(&plan, &s.device, &view, end - start, true) {
-        Ok((_, mut r)) => {
-            r.truncate(kind.len(rows, cols));
-            Ok((r, false))
-        }
-        Err(e) if e.to_string().contains("NaN or infinite") => Ok((vec![], true)),
-        Err(e) => Err(e.into()),
-    }
+    let (_, mut r, bad) = execute(&plan, &s.device, &view, end - start, true)?;
+    r.truncate(kind.len(rows, cols));
+    Ok((r, bad))
 }
 
 #[cfg(test)]

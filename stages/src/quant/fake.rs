@@ -116,6 +116,31 @@ impl Quantizer {
         self.fake_quant(w, out_features, in_features, amax.as_ref())
     }
 
+    /// `amax` checked as the `kind` ranges of a `[rows, cols]` tensor: present, of that
+    /// kind and length.
+    pub(crate) fn calibrated<'a>(
+        &self,
+        amax: Option<&'a Amax>,
+        kind: AmaxKind,
+        rows: usize,
+        cols: usize,
+    ) -> Result<&'a Amax> {
+        let a = amax.with_context(|| {
+            format!(
+                "the {:?} quantizer ({:?}) needs calibrated ranges; run max calibration first",
+                self.role, self.scheme
+            )
+        })?;
+        ensure!(a.kind == kind, "calibrated ranges are {:?}, the quantizer needs {kind:?}", a.kind);
+        ensure!(
+            a.values.len() == kind.len(rows, cols),
+            "calibrated ranges have {} values, a [{rows}, {cols}] tensor needs {} ({kind:?})",
+            a.values.len(),
+            kind.len(rows, cols)
+        );
+        Ok(a)
+    }
+
     /// Fake-quantizes `x` `[rows, cols]` (row-major; blocks and per-column ranges run along
     /// `cols`). `amax` = the calibrated ranges when [`Quantizer::needs_calibration`], else
     /// ignored. Errors on a missing or mis-shaped amax, on NaN/inf in dynamic ranges and on
@@ -140,22 +165,7 @@ impl Quantizer {
         if x.is_empty() {
             return Ok(());
         }
-        let calibrated = |kind: AmaxKind| -> Result<&Amax> {
-            let a = amax.with_context(|| {
-                format!(
-                    "the {:?} quantizer ({:?}) needs calibrated ranges; run max calibration first",
-                    self.role, self.scheme
-                )
-            })?;
-            ensure!(a.kind == kind, "calibrated ranges are {:?}, the quantizer needs {kind:?}", a.kind);
-            ensure!(
-                a.values.len() == kind.len(rows, cols),
-                "calibrated ranges have {} values, a [{rows}, {cols}] tensor needs {} ({kind:?})",
-                a.values.len(),
-                kind.len(rows, cols)
-            );
-            Ok(a)
-        };
+        let calibrated = |kind: AmaxKind| self.calibrated(amax, kind, rows, cols);
         let dynamic_ranges = |kind: AmaxKind| -> Result<Vec<f32>> {
             let (v, bad) = kind.reduce(x, rows, cols);
             ensure!(!bad, "tensor [{rows}, {cols}] contains NaN or infinite values");

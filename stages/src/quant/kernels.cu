@@ -84,6 +84,15 @@ QP_DEV int qp_e8m0_exponent_nv(float amax, float elem_max) {
     return round_up ? exp_field - 126 : exp_field - 127;
 }
 
+// Elements [*start, *stop) of block g (kind 3: blocks of n along each row).
+QP_DEV void qp_block(long long g, const qp_args* a, long long* start, long long* stop) {
+    long long per_row = (a->cols + a->n - 1) / a->n;
+    long long r = g / per_row, b = g % per_row;
+    long long end = (b + 1) * a->n < a->cols ? (b + 1) * a->n : a->cols;
+    *start = r * a->cols + b * a->n;
+    *stop = r * a->cols + end;
+}
+
 QP_DEV long long qp_group(long long i, const qp_args* a) {
     long long r = i / a->cols, c = i % a->cols;
     switch (a->kind) {
@@ -110,10 +119,7 @@ QP_KERNEL(qp_amax)(const float* x, float* y, float* ranges, unsigned int* bad, q
     } else if (a.kind == 2) {
         start = g; stop = a.rows * a.cols; step = a.cols;
     } else {
-        long long per_row = (a.cols + a.n - 1) / a.n;
-        long long r = g / per_row, b = g % per_row;
-        long long end = (b + 1) * a.n < a.cols ? (b + 1) * a.n : a.cols;
-        start = r * a.cols + b * a.n; stop = r * a.cols + end; step = 1;
+        qp_block(g, &a, &start, &stop); step = 1;
     }
     for (long long i = start; i < stop; i += step) {
         float v = x[i];
@@ -169,10 +175,8 @@ QP_KERNEL(qp_nvfp4)(const float* x, float* y, float* ranges, unsigned int* bad, 
     float gs = ranges[0] * (1.0f / 2688.0f);
     if (!(gs > 0.0f)) gs = 1e-12f;
     float six_g = 6.0f * gs;
-    long long per_row = (a.cols + a.n - 1) / a.n;
-    long long r = g / per_row, b = g % per_row;
-    long long end = (b + 1) * a.n < a.cols ? (b + 1) * a.n : a.cols;
-    long long start = r * a.cols + b * a.n, stop = r * a.cols + end;
+    long long start, stop;
+    qp_block(g, &a, &start, &stop);
     float m = 0.0f;
     for (long long i = start; i < stop; i++) m = fmaxf(m, fabsf(x[i]));
     float sq = qp_round_e4m3(fminf(m / six_g, QP_E4M3_MAX)) * gs;
@@ -189,10 +193,8 @@ QP_KERNEL(qp_mx)(const float* x, float* y, float* ranges, unsigned int* bad, qp_
     long long g = QP_TID;
     if (g >= a.count) return;
     (void)ranges; (void)bad;
-    long long per_row = (a.cols + a.n - 1) / a.n;
-    long long r = g / per_row, b = g % per_row;
-    long long end = (b + 1) * a.n < a.cols ? (b + 1) * a.n : a.cols;
-    long long start = r * a.cols + b * a.n, stop = r * a.cols + end;
+    long long start, stop;
+    qp_block(g, &a, &start, &stop);
     float m = 0.0f;
     for (long long i = start; i < stop; i++) m = fmaxf(m, fabsf(x[i]));
     float scale = 1.0f, unscale = 1.0f;

@@ -130,23 +130,7 @@ pub fn plan(q: &Quantizer, rows: usize, cols: usize, ranges: RangeSource<'_>) ->
     // Ranges: uploaded (calibrated), computed from the tensor, or none (MX).
     let calibrated = match ranges {
         RangeSource::Calibrated(amax) => match elementwise {
-            Some(k) => {
-                let a = amax.with_context(|| {
-                    format!(
-                        "the {:?} quantizer ({:?}) needs calibrated ranges; run max calibration first",
-                        q.role(),
-                        q.scheme()
-                    )
-                })?;
-                ensure!(a.kind == k, "calibrated ranges are {:?}, the quantizer needs {k:?}", a.kind);
-                ensure!(
-                    a.values.len() == k.len(rows, cols),
-                    "calibrated ranges have {} values, a [{rows}, {cols}] tensor needs {} ({k:?})",
-                    a.values.len(),
-                    k.len(rows, cols)
-                );
-                Some(a.values.clone())
-            }
+            Some(k) => Some(q.calibrated(amax, k, rows, cols)?.values.clone()),
             None => None,
         },
         RangeSource::FromTensor => None,

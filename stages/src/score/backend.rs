@@ -23,6 +23,17 @@ pub struct Batch {
     pub pad_token_id: u32,
 }
 
+impl Batch {
+    /// The sub-batch of rows `r`.
+    pub fn rows(&self, r: std::ops::Range<usize>) -> Batch {
+        Batch {
+            input_ids: self.input_ids[r.clone()].to_vec(),
+            attention_mask: self.attention_mask[r].to_vec(),
+            pad_token_id: self.pad_token_id,
+        }
+    }
+}
+
 /// Fake-quantizes one linear's input.
 pub type InputQuant<'a> = dyn Fn(&Tensor) -> Result<Tensor> + Sync + 'a;
 

@@ -191,12 +191,7 @@ impl Piece {
         (0..b.input_ids.len())
             .step_by(rows.max(1))
             .map(|s| {
-                let e = (s + rows).min(b.input_ids.len());
-                let r = Batch {
-                    input_ids: b.input_ids[s..e].to_vec(),
-                    attention_mask: b.attention_mask[s..e].to_vec(),
-                    pad_token_id: b.pad_token_id,
-                };
+                let r = b.rows(s..(s + rows).min(b.input_ids.len()));
                 Piece { batch, loss_scale: target_count(&r) as f64 / total, rows: r }
             })
             .collect()
@@ -215,13 +210,7 @@ fn target_count(b: &Batch) -> usize {
 fn rows_per_piece(model: &dyn ScoreModel, b: &Batch, available: Option<u64>, rows_independent: bool) -> Result<usize> {
     let n = b.input_ids.len();
     let Some(avail) = available else { return Ok(n) };
-    let bytes = |r: usize| {
-        model.kept_bytes(&Batch {
-            input_ids: b.input_ids[..r].to_vec(),
-            attention_mask: b.attention_mask[..r].to_vec(),
-            pad_token_id: b.pad_token_id,
-        })
-    };
+    let bytes = |r: usize| model.kept_bytes(&b.rows(0..r));
     if bytes(n) <= avail {
         return Ok(n);
     }
