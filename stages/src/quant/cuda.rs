@@ -171,9 +171,11 @@ mod tests {
                 fake_quant(&q, &t, RangeSource::FromTensor).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let same = got.iter().zip(&want).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
             assert_eq!(same, want.len(), "{scheme:?}: {} of {} elements differ", want.len() - same, want.len());
-            let (r, bad) = ranges(AmaxKind::PerRow, &t).unwrap();
+        }
+        for kind in [AmaxKind::PerTensor, AmaxKind::PerRow, AmaxKind::PerCol, AmaxKind::PerBlock(128)] {
+            let (r, bad) = ranges(kind, &t).unwrap();
             assert!(!bad);
-            assert_eq!(r, AmaxKind::PerRow.reduce(&x, rows, cols).0);
+            assert_eq!(r, kind.reduce(&x, rows, cols).0, "{kind:?} ranges");
         }
     }
 }

@@ -99,19 +99,20 @@ fn nonzero_rows(g: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(keep.clone(), keep.len(), g.device())?))
 }
 
-/// The fake-quantized weight (f32) of every member linear of `recipes`, by name; a
-/// non-finite weight is an error naming its linear.
+/// Every member linear of `recipes`, by name: its weight `W` (in the model's dtype) and
+/// fake-quantized weight `Wq` (f32, exact); a non-finite weight is an error naming its
+/// linear.
 fn quantized_weights(
     model: &dyn ScoreModel,
     format: &dyn ScoreFormat,
     recipes: &[Recipe],
-) -> Result<HashMap<String, Tensor>> {
+) -> Result<HashMap<String, (Tensor, Tensor)>> {
     let mut out = HashMap::new();
     for m in recipes.iter().flat_map(|r| &r.members) {
         let w = model.weight(m)?;
         check_finite(&w, &format!("the weight of linear `{m}`"))?;
         let wq = format.quant_weight(m, &w).with_context(|| format!("fake-quantizing the weight of `{m}`"))?;
-        out.insert(m.clone(), wq);
+        out.insert(m.clone(), (w, wq));
     }
     Ok(out)
 }
@@ -250,8 +251,7 @@ pub fn gradient_scores(
     let half = matches!(model.dtype_name(), "bf16" | "f16");
     let prepared: HashMap<String, Prepared> = quantized_weights(model, format, recipes)?
         .into_iter()
-        .map(|(m, wq)| {
-            let w = model.weight(&m)?;
+        .map(|(m, (w, wq))| {
             // From the exact f32 `Wq`: rounding it to half precision first would add that
             // rounding to every quantization error.
             let dw = if half { Some(diff_in(&wq, &w, w.dtype())?.contiguous()?) } else { None };
@@ -464,7 +464,7 @@ pub fn kl_div_scores(
 ) -> Result<Vec<f64>> {
     let qweights = quantized_weights(model, format, recipes)?
         .into_iter()
-        .map(|(m, wq)| Ok((wq.to_dtype(model.weight(&m)?.dtype())?, m)).map(|(w, m)| (m, w)))
+        .map(|(m, (w, wq))| Ok((m, wq.to_dtype(w.dtype())?)))
         .collect::<Result<HashMap<_, _>>>()?;
     // One closure per linear that fake-quantizes its input with its calibrated range.
     type InputFn<'f> = Box<dyn Fn(&Tensor) -> Result<Tensor> + Sync + 'f>;
