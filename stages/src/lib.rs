@@ -31,6 +31,7 @@ pub mod cpu_f32;
 pub mod device;
 pub mod docs;
 pub mod fetch_model;
+pub mod malloc;
 pub mod model;
 pub mod parity;
 pub mod plan;

@@ -113,6 +113,7 @@ pub fn run_scoring(
     if batches.is_empty() {
         bail!("the calibration set is empty: nothing to calibrate or score with");
     }
+    crate::malloc::keep_freed_memory();
     let linears = model.linears();
     let recipes = recipes::group(&linears);
     let score_steps = num_score_steps(settings.score_size, settings.batch_size, batches.len());

@@ -35,16 +35,14 @@ impl AmaxKind {
     /// Ranges of `x` `[rows, cols]` (max |x| per group), and whether `x` had a NaN or ±inf.
     pub fn reduce(self, x: &[f32], rows: usize, cols: usize) -> (Vec<f32>, bool) {
         assert_eq!(x.len(), rows * cols, "tensor of {} elements is not [{rows}, {cols}]", x.len());
-        let row_max =
-            |row: &[f32]| row.iter().fold((0.0f32, false), |(m, bad), v| (m.max(v.abs()), bad || !v.is_finite()));
         match self {
             AmaxKind::PerTensor => {
                 let (m, bad) =
-                    x.par_chunks(cols.max(1)).map(row_max).reduce(|| (0.0, false), |(a, x), (b, y)| (a.max(b), x || y));
+                    x.par_chunks(1 << 15).map(abs_max).reduce(|| (0.0, false), |(a, x), (b, y)| (a.max(b), x || y));
                 (vec![m], bad)
             }
             AmaxKind::PerRow => {
-                let v: Vec<(f32, bool)> = x.par_chunks(cols.max(1)).map(row_max).collect();
+                let v: Vec<(f32, bool)> = x.par_chunks(cols.max(1)).map(abs_max).collect();
                 let bad = v.iter().any(|p| p.1);
                 (v.into_iter().map(|p| p.0).collect(), bad)
             }
@@ -67,7 +65,7 @@ impl AmaxKind {
                         let v = row
                             .chunks(n)
                             .map(|b| {
-                                let (m, b_bad) = row_max(b);
+                                let (m, b_bad) = abs_max(b);
                                 bad |= b_bad;
                                 m
                             })
@@ -80,6 +78,24 @@ impl AmaxKind {
             }
         }
     }
+}
+
+/// `max |v|` and whether `v` has a NaN or ±inf, in one pass the compiler vectorizes
+/// (lane-wise maxima and flags from the bits, no early exit).
+fn abs_max(v: &[f32]) -> (f32, bool) {
+    const LANES: usize = 16;
+    let (mut m, mut bad) = ([0f32; LANES], [0u32; LANES]);
+    let chunks = v.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks.chain(std::iter::once(rest)) {
+        for ((x, m), bad) in c.iter().zip(&mut m).zip(&mut bad) {
+            let bits = x.to_bits() & 0x7fff_ffff;
+            *bad |= u32::from(bits >= 0x7f80_0000); // exponent all ones: inf or NaN
+            let a = f32::from_bits(bits);
+            *m = if a > *m { a } else { *m };
+        }
+    }
+    (m.iter().fold(0f32, |a, &b| a.max(b)), bad.iter().any(|&b| b != 0))
 }
 
 /// Calibrated (static) ranges of one quantizer.

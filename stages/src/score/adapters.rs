@@ -171,12 +171,14 @@ pub struct QuantFormat {
     weight: quant::Quantizer,
     input: quant::Quantizer,
     observers: Mutex<HashMap<String, quant::AmaxObserver>>,
+    /// The input last observed (by tensor id) and its ranges.
+    last_ranges: Mutex<Option<(candle_core::TensorId, quant::AmaxKind, Vec<f32>)>>,
 }
 
 impl QuantFormat {
     pub fn new(cfg: quant::QuantConfig) -> Self {
         let (weight, input) = (cfg.weight_quantizer(), cfg.input_quantizer());
-        Self { cfg, weight, input, observers: Mutex::new(HashMap::new()) }
+        Self { cfg, weight, input, observers: Mutex::new(HashMap::new()), last_ranges: Mutex::new(None) }
     }
 
     /// Warnings the format's overlays produced (printed by the stage).
@@ -205,17 +207,28 @@ impl ScoreFormat for QuantFormat {
     fn observe_input(&self, linear: &str, x: &Tensor) -> Result<()> {
         let Some(fresh) = self.input.observer() else { return Ok(()) };
         let (rows, cols) = x.dims2()?;
-        let mut obs = self.observers.lock().expect("observer lock");
-        let obs = obs.entry(linear.to_string()).or_insert(fresh);
-        if !x.device().is_cpu() {
-            // Reduced on the device; only the ranges come to the host.
-            let (ranges, bad) = quant::device_ranges(obs.kind(), x)?;
-            if bad {
-                bail!("calibration batch {} contains NaN or infinite values", obs.batches());
+        let kind = fresh.kind();
+        // q/k/v (and gate/up) read the same tensor: reduce it once. Tensor ids are never
+        // reused, and a tensor's values never change.
+        let mut last = self.last_ranges.lock().expect("range cache lock");
+        let ranges = match &*last {
+            Some((id, k, r)) if *id == x.id() && *k == kind => r.clone(),
+            _ => {
+                // On the tensor's device; on a GPU only the ranges come to the host.
+                let (ranges, bad) = if x.device().is_cpu() {
+                    crate::cpu_f32::with_values(x, |v| kind.reduce(v, rows, cols))?
+                } else {
+                    quant::device_ranges(kind, x)?
+                };
+                if bad {
+                    bail!("the input contains NaN or infinite values");
+                }
+                *last = Some((x.id(), kind, ranges.clone()));
+                ranges
             }
-            return obs.observe_ranges(ranges, rows, cols);
-        }
-        crate::cpu_f32::with_values(x, |v| obs.observe(v, rows, cols))?
+        };
+        let mut obs = self.observers.lock().expect("observer lock");
+        obs.entry(linear.to_string()).or_insert(fresh).observe_ranges(ranges, rows, cols)
     }
     fn input_amax(&self, linear: &str) -> Option<f32> {
         self.amax(linear).map(|a| a.values.iter().cloned().fold(0.0, f32::max))

@@ -111,7 +111,8 @@ pub trait ScoreFormat: Sync {
     fn quantizes_input(&self) -> bool;
     /// Whether inputs need max calibration (static ranges) before scoring.
     fn input_needs_calibration(&self) -> bool;
-    /// Fold one calibration batch's input `x` (`[tokens, in]`) of `linear` into its range.
+    /// Fold one calibration batch's input `x` (`[tokens, in]`) of `linear` into its range;
+    /// an error when `x` has NaN or ±inf (the scorer adds which linear and batch).
     fn observe_input(&self, linear: &str, x: &Tensor) -> Result<()>;
     /// The calibrated per-tensor input amax of `linear` (its max, for diagnostics).
     fn input_amax(&self, linear: &str) -> Option<f32>;

@@ -34,12 +34,11 @@ pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
 }
 
 /// Folds one calibration batch's input of `name` into the format's range; errors name
-/// the linear on NaN/Inf.
+/// the linear on NaN/Inf (the format's range reduction finds them in the same pass).
 fn observe(format: &dyn ScoreFormat, name: &str, x: &Tensor, batch: usize) -> Result<()> {
-    if !x.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
-        bail!("the input of linear `{name}` contains NaN or Inf (calibration batch {batch})");
-    }
-    format.observe_input(name, x).with_context(|| format!("calibrating the input range of `{name}`"))
+    format
+        .observe_input(name, x)
+        .with_context(|| format!("calibrating the input range of linear `{name}` (calibration batch {batch})"))
 }
 
 /// Max calibration: every calibration batch through the unquantized model, each linear's
@@ -89,9 +88,23 @@ fn check_fits(per_batch: u64, available: Option<u64>) -> Result<()> {
 /// Indices of the rows of `g` (`[rows, cols]`) that are not all zero; `None` when more than
 /// three quarters of the rows are.
 fn nonzero_rows(g: &Tensor) -> Result<Option<Tensor>> {
-    let (rows, _) = g.dims2()?;
-    let m = g.abs()?.max_keepdim(1)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let keep: Vec<u32> = m.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(i, _)| i as u32).collect();
+    let (rows, cols) = g.dims2()?;
+    // One pass that stops at a row's first nonzero value (most rows: its first).
+    let nonzero: Vec<bool> = match crate::cpu_f32::borrow(g, |v| {
+        v.par_chunks(cols.max(1)).map(|r| r.iter().any(|x| *x != 0.0)).collect::<Vec<bool>>()
+    }) {
+        Some(m) => m,
+        None => g
+            .abs()?
+            .max_keepdim(1)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|m| m != 0.0)
+            .collect(),
+    };
+    let keep: Vec<u32> = nonzero.iter().enumerate().filter(|(_, nz)| **nz).map(|(i, _)| i as u32).collect();
     // Selecting rows copies them: worth it only when it drops a good share of the work.
     if keep.len() * 4 > rows * 3 {
         return Ok(None);
@@ -584,6 +597,9 @@ mod tests {
         }
         fn observe_input(&self, _: &str, x: &Tensor) -> Result<()> {
             let m = x.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            if !x.sum_all()?.to_scalar::<f32>()?.is_finite() {
+                bail!("the input contains NaN or infinite values");
+            }
             let mut a = self.amax.lock().unwrap();
             *a = a.max(m);
             Ok(())
