@@ -11,10 +11,15 @@
 # 4. prints in-process scoring time, whole-process wall time and peak RSS of both sides,
 #    and the largest relative score difference between them. On a shared machine compare
 #    the CPU seconds (user + system): wall time there depends on what else runs.
+#
+# Each side runs BENCH_RUNS times (default 3), alternating, and the run with the median
+# in-process time is reported: on the 2-core VM the first run after a build can be 40 %
+# slower (fresh memory is expensive there), and one sample per side would mostly measure that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FORMAT=${1:-INT8_DEFAULT_CFG}
 METHOD=${2:-gradient}
+RUNS=${BENCH_RUNS:-3}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/qpipe-bench-score.XXXXXX")
 trap 'rm -rf "$DIR"' EXIT
@@ -23,20 +28,39 @@ cargo build -q -p qpipe-stages --example bench_score
 BIN="$CARGO_TARGET_DIR/debug/examples/bench_score"   # dev profile is opt-level 3 (Cargo.toml)
 "$BIN" gen "$DIR"
 
-timed() { # timed <label> <cmd...>: runs, keeps stdout JSON, prints wall + max RSS
-  local label=$1; shift
-  /usr/bin/time -v -o "$DIR/$label.time" "$@" > "$DIR/$label.out"
-  tail -n 1 "$DIR/$label.out" > "$DIR/$label.json"   # the figures are the last stdout line
-  local wall rss cpu
-  wall=$(grep "Elapsed (wall clock)" "$DIR/$label.time" | awk '{print $NF}')
-  rss=$(grep "Maximum resident set size" "$DIR/$label.time" | awk '{print $NF}')
-  cpu=$(awk -F': ' '/User time|System time/ {s += $2} END {printf "%.2f", s}' "$DIR/$label.time")
-  echo "$label $(cat "$DIR/$label.json") whole_process_wall=$wall whole_process_cpu_s=$cpu max_rss_kib=$rss"
+timed() { # timed <label> <run> <cmd...>: runs once, keeps the stdout JSON and /usr/bin/time figures
+  local label=$1 run=$2; shift 2
+  /usr/bin/time -v -o "$DIR/$label.$run.time" "$@" > "$DIR/$label.$run.out"
+  tail -n 1 "$DIR/$label.$run.out" > "$DIR/$label.$run.json"   # the figures are the last stdout line
+  cp "$DIR/${label}_state_$METHOD.json" "$DIR/${label}_state_$METHOD.$run.json" 2>/dev/null || true
 }
 
-timed qpipe "$BIN" score "$DIR" "$FORMAT" "$METHOD"
-if python3 -c "import torch, modelopt" 2>/dev/null; then
-  timed modelopt python3 scripts/bench_score_modelopt.py "$DIR" "$FORMAT" "$METHOD"
+report() { # report <label>: the run with the median in-process time, as one line
+  local label=$1 best
+  best=$(for r in $(seq 1 "$RUNS"); do
+    python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['score_s'], sys.argv[2])" "$DIR/$label.$r.json" "$r"
+  done | sort -g | awk -v n="$RUNS" 'NR == int((n + 1) / 2) {print $2}')
+  local t="$DIR/$label.$best.time" wall rss cpu all
+  wall=$(grep "Elapsed (wall clock)" "$t" | awk '{print $NF}')
+  rss=$(grep "Maximum resident set size" "$t" | awk '{print $NF}')
+  cpu=$(awk -F': ' '/User time|System time/ {s += $2} END {printf "%.2f", s}' "$t")
+  all=$(for r in $(seq 1 "$RUNS"); do python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['score_s'], 2))" "$DIR/$label.$r.json"; done | paste -sd, -)
+  cp "$DIR/$label.$best.json" "$DIR/$label.json"
+  cp "$DIR/${label}_state_$METHOD.$best.json" "$DIR/${label}_state_$METHOD.json" 2>/dev/null || true
+  echo "$label $(cat "$DIR/$label.json") whole_process_wall=$wall whole_process_cpu_s=$cpu max_rss_kib=$rss score_s_all_runs=[$all]"
+}
+
+HAVE_MODELOPT=0
+python3 -c "import torch, modelopt" 2>/dev/null && HAVE_MODELOPT=1
+for r in $(seq 1 "$RUNS"); do
+  timed qpipe "$r" "$BIN" score "$DIR" "$FORMAT" "$METHOD"
+  if [ "$HAVE_MODELOPT" = 1 ]; then
+    timed modelopt "$r" python3 scripts/bench_score_modelopt.py "$DIR" "$FORMAT" "$METHOD" 2>/dev/null
+  fi
+done
+report qpipe
+if [ "$HAVE_MODELOPT" = 1 ]; then
+  report modelopt
   python3 - "$DIR" "$METHOD" <<'PY'
 import json, sys
 d, m = sys.argv[1], sys.argv[2]

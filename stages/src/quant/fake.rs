@@ -205,6 +205,49 @@ impl Quantizer {
         Ok(())
     }
 
+    /// The integers behind [`Quantizer::fake_quant`]`(x, rows, cols, amax)` when the scheme
+    /// is a signed integer grid of at most 8 bits with one range per tensor or per row
+    /// (INT8 weights per channel or per tensor, INT8 inputs per tensor); `None` for every
+    /// other scheme. Errors as `fake_quant` does.
+    pub fn int_codes(&self, x: &[f32], rows: usize, cols: usize, amax: Option<&Amax>) -> Result<Option<IntCodes>> {
+        let Scheme::Scaled { elem: NumBits::Int(bits), kind, dynamic } = self.scheme else { return Ok(None) };
+        if bits > 8 || self.unsigned || !matches!(kind, AmaxKind::PerTensor | AmaxKind::PerRow) {
+            return Ok(None);
+        }
+        ensure!(x.len() == rows * cols, "tensor of {} elements is not [{rows}, {cols}]", x.len());
+        let owned;
+        let ranges: &[f32] = if dynamic {
+            let (v, bad) = kind.reduce(x, rows, cols);
+            ensure!(!bad, "tensor [{rows}, {cols}] contains NaN or infinite values");
+            owned = v;
+            &owned
+        } else {
+            &self.calibrated(amax, kind, rows, cols)?.values
+        };
+        let (min_bound, max_bound) = int_bounds(bits, false, self.narrow_range);
+        let scales = int_scales(ranges, max_bound);
+        let mut codes = vec![0i8; x.len()];
+        // A NaN has no code (fake quantization passes it through): an error here.
+        let nan = codes.par_chunks_mut(cols.max(1)).zip(x.par_chunks(cols.max(1))).enumerate().any(|(r, (c, xr))| {
+            let (s, _) = scales[if kind == AmaxKind::PerRow { r } else { 0 }];
+            let mut nan = false;
+            for (c, &v) in c.iter_mut().zip(xr) {
+                nan |= v.is_nan();
+                *c = int_code(v, s, min_bound, max_bound) as i8;
+            }
+            nan
+        });
+        ensure!(!nan, "tensor [{rows}, {cols}] contains NaN");
+        Ok(Some(IntCodes { rows, cols, codes, kind, divisors: scales.iter().map(|s| s.1).collect() }))
+    }
+
+    /// [`Quantizer::int_codes`] of a weight `[out, in]`, its ranges calibrated from itself
+    /// (as [`Quantizer::fake_quant_weight`] does).
+    pub fn int_codes_weight(&self, w: &[f32], out_features: usize, in_features: usize) -> Result<Option<IntCodes>> {
+        let amax = self.calibrate_weight(w, out_features, in_features)?;
+        self.int_codes(w, out_features, in_features, amax.as_ref())
+    }
+
     /// [`Quantizer::fake_quant_weight`] on a candle weight `[out, in]` (any float dtype);
     /// returns the fake-quantized weight as f32 on the same device (on a GPU without leaving
     /// it: [`super::kernels`]).
@@ -262,6 +305,20 @@ fn int_qdq(
     narrow_range: bool,
     out: &mut [f32],
 ) {
+    let (min_bound, max_bound) = int_bounds(bits, unsigned, narrow_range);
+    let scales = int_scales(ranges, max_bound);
+    out.par_chunks_mut(cols).zip(x.par_chunks(cols)).enumerate().for_each(|(r, (o, xr))| {
+        for_each_run(kind, r, cols, |cs, g| {
+            let (s, d) = scales[g];
+            for (o, &v) in o[cs.clone()].iter_mut().zip(&xr[cs]) {
+                *o = int_code(v, s, min_bound, max_bound) / d;
+            }
+        });
+    });
+}
+
+/// `(min_bound, max_bound)` of an integer grid (ModelOpt's `_tensor_quant`).
+fn int_bounds(bits: u8, unsigned: bool, narrow_range: bool) -> (f32, f32) {
     let max_bound = (2.0f64.powi(i32::from(bits) - 1 + i32::from(unsigned)) - 1.0) as f32;
     let min_bound = if unsigned {
         0.0
@@ -270,9 +327,13 @@ fn int_qdq(
     } else {
         -max_bound - 1.0
     };
-    // (quantize scale, dequantize divisor) per group, as `_tensor_quant` computes them
-    // (`max_bound / amax` is a tensor division there: IEEE).
-    let scales: Vec<(f32, f32)> = ranges
+    (min_bound, max_bound)
+}
+
+/// (quantize scale, dequantize divisor) per range, as `_tensor_quant` computes them
+/// (`max_bound / amax` is a tensor division there: IEEE); a range ≤ 2^-24 quantizes to 0.
+fn int_scales(ranges: &[f32], max_bound: f32) -> Vec<(f32, f32)> {
+    ranges
         .iter()
         .map(|&a| {
             if a <= AMAX_EPSILON {
@@ -282,17 +343,27 @@ fn int_qdq(
                 (s, s)
             }
         })
-        .collect();
-    out.par_chunks_mut(cols).zip(x.par_chunks(cols)).enumerate().for_each(|(r, (o, xr))| {
-        for_each_run(kind, r, cols, |cs, g| {
-            let (s, d) = scales[g];
-            for (o, &v) in o[cs.clone()].iter_mut().zip(&xr[cs]) {
-                // The bounds are integers, so clamping before rounding gives the same value
-                // and keeps the argument of `rne_small` in its exact range.
-                *o = rne_small((v * s).clamp(min_bound, max_bound)) / d;
-            }
-        });
-    });
+        .collect()
+}
+
+/// The integer a value quantizes to (as an f32): `round_half_even(clamp(v·s))`. The bounds
+/// are integers, so clamping before rounding gives the same value and keeps the argument of
+/// `rne_small` in its exact range.
+#[inline]
+fn int_code(v: f32, s: f32, min_bound: f32, max_bound: f32) -> f32 {
+    rne_small((v * s).clamp(min_bound, max_bound))
+}
+
+/// A tensor `[rows, cols]` on a signed integer grid of at most 8 bits, as integers:
+/// [`Quantizer::fake_quant`] returns exactly `codes[i] / divisors[group of i]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IntCodes {
+    pub rows: usize,
+    pub cols: usize,
+    pub codes: Vec<i8>,
+    /// [`AmaxKind::PerTensor`] (one divisor) or [`AmaxKind::PerRow`] (one per row).
+    pub kind: AmaxKind,
+    pub divisors: Vec<f32>,
 }
 
 fn fp8_qdq(x: &[f32], _rows: usize, cols: usize, kind: AmaxKind, ranges: &[f32], out: &mut [f32]) {

@@ -76,6 +76,7 @@
 mod cuda;
 mod device;
 pub mod fake;
+pub mod int_product;
 pub mod kernels;
 pub mod numerics;
 pub mod observer;
@@ -87,7 +88,7 @@ mod kernel_tests;
 mod tests;
 
 pub use device::ranges as device_ranges;
-pub use fake::{Quantizer, Scheme};
+pub use fake::{IntCodes, Quantizer, Scheme};
 pub use observer::{Amax, AmaxKind, AmaxObserver};
 pub use spec::{
     check_combination, config_for, known_formats, BlockSizes, NumBits, QuantConfig, QuantizerSpec, Role,

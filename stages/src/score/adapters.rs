@@ -189,6 +189,16 @@ impl QuantFormat {
     fn amax(&self, linear: &str) -> Option<quant::Amax> {
         self.observers.lock().expect("observer lock").get(linear).and_then(|o| o.amax())
     }
+
+    /// The calibrated input ranges of `linear`; an error when the format needs them and
+    /// calibration never saw the linear.
+    fn calibrated_amax(&self, linear: &str) -> Result<Option<quant::Amax>> {
+        let amax = self.amax(linear);
+        if self.input.needs_calibration() && amax.is_none() {
+            bail!("linear `{linear}`: its input range was never calibrated");
+        }
+        Ok(amax)
+    }
 }
 
 impl ScoreFormat for QuantFormat {
@@ -239,11 +249,24 @@ impl ScoreFormat for QuantFormat {
         self.weight.fake_quant_weight_tensor(w)
     }
     fn quant_input(&self, linear: &str, x: &Tensor) -> Result<Tensor> {
-        let amax = self.amax(linear);
-        if self.input.needs_calibration() && amax.is_none() {
-            bail!("linear `{linear}`: its input range was never calibrated");
-        }
+        let amax = self.calibrated_amax(linear)?;
         self.input.fake_quant_tensor(x, amax.as_ref())
+    }
+    fn quant_weight_codes(&self, linear: &str, w: &Tensor) -> Result<Option<quant::IntCodes>> {
+        let (o, i) = w.dims2()?;
+        self.cfg.check_shape(i, o).with_context(|| format!("linear `{linear}`"))?;
+        if !w.device().is_cpu() {
+            return Ok(None);
+        }
+        crate::cpu_f32::with_values(w, |v| self.weight.int_codes_weight(v, o, i))?
+    }
+    fn quant_input_codes(&self, linear: &str, x: &Tensor) -> Result<Option<quant::IntCodes>> {
+        let amax = self.calibrated_amax(linear)?;
+        if !x.device().is_cpu() {
+            return Ok(None);
+        }
+        let (rows, cols) = quant::kernels::rows_cols(x.dims())?;
+        crate::cpu_f32::with_values(x, |v| self.input.int_codes(v, rows, cols, amax.as_ref()))?
     }
 }
 

@@ -11,6 +11,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use super::recipes::LinearInfo;
+use crate::quant::IntCodes;
 
 /// One batch of calibration tokens (left padded).
 #[derive(Debug, Clone)]
@@ -122,4 +123,15 @@ pub trait ScoreFormat: Sync {
     /// Fake-quantized input `[tokens, in]` with the calibrated (or dynamic) range, in f32
     /// on the input's device.
     fn quant_input(&self, linear: &str, x: &Tensor) -> Result<Tensor>;
+    /// [`Self::quant_weight`] as integer codes (`Wq = codes / divisor`), when the weight
+    /// format is a signed integer grid of at most 8 bits with per-channel or per-tensor
+    /// ranges and `w` is on the CPU; `None` otherwise.
+    fn quant_weight_codes(&self, _linear: &str, _w: &Tensor) -> Result<Option<IntCodes>> {
+        Ok(None)
+    }
+    /// [`Self::quant_input`] as integer codes, on the same terms as
+    /// [`Self::quant_weight_codes`].
+    fn quant_input_codes(&self, _linear: &str, _x: &Tensor) -> Result<Option<IntCodes>> {
+        Ok(None)
+    }
 }

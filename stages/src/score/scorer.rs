@@ -23,6 +23,7 @@ use rayon::prelude::*;
 use super::backend::{Batch, KeptForward, LinearOverride, ScoreFormat, ScoreModel};
 use super::recipes::Recipe;
 use crate::contract::Progress;
+use crate::quant::int_product;
 
 /// Error unless every element of `t` is finite, naming what it is.
 pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
@@ -87,7 +88,7 @@ fn check_fits(per_batch: u64, available: Option<u64>) -> Result<()> {
 
 /// Indices of the rows of `g` (`[rows, cols]`) that are not all zero; `None` when more than
 /// three quarters of the rows are.
-fn nonzero_rows(g: &Tensor) -> Result<Option<Tensor>> {
+fn nonzero_rows(g: &Tensor) -> Result<Option<Vec<u32>>> {
     let (rows, cols) = g.dims2()?;
     // One pass that stops at a row's first nonzero value (most rows: its first).
     let nonzero: Vec<bool> = match crate::cpu_f32::borrow(g, |v| {
@@ -109,33 +110,36 @@ fn nonzero_rows(g: &Tensor) -> Result<Option<Tensor>> {
     if keep.len() * 4 > rows * 3 {
         return Ok(None);
     }
-    Ok(Some(Tensor::from_vec(keep.clone(), keep.len(), g.device())?))
+    Ok(Some(keep))
 }
 
-/// Every member linear of `recipes`, by name: its weight `W` (in the model's dtype) and
-/// fake-quantized weight `Wq` (f32, exact); a non-finite weight is an error naming its
-/// linear.
-fn quantized_weights(
+/// Every member linear of `recipes`, by name, with `prepare(name, W)` of its weight `W`
+/// (in the model's dtype); a non-finite weight is an error naming its linear, and errors of
+/// `prepare` name it too.
+fn prepare_weights<T>(
     model: &dyn ScoreModel,
-    format: &dyn ScoreFormat,
     recipes: &[Recipe],
-) -> Result<HashMap<String, (Tensor, Tensor)>> {
+    mut prepare: impl FnMut(&str, Tensor) -> Result<T>,
+) -> Result<HashMap<String, T>> {
     let mut out = HashMap::new();
     for m in recipes.iter().flat_map(|r| &r.members) {
         let w = model.weight(m)?;
         check_finite(&w, &format!("the weight of linear `{m}`"))?;
-        let wq = format.quant_weight(m, &w).with_context(|| format!("fake-quantizing the weight of `{m}`"))?;
-        out.insert(m.clone(), (w, wq));
+        out.insert(m.clone(), prepare(m, w).with_context(|| format!("fake-quantizing the weight of `{m}`"))?);
     }
     Ok(out)
 }
 
 /// Per-linear prepared tensors for the gradient scorer.
 struct Prepared {
-    /// The fake-quantized weight `Wq` `[out, in]`, contiguous.
-    wq: Tensor,
+    /// The fake-quantized weight `Wq` `[out, in]` in the model's dtype, contiguous; `None`
+    /// when `int_w` stands in for it.
+    wq: Option<Tensor>,
     /// Half-precision models: `Wq − W` (see [`half_precision_diff`]).
     dw: Option<Tensor>,
+    /// `Wq`'s integer codes packed for [`int_product`], when weights and inputs are both on
+    /// 8-bit integer grids (f32 models on a CPU with AVX-512 VNNI).
+    int_w: Option<int_product::PackedWeight>,
 }
 
 /// `Σ clamp(g ⊙ d, ±1e10)²`, accumulated in f64: one fused pass in parallel chunks for f32
@@ -262,15 +266,19 @@ pub fn gradient_scores(
 ) -> Result<Vec<f64>> {
     let score_steps = score_steps.min(batches.len());
     let half = matches!(model.dtype_name(), "bf16" | "f16");
-    let prepared: HashMap<String, Prepared> = quantized_weights(model, format, recipes)?
-        .into_iter()
-        .map(|(m, (w, wq))| {
-            // From the exact f32 `Wq`: rounding it to half precision first would add that
-            // rounding to every quantization error.
-            let dw = if half { Some(diff_in(&wq, &w, w.dtype())?.contiguous()?) } else { None };
-            Ok((m, Prepared { wq: wq.to_dtype(w.dtype())?.contiguous()?, dw }))
-        })
-        .collect::<Result<_>>()?;
+    let int_products = !half && format.quantizes_input() && int_product::available();
+    let prepared: HashMap<String, Prepared> = prepare_weights(model, recipes, |m, w| {
+        if int_products {
+            if let Some(int_w) = format.quant_weight_codes(m, &w)?.and_then(|c| int_product::PackedWeight::new(&c)) {
+                return Ok(Prepared { wq: None, dw: None, int_w: Some(int_w) });
+            }
+        }
+        let wq = format.quant_weight(m, &w)?;
+        // From the exact f32 `Wq`: rounding it to half precision first would add that
+        // rounding to every quantization error.
+        let dw = if half { Some(diff_in(&wq, &w, w.dtype())?.contiguous()?) } else { None };
+        Ok(Prepared { wq: Some(wq.to_dtype(w.dtype())?.contiguous()?), dw, int_w: None })
+    })?;
     let quant_input = format.quantizes_input();
     // Whether the input quantizer treats token rows independently (off or a static range):
     // then a batch may be scored in slices of its rows, and rows with zero gradient skipped.
@@ -342,16 +350,44 @@ pub fn gradient_scores(
         };
         // q/k/v (and gate/up) read the same input with the same calibrated range: quantize it once.
         let mut xq_cache: Option<(candle_core::TensorId, Option<u32>, Tensor)> = None;
+        type CodesCache = Option<(candle_core::TensorId, Option<u32>, Option<std::rc::Rc<int_product::InputCodes>>)>;
+        let mut codes_cache: CodesCache = None;
         let mut on_linear = |name: &str, x: &Tensor, y: &Tensor, g: &Tensor| -> Result<()> {
             let Some(p) = prepared.get(name) else { return Ok(()) };
             let rows = if row_subset { nonzero_rows(g)? } else { None };
+            let rows_t = rows.as_ref().map(|r| Tensor::from_slice(r, r.len(), g.device())).transpose()?;
             let pick = |t: &Tensor| -> Result<Tensor> {
-                Ok(match &rows {
+                Ok(match &rows_t {
                     Some(r) => t.index_select(r, 0)?,
                     None => t.clone(),
                 })
             };
             let g = pick(g)?;
+            // Both operands on 8-bit integer grids: Y_q from the codes (exact integer sums).
+            if let Some(pw) = &p.int_w {
+                let key = (x.id(), format.input_amax(name).map(f32::to_bits));
+                let codes = match &codes_cache {
+                    Some((id, a, c)) if (*id, *a) == key => c.clone(),
+                    _ => {
+                        let c = format
+                            .quant_input_codes(name, x)
+                            .with_context(|| format!("fake-quantizing the input of `{name}`"))?
+                            .and_then(|c| int_product::InputCodes::new(&c))
+                            .map(std::rc::Rc::new);
+                        codes_cache = Some((key.0, key.1, c.clone()));
+                        c
+                    }
+                };
+                if let Some(y_q) = codes.and_then(|c| int_product::product(&c, rows.as_deref(), pw)) {
+                    let y_q = Tensor::from_vec(y_q, (g.dim(0)?, pw.n()), g.device())?;
+                    let s = crate::model::gradient_score(&g, &y_q, &pick(y)?)?;
+                    if !s.is_finite() {
+                        bail!("the score of linear `{name}` is not finite (batch {bi}): its gradient has NaN/Inf");
+                    }
+                    *per_linear.entry(name.to_string()).or_insert(0.0) += s;
+                    return Ok(());
+                }
+            }
             let x_in = x;
             let x = if quant_input {
                 let key = (x.id(), format.input_amax(name).map(f32::to_bits));
@@ -370,16 +406,21 @@ pub fn gradient_scores(
             } else {
                 pick(x)?
             };
+            let wq = match &p.wq {
+                Some(wq) => wq.clone(),
+                // Only when the integer product above did not apply.
+                None => format.quant_weight(name, &model.weight(name)?)?.contiguous()?,
+            };
             let s = match &p.dw {
                 Some(dw) => {
                     let x0 = pick(x_in)?;
                     let dx = if quant_input { Some(diff_in(&x, &x0, x0.dtype())?) } else { None };
-                    grad_score(&g, &half_precision_diff(&x0, dx.as_ref(), &p.wq, dw)?)?
+                    grad_score(&g, &half_precision_diff(&x0, dx.as_ref(), &wq, dw)?)?
                 }
                 None => {
                     // Y_q with the same kernel the model computed Y with, as ModelOpt runs
                     // F.linear twice.
-                    let y_q = crate::model::matmul_xwt(&x.to_dtype(p.wq.dtype())?, &p.wq)?;
+                    let y_q = crate::model::matmul_xwt(&x.to_dtype(wq.dtype())?, &wq)?;
                     crate::model::gradient_score(&g, &y_q, &pick(y)?)?
                 }
             };
@@ -475,10 +516,7 @@ pub fn kl_div_scores(
     batches: &[Batch],
     progress: &dyn Progress,
 ) -> Result<Vec<f64>> {
-    let qweights = quantized_weights(model, format, recipes)?
-        .into_iter()
-        .map(|(m, (w, wq))| Ok((m, wq.to_dtype(w.dtype())?)))
-        .collect::<Result<HashMap<_, _>>>()?;
+    let qweights = prepare_weights(model, recipes, |m, w| Ok(format.quant_weight(m, &w)?.to_dtype(w.dtype())?))?;
     // One closure per linear that fake-quantizes its input with its calibrated range.
     type InputFn<'f> = Box<dyn Fn(&Tensor) -> Result<Tensor> + Sync + 'f>;
     let mut input_fns: HashMap<String, InputFn<'_>> = HashMap::new();

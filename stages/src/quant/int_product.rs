@@ -1,0 +1,327 @@
+//! `q(X)·q(W)ᵀ` computed on the integer codes when both operands are on 8-bit integer
+//! grids (INT8_DEFAULT: inputs per tensor, weights per output channel), with AVX-512 VNNI.
+//!
+//! With `x_q = c_x / d_x` and `w_q[j] = c_w[j] / d_w[j]` ([`IntCodes`]), the product is
+//! `y[i][j] = (Σ_k c_x[i][k]·c_w[j][k]) / (d_x·d_w[j])`. The integer sum is exact (i32),
+//! so the only roundings are the final conversion and scaling — where the f32 product
+//! ModelOpt computes rounds at every one of the `k` additions. The two agree to f32
+//! rounding (`tests` bound it), and VNNI does 64 multiply-adds per instruction against
+//! 16 for f32 FMA.
+//!
+//! `vpdpbusd` multiplies unsigned by signed bytes, so the input codes are stored as
+//! `c_x + 128` and `128·Σ_k c_w[j][k]` is taken off each sum. The weight is packed once per
+//! linear into panels of 32 output channels holding 4 consecutive `k` per 32-bit lane;
+//! each kernel call keeps a 12 × 32 tile of i32 sums in 24 registers over all of `k`.
+
+use rayon::prelude::*;
+
+use super::fake::IntCodes;
+use super::observer::AmaxKind;
+
+const MR: usize = 12;
+const NR: usize = 32;
+/// `k` beyond which the i32 sums could overflow (255 · 127 · k < 2³¹).
+const MAX_K: usize = 60_000;
+
+/// Whether this CPU runs the integer products (AVX-512F, BW and VNNI).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `k` rounded up to whole groups of 4.
+fn k4(k: usize) -> usize {
+    k.div_ceil(4) * 4
+}
+
+/// A weight's codes `[n, k]` packed for the kernel, with its per-channel divisors.
+pub struct PackedWeight {
+    n: usize,
+    k: usize,
+    /// `ceil(n / 32)` panels of `[k4 / 4][32 channels][4 bytes]`; zero past `n` and `k`.
+    panels: Vec<i8>,
+    /// `128 · Σ_k c_w[j][k]` per channel: what the `+128` of the input codes adds.
+    offset: Vec<i32>,
+    divisors: Vec<f32>,
+}
+
+impl PackedWeight {
+    /// Packs weight codes (per tensor or per row); `None` when the CPU lacks VNNI or `k` is
+    /// too large for exact i32 sums.
+    pub fn new(w: &IntCodes) -> Option<Self> {
+        if !available() || w.cols > MAX_K || w.codes.len() != w.rows * w.cols {
+            return None;
+        }
+        let (n, k) = (w.rows, w.cols);
+        let kp = k4(k);
+        let mut panels = vec![0i8; n.div_ceil(NR) * kp * NR];
+        panels.par_chunks_mut((kp * NR).max(1)).enumerate().for_each(|(p, panel)| {
+            for c in 0..NR.min(n - p * NR) {
+                let row = &w.codes[(p * NR + c) * k..(p * NR + c + 1) * k];
+                for (kk, &v) in row.iter().enumerate() {
+                    panel[(kk / 4) * NR * 4 + c * 4 + kk % 4] = v;
+                }
+            }
+        });
+        let offset = w.codes.chunks(k.max(1)).map(|r| 128 * r.iter().map(|&v| i32::from(v)).sum::<i32>()).collect();
+        let divisors = match w.kind {
+            AmaxKind::PerRow => w.divisors.clone(),
+            _ => vec![w.divisors[0]; n],
+        };
+        Some(Self { n, k, panels, offset, divisors })
+    }
+
+    /// Output channels.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+}
+
+/// An input's codes `[m, k]` with one divisor, stored as `c + 128` in rows of `k4` bytes
+/// (padding 128, the code 0).
+pub struct InputCodes {
+    m: usize,
+    k: usize,
+    data: Vec<u8>,
+    divisor: f32,
+}
+
+impl InputCodes {
+    /// `None` unless the codes have one divisor for the whole tensor.
+    pub fn new(x: &IntCodes) -> Option<Self> {
+        if x.kind != AmaxKind::PerTensor || x.codes.len() != x.rows * x.cols {
+            return None;
+        }
+        let (m, k) = (x.rows, x.cols);
+        let kp = k4(k);
+        let mut data = vec![128u8; m * kp];
+        data.par_chunks_mut(kp.max(1)).zip(x.codes.par_chunks(k.max(1))).for_each(|(d, c)| {
+            for (d, &c) in d.iter_mut().zip(c) {
+                *d = (i16::from(c) + 128) as u8;
+            }
+        });
+        Some(Self { m, k, data, divisor: x.divisors[0] })
+    }
+
+    /// Rows.
+    pub fn m(&self) -> usize {
+        self.m
+    }
+}
+
+/// A pointer to the output shared by the threads that write disjoint rows of it.
+struct SendPtr(*mut f32);
+// SAFETY: only used to write disjoint rows from different threads (see `product`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `x_q · w_qᵀ` as a row-major `[rows, n]` f32 vector, over the rows `rows` of `x` (all of
+/// them when `None`); `None` when the shapes disagree or a row index is out of range.
+pub fn product(x: &InputCodes, rows: Option<&[u32]>, w: &PackedWeight) -> Option<Vec<f32>> {
+    if x.k != w.k || rows.is_some_and(|r| r.iter().any(|&i| i as usize >= x.m)) || !available() {
+        return None;
+    }
+    let picked: Vec<usize> = match rows {
+        Some(r) => r.iter().map(|&i| i as usize).collect(),
+        None => (0..x.m).collect(),
+    };
+    let (m, n, kp) = (picked.len(), w.n, k4(x.k));
+    // Per channel: 1 / (d_x · d_w[j]), the scale of the exact integer sums.
+    let scale: Vec<f32> = w.divisors.iter().map(|&d| (1.0 / (f64::from(x.divisor) * f64::from(d))) as f32).collect();
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    let op = SendPtr(out.as_mut_ptr());
+    // A row of codes 0 for the unused rows of a last, partial tile.
+    let zero_row = vec![128u8; kp];
+    let tiles = m.div_ceil(MR);
+    let per_task = tiles.div_ceil(4 * rayon::current_num_threads()).max(1);
+    (0..tiles.div_ceil(per_task)).into_par_iter().for_each(|task| {
+        let op = &op;
+        for t in task * per_task..((task + 1) * per_task).min(tiles) {
+            let r0 = t * MR;
+            let mr = MR.min(m - r0);
+            let mut a = [zero_row.as_ptr(); MR];
+            for (r, a) in a.iter_mut().enumerate().take(mr) {
+                *a = x.data[picked[r0 + r] * kp..].as_ptr();
+            }
+            for p in 0..n.div_ceil(NR) {
+                let cols = NR.min(n - p * NR);
+                let panel = &w.panels[p * kp * NR..(p + 1) * kp * NR];
+                // SAFETY: VNNI is available (checked above); each of the MR row pointers has
+                // `kp` readable bytes, the panel `kp·NR`; the tile writes `cols` values of
+                // rows `r0 .. r0 + mr` of the `m·n` output, rows that only this task
+                // writes, at columns `p·NR ..` inside `n`.
+                unsafe {
+                    kernel(
+                        &a,
+                        kp / 4,
+                        panel.as_ptr(),
+                        &w.offset[p * NR..p * NR + cols],
+                        &scale[p * NR..p * NR + cols],
+                        op.0.add(r0 * n + p * NR),
+                        n,
+                        mr,
+                    )
+                };
+            }
+        }
+    });
+    // SAFETY: every one of the `m·n` values was written above (all tiles, all panels).
+    unsafe { out.set_len(m * n) };
+    Some(out)
+}
+
+/// One `MR × NR` tile: `C[r][c] = (Σ_q dpbusd(a[r][4q..], panel[q][c]) − offset[c]) ·
+/// scale[c]` for `r < rows`, `c < offset.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel(
+    a: &[*const u8; MR],
+    groups: usize,
+    panel: *const i8,
+    offset: &[i32],
+    scale: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_si512(); 2]; MR];
+    for q in 0..groups {
+        let b0 = _mm512_loadu_si512(panel.add(q * NR * 4) as *const __m512i);
+        let b1 = _mm512_loadu_si512(panel.add(q * NR * 4 + 64) as *const __m512i);
+        for (acc, &ar) in acc.iter_mut().zip(a) {
+            let av = _mm512_set1_epi32((ar.add(q * 4) as *const i32).read_unaligned());
+            acc[0] = _mm512_dpbusd_epi32(acc[0], av, b0);
+            acc[1] = _mm512_dpbusd_epi32(acc[1], av, b1);
+        }
+    }
+    let cols = offset.len();
+    let m0: __mmask16 = if cols >= 16 { 0xFFFF } else { ((1u32 << cols) - 1) as __mmask16 };
+    let m1: __mmask16 = if cols >= 32 {
+        0xFFFF
+    } else if cols > 16 {
+        ((1u32 << (cols - 16)) - 1) as __mmask16
+    } else {
+        0
+    };
+    let (o0, o1) =
+        (_mm512_maskz_loadu_epi32(m0, offset.as_ptr()), _mm512_maskz_loadu_epi32(m1, offset.as_ptr().wrapping_add(16)));
+    let (s0, s1) =
+        (_mm512_maskz_loadu_ps(m0, scale.as_ptr()), _mm512_maskz_loadu_ps(m1, scale.as_ptr().wrapping_add(16)));
+    for (r, acc) in acc.iter().enumerate().take(rows) {
+        let row = c.add(r * ldc);
+        let v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[0], o0)), s0);
+        let v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[1], o1)), s1);
+        _mm512_mask_storeu_ps(row, m0, v0);
+        _mm512_mask_storeu_ps(row.wrapping_add(16), m1, v1);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel(_: &[*const u8; MR], _: usize, _: *const i8, _: &[i32], _: &[f32], _: *mut f32, _: usize, _: usize) {
+    unreachable!("available() is false off x86_64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic codes in [-127, 127] (and some at the extremes).
+    fn codes(len: usize, seed: u64) -> Vec<i8> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|i| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                match i % 17 {
+                    0 => 127,
+                    1 => -127,
+                    _ => (((s >> 33) % 255) as i32 - 127) as i8,
+                }
+            })
+            .collect()
+    }
+
+    /// Every output against the exact sum, in f64, on shapes with partial tiles, partial
+    /// panels, `k` not a multiple of 4, and a row subset.
+    #[test]
+    fn integer_products_equal_the_exact_sums() {
+        if !available() {
+            eprintln!("SKIP: this CPU has no AVX-512 VNNI; the scorer uses f32 products");
+            return;
+        }
+        for &(m, k, n) in &[(1, 1, 1), (13, 7, 33), (37, 130, 45), (25, 512, 64), (12, 1537, 32)] {
+            let xc =
+                IntCodes { rows: m, cols: k, codes: codes(m * k, 1), kind: AmaxKind::PerTensor, divisors: vec![3.5] };
+            let wd: Vec<f32> = (0..n).map(|j| 0.25 + j as f32).collect();
+            let wc =
+                IntCodes { rows: n, cols: k, codes: codes(n * k, 2), kind: AmaxKind::PerRow, divisors: wd.clone() };
+            let (xi, wp) = (InputCodes::new(&xc).unwrap(), PackedWeight::new(&wc).unwrap());
+            let subset: Vec<u32> = (0..m as u32).rev().step_by(2).collect();
+            for rows in [None, Some(subset.as_slice())] {
+                let got = product(&xi, rows, &wp).unwrap();
+                let picked: Vec<usize> = rows.map_or((0..m).collect(), |r| r.iter().map(|&i| i as usize).collect());
+                assert_eq!(got.len(), picked.len() * n);
+                for (r, &i) in picked.iter().enumerate() {
+                    for j in 0..n {
+                        let sum: i64 =
+                            (0..k).map(|kk| i64::from(xc.codes[i * k + kk]) * i64::from(wc.codes[j * k + kk])).sum();
+                        let want = sum as f64 / (3.5 * f64::from(wd[j]));
+                        let g = f64::from(got[r * n + j]);
+                        assert!((g - want).abs() <= 4e-7 * want.abs(), "{m}x{k}x{n} [{i}][{j}]: {g} vs {want}");
+                    }
+                }
+            }
+        }
+        // Shapes that do not match are refused.
+        let x = InputCodes::new(&IntCodes {
+            rows: 2,
+            cols: 3,
+            codes: vec![1; 6],
+            kind: AmaxKind::PerTensor,
+            divisors: vec![1.0],
+        });
+        let w = PackedWeight::new(&IntCodes {
+            rows: 2,
+            cols: 4,
+            codes: vec![1; 8],
+            kind: AmaxKind::PerRow,
+            divisors: vec![1.0; 2],
+        });
+        assert!(product(&x.unwrap(), None, &w.unwrap()).is_none());
+    }
+
+    /// `cargo test -p qpipe-stages --lib bench_int_products -- --ignored --nocapture`:
+    /// multiply-adds per second on the mid-size model's shapes (compare `bench_gemm_gflops`).
+    #[test]
+    #[ignore]
+    fn bench_int_products() {
+        if !available() {
+            eprintln!("SKIP: no AVX-512 VNNI");
+            return;
+        }
+        for &(m, k, n) in &[(1024, 512, 1536), (1024, 1536, 512), (1024, 512, 512), (1024, 512, 256)] {
+            let xc =
+                IntCodes { rows: m, cols: k, codes: codes(m * k, 1), kind: AmaxKind::PerTensor, divisors: vec![1.0] };
+            let wc =
+                IntCodes { rows: n, cols: k, codes: codes(n * k, 2), kind: AmaxKind::PerRow, divisors: vec![1.0; n] };
+            let (xi, wp) = (InputCodes::new(&xc).unwrap(), PackedWeight::new(&wc).unwrap());
+            let mut s = f64::MAX;
+            for _ in 0..20 {
+                let t0 = std::time::Instant::now();
+                std::hint::black_box(product(&xi, None, &wp));
+                s = s.min(t0.elapsed().as_secs_f64());
+            }
+            eprintln!("{m}x{k}x{n}: {:.2} ms, {:.1} G(2·MAC)/s", s * 1e3, 2.0 * (m * k * n) as f64 / s / 1e9);
+        }
+    }
+}
