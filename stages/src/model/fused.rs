@@ -15,6 +15,7 @@ fn rows_per_task(row: usize) -> usize {
     (MIN_ELEMS_PER_TASK / row.max(1)).max(1)
 }
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
@@ -25,7 +26,7 @@ fn sigmoid(x: f32) -> f32 {
 /// results in the subnormal range and past `f32::MAX` (∞) come out right. Within 2 ulp of the
 /// exact value over the whole f32 range (`tests::exp_is_within_two_ulp`); NaN stays NaN.
 /// PyTorch's vectorized CPU `exp` (Sleef, 1 ulp) is no closer to glibc's `expf` than this.
-#[inline]
+#[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
     const LN2_HI: f32 = 0.693_359_4; // 355/512: n · LN2_HI is exact
@@ -43,7 +44,168 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n1 + 127) as u32) << 23) * f32::from_bits(((n2 + 127) as u32) << 23)
 }
 
+/// `fn name(args) = imp;` defines `name`, which runs `imp` (an `#[inline(always)]` kernel of
+/// this module) compiled for AVX-512 when the CPU has it — masked selects and 16 lanes where
+/// the baseline x86-64 build has branches and 4 — and as built otherwise. The same IEEE
+/// operations either way, so the same bits.
+macro_rules! avx512_dispatch {
+    ($(#[doc = $d:literal])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? = $imp:ident;) => {
+        $(#[doc = $d])*
+        fn $name($($a: $t),*) $(-> $r)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn fast($($a: $t),*) $(-> $r)? {
+                    $imp($($a),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: AVX-512F is available (checked just above).
+                    return unsafe { fast($($a),*) };
+                }
+            }
+            $imp($($a),*)
+        }
+    };
+}
+
+avx512_dispatch! {
+    /// One row of [`masked_softmax`] ([`softmax_row_impl`]).
+    fn softmax_row(p: &mut [f32], s: &[f32], m: &[f32], scale: f32, zero_empty_rows: bool) = softmax_row_impl;
+}
+
+/// One row of [`masked_softmax`]: `p = softmax(scale·s + mask)`, or the empty-row fill.
+#[inline(always)]
+fn softmax_row_impl(p: &mut [f32], s: &[f32], m: &[f32], scale: f32, zero_empty_rows: bool) {
+    let max = masked_max(s, m, scale);
+    if max == f32::NEG_INFINITY {
+        let fill = if zero_empty_rows { 0.0 } else { 1.0 / s.len() as f32 };
+        p.iter_mut().for_each(|v| *v = fill);
+        return;
+    }
+    for ((p, &x), &mk) in p.iter_mut().zip(s).zip(m) {
+        let e = exp(x * scale - max);
+        *p = if mk == 0.0 { e } else { 0.0 };
+    }
+    let sum = lane_sum(p);
+    let inv = 1.0 / sum;
+    p.iter_mut().for_each(|v| *v *= inv);
+}
+
+avx512_dispatch! {
+    /// [`swiglu`] on one chunk.
+    fn swiglu_chunk(o: &mut [f32], g: &[f32], u: &[f32]) = swiglu_chunk_impl;
+}
+
+#[inline(always)]
+fn swiglu_chunk_impl(o: &mut [f32], g: &[f32], u: &[f32]) {
+    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+        *o = g * sigmoid(g) * u;
+    }
+}
+
+avx512_dispatch! {
+    /// [`swiglu_backward`] on one chunk.
+    fn swiglu_backward_chunk(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], da: &[f32]) = swiglu_backward_chunk_impl;
+}
+
+#[inline(always)]
+fn swiglu_backward_chunk_impl(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], da: &[f32]) {
+    for ((((dg, du), &g), &u), &da) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(da) {
+        let s = sigmoid(g);
+        *du = da * g * s;
+        *dg = da * u * s * (1.0 + g * (1.0 - s));
+    }
+}
+
+avx512_dispatch! {
+    /// [`grad_diff_score`] on one chunk.
+    fn grad_diff_chunk(g: &[f32], a: &[f32], b: &[f32]) -> f64 = grad_diff_chunk_impl;
+}
+
+/// `Σ clamp(g·(a − b), ±1e10)²`: each term in f32, as ModelOpt's, accumulated in f64 in
+/// 8 interleaved partial sums (so that the loop vectorizes).
+#[inline(always)]
+fn grad_diff_chunk_impl(g: &[f32], a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let term = |g: f32, a: f32, b: f32| {
+        let x = (g * (a - b)).clamp(-1e10, 1e10);
+        f64::from(x * x)
+    };
+    let (gc, ac, bc) = (g.chunks_exact(8), a.chunks_exact(8), b.chunks_exact(8));
+    let (gr, ar, br) = (gc.remainder(), ac.remainder(), bc.remainder());
+    for ((g, a), b) in gc.zip(ac).zip(bc) {
+        for i in 0..8 {
+            acc[i] += term(g[i], a[i], b[i]);
+        }
+    }
+    for i in 0..gr.len() {
+        acc[i] += term(gr[i], ar[i], br[i]);
+    }
+    acc.iter().sum()
+}
+
+avx512_dispatch! {
+    /// One row of [`cross_entropy_rows`]: writes `w · (softmax(l) − onehot(t))` to `g` and
+    /// returns the row's negative log-likelihood.
+    fn cross_entropy_row(g: &mut [f32], l: &[f32], t: usize, w: f32) -> f32 = cross_entropy_row_impl;
+}
+
+#[inline(always)]
+fn cross_entropy_row_impl(g: &mut [f32], l: &[f32], t: usize, w: f32) -> f32 {
+    let m = lane_max(l);
+    for (g, &x) in g.iter_mut().zip(l) {
+        *g = exp(x - m);
+    }
+    let sum = lane_sum(g);
+    let nll = (sum.ln() + m) - l[t];
+    let scale = w / sum;
+    for g in g.iter_mut() {
+        *g *= scale;
+    }
+    g[t] -= w;
+    nll
+}
+
+/// `max(v)` in 16 interleaved maxima (NaN skipped, as `f32::max` skips it).
+#[inline(always)]
+fn lane_max(v: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = v.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = if x > *l { x } else { *l };
+        }
+    }
+    for (l, &x) in lanes.iter_mut().zip(rest) {
+        *l = if x > *l { x } else { *l };
+    }
+    lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// `max(scale·s[i])` over the `i` with `mask[i] == 0` (−∞ if none), in 16 interleaved
+/// maxima so that the loop vectorizes (one running maximum is a chain of dependent
+/// instructions). NaN scores are skipped, as `f32::max` skips them.
+#[inline(always)]
+fn masked_max(s: &[f32], mask: &[f32], scale: f32) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let step = |l: &mut [f32; 16], s: &[f32], m: &[f32]| {
+        for ((l, &x), &mk) in l.iter_mut().zip(s).zip(m) {
+            let v = if mk == 0.0 { x * scale } else { f32::NEG_INFINITY };
+            *l = if v > *l { v } else { *l };
+        }
+    };
+    let (sc, mc) = (s.chunks_exact(16), mask.chunks_exact(16));
+    let (sr, mr) = (sc.remainder(), mc.remainder());
+    for (s, m) in sc.zip(mc) {
+        step(&mut lanes, s, m);
+    }
+    step(&mut lanes, sr, mr);
+    lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
 /// `Σ v` in 16 interleaved partial sums, so that the loop vectorizes.
+#[inline(always)]
 fn lane_sum(v: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let chunks = v.chunks_exact(16);
@@ -69,11 +231,7 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Option<Tensor> {
             let mut out = vec![0f32; g.len()];
             out.par_chunks_mut(MIN_ELEMS_PER_TASK)
                 .zip(g.par_chunks(MIN_ELEMS_PER_TASK).zip(u.par_chunks(MIN_ELEMS_PER_TASK)))
-                .for_each(|(o, (g, u))| {
-                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                        *o = g * sigmoid(g) * u;
-                    }
-                });
+                .for_each(|(o, (g, u))| swiglu_chunk(o, g, u));
             out
         })
     })??;
@@ -94,13 +252,7 @@ pub fn swiglu_backward(g: &Tensor, u: &Tensor, da: &Tensor) -> Option<(Tensor, T
                 dg.par_chunks_mut(c)
                     .zip(du.par_chunks_mut(c))
                     .zip(g.par_chunks(c).zip(u.par_chunks(c)).zip(da.par_chunks(c)))
-                    .for_each(|((dg, du), ((g, u), da))| {
-                        for i in 0..g.len() {
-                            let s = sigmoid(g[i]);
-                            du[i] = da[i] * g[i] * s;
-                            dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                        }
-                    });
+                    .for_each(|((dg, du), ((g, u), da))| swiglu_backward_chunk(dg, du, g, u, da));
                 (dg, du)
             })
         })
@@ -185,19 +337,7 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32], weights: &[f32]) -> 
                     if w == 0.0 {
                         continue;
                     }
-                    let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    for (g, &x) in g.iter_mut().zip(l) {
-                        *g = exp(x - m);
-                    }
-                    let sum = lane_sum(g);
-                    let t = targets[row] as usize;
-                    let nll = (sum.ln() + m) - l[t];
-                    loss += f64::from(w) * f64::from(nll);
-                    let scale = w / sum;
-                    for g in g.iter_mut() {
-                        *g *= scale;
-                    }
-                    g[t] -= w;
+                    loss += f64::from(w) * f64::from(cross_entropy_row(g, l, targets[row] as usize, w));
                 }
                 loss
             })
@@ -226,24 +366,7 @@ pub fn masked_softmax(s: &Tensor, scale: f32, mask: &Tensor, zero_empty_rows: bo
                     let flat = ci * c + ri * t; // offset of this row in s
                     let (bi, qi) = (flat / per_batch, (flat / t) % t);
                     let m = &mask[(bi * t + qi) * t..(bi * t + qi + 1) * t];
-                    let mut max = f32::NEG_INFINITY;
-                    for (&x, &mk) in s.iter().zip(m) {
-                        if mk == 0.0 {
-                            max = max.max(x * scale);
-                        }
-                    }
-                    if max == f32::NEG_INFINITY {
-                        let fill = if zero_empty_rows { 0.0 } else { 1.0 / t as f32 };
-                        p.iter_mut().for_each(|v| *v = fill);
-                        continue;
-                    }
-                    for ((p, &x), &mk) in p.iter_mut().zip(s).zip(m) {
-                        let e = exp(x * scale - max);
-                        *p = if mk == 0.0 { e } else { 0.0 };
-                    }
-                    let sum = lane_sum(p);
-                    let inv = 1.0 / sum;
-                    p.iter_mut().for_each(|v| *v *= inv);
+                    softmax_row(p, s, m, scale, zero_empty_rows);
                 }
             });
             p
@@ -269,14 +392,7 @@ pub fn grad_diff_score(g: &Tensor, a: &Tensor, b: &Tensor) -> Option<f64> {
                 let c = MIN_ELEMS_PER_TASK;
                 g.par_chunks(c)
                     .zip(a.par_chunks(c).zip(b.par_chunks(c)))
-                    .map(|(g, (a, b))| {
-                        let mut s = 0f64;
-                        for i in 0..g.len() {
-                            let x = (g[i] * (a[i] - b[i])).clamp(-1e10, 1e10);
-                            s += f64::from(x * x);
-                        }
-                        s
-                    })
+                    .map(|(g, (a, b))| grad_diff_chunk(g, a, b))
                     .sum::<f64>()
             })
         })
@@ -328,11 +444,60 @@ mod tests {
         eprintln!("exp: worst {} ulp at {}", worst.0, worst.1);
     }
 
+    /// The AVX-512 builds of the kernels give the bits of the baseline builds (on a CPU
+    /// without AVX-512 both calls run the baseline build and the test checks nothing more).
+    #[test]
+    fn avx512_kernels_give_the_baseline_bits() {
+        let n = 1000; // not a multiple of 16: remainders too
+        let v = |k: f32| -> Vec<f32> { (0..n).map(|i| ((i as f32 * 0.37 + k).sin() * 9.0)).collect() };
+        let (g, u, da) = (v(0.0), v(1.0), v(2.0));
+        let mask: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { f32::MIN } else { 0.0 }).collect();
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+        softmax_row(&mut a, &g, &mask, 0.125, true);
+        softmax_row_impl(&mut b, &g, &mask, 0.125, true);
+        assert_eq!(bits(&a), bits(&b), "softmax");
+        swiglu_chunk(&mut a, &g, &u);
+        swiglu_chunk_impl(&mut b, &g, &u);
+        assert_eq!(bits(&a), bits(&b), "swiglu");
+        let (mut a2, mut b2) = (vec![0f32; n], vec![0f32; n]);
+        swiglu_backward_chunk(&mut a, &mut a2, &g, &u, &da);
+        swiglu_backward_chunk_impl(&mut b, &mut b2, &g, &u, &da);
+        assert_eq!((bits(&a), bits(&a2)), (bits(&b), bits(&b2)), "swiglu backward");
+        assert_eq!(grad_diff_chunk(&g, &u, &da).to_bits(), grad_diff_chunk_impl(&g, &u, &da).to_bits());
+        let (la, lb) = (cross_entropy_row(&mut a, &g, 7, 0.5), cross_entropy_row_impl(&mut b, &g, 7, 0.5));
+        assert_eq!((la.to_bits(), bits(&a)), (lb.to_bits(), bits(&b)), "cross-entropy");
+    }
+
     #[test]
     fn lane_sum_adds_every_value() {
         for n in [0usize, 1, 15, 16, 17, 100] {
             let v: Vec<f32> = (0..n).map(|i| i as f32).collect();
             assert_eq!(lane_sum(&v), (n * n.saturating_sub(1) / 2) as f32, "{n}");
         }
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+
+    /// `cargo test -p qpipe-stages --lib bench_masked_softmax -- --ignored --nocapture`:
+    /// the attention softmax of one layer of the mid-size benchmark model.
+    #[test]
+    #[ignore]
+    fn bench_masked_softmax() {
+        let dev = candle_core::Device::Cpu;
+        let s = Tensor::randn(0f32, 1.0, (8, 4, 2, 128, 128), &dev).unwrap();
+        // causal
+        let m: Vec<f32> = (0..8 * 128 * 128).map(|i| if i % 128 > (i / 128) % 128 { f32::MIN } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(m, (8, 1, 1, 128, 128), &dev).unwrap();
+        let mut best = f64::MAX;
+        for _ in 0..20 {
+            let t0 = std::time::Instant::now();
+            std::hint::black_box(masked_softmax(&s, 0.125, &mask, true).unwrap());
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        eprintln!("masked_softmax [8,4,2,128,128]: {:.3} ms", best * 1e3);
     }
 }

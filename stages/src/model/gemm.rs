@@ -52,6 +52,16 @@ pub fn matmul(a: &Tensor, b: &Tensor, layout: RhsLayout) -> Option<Tensor> {
 /// (`Transposed`) or `[.., k, n]` (`Normal`), same leading dims, as `[.., m, n]`.
 /// Parallel over the batch.
 pub fn batched_matmul(a: &Tensor, b: &Tensor, layout: RhsLayout) -> Option<Tensor> {
+    batched(a, b, layout, false)
+}
+
+/// [`batched_matmul`] of `aᵀ`: `a: [.., k, m]` (read in place, not transposed first)
+/// times `b` as `[.., m, n]`.
+pub fn batched_matmul_lhs_t(a: &Tensor, b: &Tensor, layout: RhsLayout) -> Option<Tensor> {
+    batched(a, b, layout, true)
+}
+
+fn batched(a: &Tensor, b: &Tensor, layout: RhsLayout, a_t: bool) -> Option<Tensor> {
     if !has_avx512() || a.rank() < 3 || a.rank() != b.rank() {
         return None;
     }
@@ -61,7 +71,7 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor, layout: RhsLayout) -> Option<Tenso
         return None;
     }
     let batch: usize = lead_a.iter().product();
-    let (m, k) = (a.dims()[r - 2], a.dims()[r - 1]);
+    let (m, k) = if a_t { (a.dims()[r - 1], a.dims()[r - 2]) } else { (a.dims()[r - 2], a.dims()[r - 1]) };
     let (b0, b1) = (b.dims()[r - 2], b.dims()[r - 1]);
     let n = match layout {
         RhsLayout::Transposed if b1 == k => b0,
@@ -84,6 +94,7 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor, layout: RhsLayout) -> Option<Tenso
                         &b[i * k * n..(i + 1) * k * n],
                         n,
                         layout,
+                        a_t,
                         op.0.add(i * m * n),
                     )
                 };
@@ -145,19 +156,20 @@ fn sgemm(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: RhsLayout) 
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: `sgemm_raw` writes all `m·n` values at `c` (no zero-fill needed first).
     unsafe {
-        sgemm_raw(a, m, k, b, n, layout, c.as_mut_ptr());
+        sgemm_raw(a, m, k, b, n, layout, false, c.as_mut_ptr());
         c.set_len(m * n);
     }
     c
 }
 
 /// Writes `a · b` to the `m·n` row-major values at `c`, every one of them, without
-/// reading them first.
+/// reading them first. `a` is `[m, k]`, or `[k, m]` holding `aᵀ` when `a_t`.
 ///
 /// # Safety
 /// `c` must be valid for writes of `m·n` values, and AVX-512F must be available.
 #[cfg(target_arch = "x86_64")]
-unsafe fn sgemm_raw(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: RhsLayout, c: *mut f32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_raw(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: RhsLayout, a_t: bool, c: *mut f32) {
     if m == 0 || n == 0 {
         return;
     }
@@ -180,7 +192,8 @@ unsafe fn sgemm_raw(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: 
         // This block's rows of `a`, packed per micro-tile as [kc][MR] so the kernel's
         // broadcasts read consecutive floats — when `n` is wide enough to repay the copy
         // (a packed value serves n/NR kernel calls); else the kernel reads `a` in place.
-        let pack_a = n >= PACK_A_MIN_N;
+        // A transposed `a` needs no packing: its MR rows at one `k` are consecutive.
+        let pack_a = n >= PACK_A_MIN_N && !a_t;
         let mut apack = if pack_a { vec![0f32; rows.div_ceil(MR) * MR * KC] } else { Vec::new() };
         for kb in (0..k).step_by(KC) {
             let kc = KC.min(k - kb);
@@ -204,6 +217,8 @@ unsafe fn sgemm_raw(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: 
                     // (values, row stride, k stride) of this tile's `a`
                     let (ap, rs, ks) = if pack_a {
                         (&apack[t * MR * KC..(t + 1) * MR * KC], 1, MR)
+                    } else if a_t {
+                        (&a[kb * m + i0 + r0..], 1, m)
                     } else {
                         (&a[(i0 + r0) * k + kb..], k, 1)
                     };
@@ -235,7 +250,8 @@ unsafe fn sgemm_raw(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: 
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn sgemm_raw(_: &[f32], _: usize, _: usize, _: &[f32], _: usize, _: RhsLayout, _: *mut f32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_raw(_: &[f32], _: usize, _: usize, _: &[f32], _: usize, _: RhsLayout, _: bool, _: *mut f32) {
     unreachable!("has_avx512() is false off x86_64")
 }
 
@@ -318,6 +334,19 @@ mod tests {
         let bn = bt.t().unwrap().contiguous().unwrap();
         let got = batched_matmul(&a, &bn, RhsLayout::Normal).unwrap();
         assert!((&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-4);
+        // aᵀ read in place, both layouts, with partial tiles (m = 20, 13) and k = 300
+        for (m, k) in [(20, 16), (13, 300)] {
+            let at = Tensor::randn(0f32, 1.0, (2, 3, k, m), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, (2, 3, k, 40), &dev).unwrap();
+            let want = at.t().unwrap().matmul(&b).unwrap();
+            let got = batched_matmul_lhs_t(&at, &b, RhsLayout::Normal).unwrap();
+            let d = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(got.dims() == [2, 3, m, 40] && d < 1e-4 * (k as f32).sqrt(), "{m}x{k}: {d}");
+            let bt = b.t().unwrap().contiguous().unwrap();
+            let got = batched_matmul_lhs_t(&at, &bt, RhsLayout::Transposed).unwrap();
+            let d = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4 * (k as f32).sqrt(), "{m}x{k} (bᵀ): {d}");
+        }
         // shape mismatch → not handled
         let a = Tensor::zeros((2, 3), candle_core::DType::F32, &dev).unwrap();
         assert!(matmul(&a, &a, RhsLayout::Normal).is_none());

@@ -586,10 +586,10 @@ impl TextModel {
             ))?;
             let dp = bmm_t(&d_o, &a.v)?;
             let (q, k, p) = self.attention_probs(l, &a.q_raw, &a.k_raw, &fw.cos, &fw.sin, &fw.masks, (b, t))?;
-            let dv = p.t()?.matmul(&d_o)?; // [B,Hkv,T,D]
+            let dv = bmm_tn(&p, &d_o)?; // [B,Hkv,T,D]
             let ds = (ops::softmax_backward(&p, &dp)? * scale)?;
             let dq = bmm_n(&ds, &k)?; // [B,Hkv,G·T,D]
-            let dk = ds.t()?.matmul(&q)?; // [B,Hkv,T,D]
+            let dk = bmm_tn(&ds, &q)?; // [B,Hkv,T,D]
             let dq = ops::rope_backward(&dq.reshape((b, hq, t, d))?, &fw.cos, &neg_sin)?;
             let dk = ops::rope_backward(&dk, &fw.cos, &neg_sin)?;
             let dq = dq.transpose(1, 2)?.contiguous()?.reshape((n * hq, d))?;
@@ -659,6 +659,14 @@ fn bmm_t(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return Ok(y);
     }
     Ok(a.matmul(&b.t()?)?)
+}
+
+/// Batched `aᵀ · b`.
+fn bmm_tn(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if let Some(y) = gemm::batched_matmul_lhs_t(a, b, gemm::RhsLayout::Normal) {
+        return Ok(y);
+    }
+    Ok(a.t()?.matmul(b)?)
 }
 
 /// Batched `a · b`.
