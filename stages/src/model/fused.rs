@@ -449,7 +449,7 @@ mod tests {
     #[test]
     fn avx512_kernels_give_the_baseline_bits() {
         let n = 1000; // not a multiple of 16: remainders too
-        let v = |k: f32| -> Vec<f32> { (0..n).map(|i| ((i as f32 * 0.37 + k).sin() * 9.0)).collect() };
+        let v = |k: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * 0.37 + k).sin() * 9.0).collect() };
         let (g, u, da) = (v(0.0), v(1.0), v(2.0));
         let mask: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { f32::MIN } else { 0.0 }).collect();
         let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();

@@ -123,76 +123,148 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// `x_q · w_qᵀ` as a row-major `[rows, n]` f32 vector, over the rows `rows` of `x` (all of
-/// them when `None`); `None` when the shapes disagree or a row index is out of range.
-pub fn product(x: &InputCodes, rows: Option<&[u32]>, w: &PackedWeight) -> Option<Vec<f32>> {
+/// Checks shapes and row indices; the rows to use (`rows`, or all of them).
+fn picked_rows(x: &InputCodes, rows: Option<&[u32]>, w: &PackedWeight) -> Option<Vec<usize>> {
     if x.k != w.k || rows.is_some_and(|r| r.iter().any(|&i| i as usize >= x.m)) || !available() {
         return None;
     }
-    let picked: Vec<usize> = match rows {
+    Some(match rows {
         Some(r) => r.iter().map(|&i| i as usize).collect(),
         None => (0..x.m).collect(),
-    };
-    let (m, n, kp) = (picked.len(), w.n, k4(x.k));
-    // Per channel: 1 / (d_x · d_w[j]), the scale of the exact integer sums.
-    let scale: Vec<f32> = w.divisors.iter().map(|&d| (1.0 / (f64::from(x.divisor) * f64::from(d))) as f32).collect();
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    let op = SendPtr(out.as_mut_ptr());
+    })
+}
+
+/// Per channel: `1 / (d_x · d_w[j])`, the scale of the exact integer sums.
+fn scales(x: &InputCodes, w: &PackedWeight) -> Vec<f32> {
+    w.divisors.iter().map(|&d| (1.0 / (f64::from(x.divisor) * f64::from(d))) as f32).collect()
+}
+
+/// Runs `tile(row pointers, rows in the tile, first output row, panel)` for every
+/// `MR`-row tile of the picked rows and every panel of `w`, tiles split over the threads
+/// (a task's tiles in order); returns each task's result, in task order.
+fn for_each_tile<R: Clone + Send + Sync>(
+    x: &InputCodes,
+    picked: &[usize],
+    w: &PackedWeight,
+    tile: impl Fn(&[*const u8; MR], usize, usize, usize) -> R + Sync,
+    fold: impl Fn(R, R) -> R + Sync,
+    zero: R,
+) -> Vec<R> {
+    let (m, kp) = (picked.len(), k4(x.k));
     // A row of codes 0 for the unused rows of a last, partial tile.
     let zero_row = vec![128u8; kp];
     let tiles = m.div_ceil(MR);
     let per_task = tiles.div_ceil(4 * rayon::current_num_threads()).max(1);
-    (0..tiles.div_ceil(per_task)).into_par_iter().for_each(|task| {
-        let op = &op;
-        for t in task * per_task..((task + 1) * per_task).min(tiles) {
-            let r0 = t * MR;
-            let mr = MR.min(m - r0);
-            let mut a = [zero_row.as_ptr(); MR];
-            for (r, a) in a.iter_mut().enumerate().take(mr) {
-                *a = x.data[picked[r0 + r] * kp..].as_ptr();
+    (0..tiles.div_ceil(per_task))
+        .into_par_iter()
+        .map(|task| {
+            let mut acc = zero.clone();
+            for t in task * per_task..((task + 1) * per_task).min(tiles) {
+                let r0 = t * MR;
+                let mr = MR.min(m - r0);
+                let mut a = [zero_row.as_ptr(); MR];
+                for (r, a) in a.iter_mut().enumerate().take(mr) {
+                    *a = x.data[picked[r0 + r] * kp..].as_ptr();
+                }
+                for p in 0..w.n.div_ceil(NR) {
+                    acc = fold(acc, tile(&a, mr, r0, p));
+                }
             }
-            for p in 0..n.div_ceil(NR) {
-                let cols = NR.min(n - p * NR);
-                let panel = &w.panels[p * kp * NR..(p + 1) * kp * NR];
-                // SAFETY: VNNI is available (checked above); each of the MR row pointers has
-                // `kp` readable bytes, the panel `kp·NR`; the tile writes `cols` values of
-                // rows `r0 .. r0 + mr` of the `m·n` output, rows that only this task
-                // writes, at columns `p·NR ..` inside `n`.
-                unsafe {
-                    kernel(
-                        &a,
-                        kp / 4,
-                        panel.as_ptr(),
-                        &w.offset[p * NR..p * NR + cols],
-                        &scale[p * NR..p * NR + cols],
-                        op.0.add(r0 * n + p * NR),
-                        n,
-                        mr,
-                    )
-                };
+            acc
+        })
+        .collect()
+}
+
+/// `x_q · w_qᵀ` as a row-major `[rows, n]` f32 vector, over the rows `rows` of `x` (all of
+/// them when `None`); `None` when the shapes disagree or a row index is out of range.
+pub fn product(x: &InputCodes, rows: Option<&[u32]>, w: &PackedWeight) -> Option<Vec<f32>> {
+    let picked = picked_rows(x, rows, w)?;
+    let (m, n, kp) = (picked.len(), w.n, k4(x.k));
+    let scale = scales(x, w);
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    let op = SendPtr(out.as_mut_ptr());
+    let op = &op;
+    for_each_tile(
+        x,
+        &picked,
+        w,
+        |a, mr, r0, p| {
+            let cols = NR.min(n - p * NR);
+            let panel = &w.panels[p * kp * NR..(p + 1) * kp * NR];
+            // SAFETY: VNNI is available (`picked_rows`); each of the MR row pointers has `kp`
+            // readable bytes, the panel `kp·NR`; the tile writes `cols` values of rows
+            // `r0 .. r0 + mr` of the `m·n` output, rows that only this tile's task writes, at
+            // columns `p·NR ..` inside `n`.
+            unsafe {
+                kernel_store(
+                    a,
+                    kp / 4,
+                    panel.as_ptr(),
+                    &w.offset[p * NR..p * NR + cols],
+                    &scale[p * NR..p * NR + cols],
+                    op.0.add(r0 * n + p * NR),
+                    n,
+                    mr,
+                )
             }
-        }
-    });
+        },
+        |_, _| (),
+        (),
+    );
     // SAFETY: every one of the `m·n` values was written above (all tiles, all panels).
     unsafe { out.set_len(m * n) };
     Some(out)
 }
 
-/// One `MR × NR` tile: `C[r][c] = (Σ_q dpbusd(a[r][4q..], panel[q][c]) − offset[c]) ·
-/// scale[c]` for `r < rows`, `c < offset.len()`.
+/// The gradient score term `Σ clamp(g ⊙ (x_q·w_qᵀ − y), ±1e10)²` over the rows `rows` of
+/// `x` (all when `None`) — each term in f32, as ModelOpt's, summed in f64 — without
+/// forming the product: `g` and `y` are the full `[m, n]` row-major output gradient and
+/// unquantized output, read at the picked rows. `None` when shapes disagree.
+pub fn product_score(x: &InputCodes, rows: Option<&[u32]>, w: &PackedWeight, g: &[f32], y: &[f32]) -> Option<f64> {
+    let picked = picked_rows(x, rows, w)?;
+    let (n, kp) = (w.n, k4(x.k));
+    if g.len() != x.m * n || y.len() != x.m * n {
+        return None;
+    }
+    let scale = scales(x, w);
+    let zero = [0f32; NR];
+    let parts = for_each_tile(
+        x,
+        &picked,
+        w,
+        |a, mr, r0, p| {
+            let cols = NR.min(n - p * NR);
+            let panel = &w.panels[p * kp * NR..(p + 1) * kp * NR];
+            let (mut gr, mut yr) = ([zero.as_ptr(); MR], [zero.as_ptr(); MR]);
+            for r in 0..mr {
+                let at = picked[r0 + r] * n + p * NR;
+                (gr[r], yr[r]) = (g[at..].as_ptr(), y[at..].as_ptr());
+            }
+            // SAFETY: as in `product`; besides, `gr`/`yr` point at `cols` readable values
+            // (row `picked[..]` of `g`/`y` from column `p·NR`, inside `n`).
+            unsafe {
+                kernel_score(
+                    a,
+                    kp / 4,
+                    panel.as_ptr(),
+                    &w.offset[p * NR..p * NR + cols],
+                    &scale[p * NR..p * NR + cols],
+                    &gr,
+                    &yr,
+                    mr,
+                )
+            }
+        },
+        |a, b| a + b,
+        0f64,
+    );
+    Some(parts.iter().sum())
+}
+
+/// The i32 sums of one `MR × NR` tile: `Σ_q dpbusd(a[r][4q..], panel[q][c])`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel(
-    a: &[*const u8; MR],
-    groups: usize,
-    panel: *const i8,
-    offset: &[i32],
-    scale: &[f32],
-    c: *mut f32,
-    ldc: usize,
-    rows: usize,
-) {
+#[inline(always)]
+unsafe fn tile_sums(a: &[*const u8; MR], groups: usize, panel: *const i8) -> [[std::arch::x86_64::__m512i; 2]; MR] {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_si512(); 2]; MR];
     for q in 0..groups {
@@ -204,31 +276,136 @@ unsafe fn kernel(
             acc[1] = _mm512_dpbusd_epi32(acc[1], av, b1);
         }
     }
-    let cols = offset.len();
-    let m0: __mmask16 = if cols >= 16 { 0xFFFF } else { ((1u32 << cols) - 1) as __mmask16 };
-    let m1: __mmask16 = if cols >= 32 {
+    acc
+}
+
+/// Lane masks for the first `cols` (≤ 32) columns of a tile, 16 per register.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn col_masks(cols: usize) -> (u16, u16) {
+    let m0 = if cols >= 16 { 0xFFFF } else { ((1u32 << cols) - 1) as u16 };
+    let m1 = if cols >= 32 {
         0xFFFF
     } else if cols > 16 {
-        ((1u32 << (cols - 16)) - 1) as __mmask16
+        ((1u32 << (cols - 16)) - 1) as u16
     } else {
         0
     };
+    (m0, m1)
+}
+
+/// The tile's outputs `(sums − offset[c]) · scale[c]` for its `cols = offset.len()`
+/// columns, 16 per register (lanes past `cols` are 0).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile_outputs(
+    a: &[*const u8; MR],
+    groups: usize,
+    panel: *const i8,
+    offset: &[i32],
+    scale: &[f32],
+) -> ([[std::arch::x86_64::__m512; 2]; MR], (u16, u16)) {
+    use std::arch::x86_64::*;
+    let sums = tile_sums(a, groups, panel);
+    let (m0, m1) = col_masks(offset.len());
     let (o0, o1) =
         (_mm512_maskz_loadu_epi32(m0, offset.as_ptr()), _mm512_maskz_loadu_epi32(m1, offset.as_ptr().wrapping_add(16)));
     let (s0, s1) =
         (_mm512_maskz_loadu_ps(m0, scale.as_ptr()), _mm512_maskz_loadu_ps(m1, scale.as_ptr().wrapping_add(16)));
-    for (r, acc) in acc.iter().enumerate().take(rows) {
-        let row = c.add(r * ldc);
-        let v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[0], o0)), s0);
-        let v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[1], o1)), s1);
-        _mm512_mask_storeu_ps(row, m0, v0);
-        _mm512_mask_storeu_ps(row.wrapping_add(16), m1, v1);
+    let mut out = [[_mm512_setzero_ps(); 2]; MR];
+    for (o, s) in out.iter_mut().zip(&sums) {
+        o[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s[0], o0)), s0);
+        o[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s[1], o1)), s1);
     }
+    (out, (m0, m1))
+}
+
+/// One tile of [`product`]: writes rows `< rows` of the tile's outputs at `c` (row
+/// stride `ldc`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_store(
+    a: &[*const u8; MR],
+    groups: usize,
+    panel: *const i8,
+    offset: &[i32],
+    scale: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+) {
+    use std::arch::x86_64::*;
+    let (out, (m0, m1)) = tile_outputs(a, groups, panel, offset, scale);
+    for (r, v) in out.iter().enumerate().take(rows) {
+        let row = c.add(r * ldc);
+        _mm512_mask_storeu_ps(row, m0, v[0]);
+        _mm512_mask_storeu_ps(row.wrapping_add(16), m1, v[1]);
+    }
+}
+
+/// One tile of [`product_score`]: `Σ clamp(g·(y_q − y), ±1e10)²` over rows `< rows`, the
+/// `g`/`y` values of tile row `r` at `g[r]`/`y[r]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_score(
+    a: &[*const u8; MR],
+    groups: usize,
+    panel: *const i8,
+    offset: &[i32],
+    scale: &[f32],
+    g: &[*const f32; MR],
+    y: &[*const f32; MR],
+    rows: usize,
+) -> f64 {
+    use std::arch::x86_64::*;
+    let (out, (m0, m1)) = tile_outputs(a, groups, panel, offset, scale);
+    let (lo, hi) = (_mm512_set1_ps(-1e10), _mm512_set1_ps(1e10));
+    let mut acc = _mm512_setzero_pd();
+    for r in 0..rows {
+        for (h, m) in [(0usize, m0), (1, m1)] {
+            let gv = _mm512_maskz_loadu_ps(m, g[r].wrapping_add(16 * h));
+            let yv = _mm512_maskz_loadu_ps(m, y[r].wrapping_add(16 * h));
+            let t = _mm512_mul_ps(gv, _mm512_sub_ps(out[r][h], yv));
+            // clamp; max/min return their second operand when one is NaN, so NaN stays.
+            let t = _mm512_min_ps(hi, _mm512_max_ps(lo, t));
+            let sq = _mm512_mul_ps(t, t);
+            let (s_lo, s_hi) =
+                (_mm512_castps512_ps256(sq), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(sq))));
+            acc = _mm512_add_pd(acc, _mm512_add_pd(_mm512_cvtps_pd(s_lo), _mm512_cvtps_pd(s_hi)));
+        }
+    }
+    _mm512_reduce_add_pd(acc)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel(_: &[*const u8; MR], _: usize, _: *const i8, _: &[i32], _: &[f32], _: *mut f32, _: usize, _: usize) {
+unsafe fn kernel_store(
+    _: &[*const u8; MR],
+    _: usize,
+    _: *const i8,
+    _: &[i32],
+    _: &[f32],
+    _: *mut f32,
+    _: usize,
+    _: usize,
+) {
+    unreachable!("available() is false off x86_64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_score(
+    _: &[*const u8; MR],
+    _: usize,
+    _: *const i8,
+    _: &[i32],
+    _: &[f32],
+    _: &[*const f32; MR],
+    _: &[*const f32; MR],
+    _: usize,
+) -> f64 {
     unreachable!("available() is false off x86_64")
 }
 
@@ -282,6 +459,36 @@ mod tests {
                 }
             }
         }
+        // The fused score: Σ clamp(g·(y_q − y))² against the same sum over `product`'s
+        // outputs in f64, with a row subset, a NaN gradient (propagates) and clamping.
+        let (m, k, n) = (29, 70, 45);
+        let xc = IntCodes { rows: m, cols: k, codes: codes(m * k, 3), kind: AmaxKind::PerTensor, divisors: vec![50.0] };
+        let wc = IntCodes { rows: n, cols: k, codes: codes(n * k, 4), kind: AmaxKind::PerRow, divisors: vec![40.0; n] };
+        let (xi, wp) = (InputCodes::new(&xc).unwrap(), PackedWeight::new(&wc).unwrap());
+        let g: Vec<f32> = (0..m * n).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let y: Vec<f32> = (0..m * n).map(|i| ((i * 104729) % 97) as f32 / 97.0 - 0.5).collect();
+        let subset: Vec<u32> = vec![0, 3, 4, 28, 17];
+        for rows in [None, Some(subset.as_slice())] {
+            let yq = product(&xi, rows, &wp).unwrap();
+            let picked: Vec<usize> = rows.map_or((0..m).collect(), |r| r.iter().map(|&i| i as usize).collect());
+            let want: f64 = picked
+                .iter()
+                .enumerate()
+                .flat_map(|(r, &i)| (0..n).map(move |j| (r, i, j)))
+                .map(|(r, i, j)| {
+                    let t = (g[i * n + j] * (yq[r * n + j] - y[i * n + j])).clamp(-1e10, 1e10);
+                    f64::from(t * t)
+                })
+                .sum();
+            let got = product_score(&xi, rows, &wp, &g, &y).unwrap();
+            assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+        }
+        let mut big = g.clone();
+        big[5] = 1e30; // clamped to 1e10: the sum is at least 1e20
+        assert!(product_score(&xi, None, &wp, &big, &y).unwrap() >= 1e20);
+        big[5] = f32::NAN;
+        assert!(product_score(&xi, None, &wp, &big, &y).unwrap().is_nan());
+        assert!(product_score(&xi, None, &wp, &g[1..], &y).is_none());
         // Shapes that do not match are refused.
         let x = InputCodes::new(&IntCodes {
             rows: 2,

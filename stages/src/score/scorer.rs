@@ -362,8 +362,8 @@ pub fn gradient_scores(
                     None => t.clone(),
                 })
             };
-            let g = pick(g)?;
-            // Both operands on 8-bit integer grids: Y_q from the codes (exact integer sums).
+            // Both operands on 8-bit integer grids: the score from the codes (exact integer
+            // sums), without forming Y_q or copying the picked rows.
             if let Some(pw) = &p.int_w {
                 let key = (x.id(), format.input_amax(name).map(f32::to_bits));
                 let codes = match &codes_cache {
@@ -378,9 +378,12 @@ pub fn gradient_scores(
                         c
                     }
                 };
-                if let Some(y_q) = codes.and_then(|c| int_product::product(&c, rows.as_deref(), pw)) {
-                    let y_q = Tensor::from_vec(y_q, (g.dim(0)?, pw.n()), g.device())?;
-                    let s = crate::model::gradient_score(&g, &y_q, &pick(y)?)?;
+                let score = codes.and_then(|c| {
+                    crate::cpu_f32::borrow(g, |gs| {
+                        crate::cpu_f32::borrow(y, |ys| int_product::product_score(&c, rows.as_deref(), pw, gs, ys))
+                    })
+                });
+                if let Some(Some(Some(s))) = score {
                     if !s.is_finite() {
                         bail!("the score of linear `{name}` is not finite (batch {bi}): its gradient has NaN/Inf");
                     }
@@ -388,6 +391,7 @@ pub fn gradient_scores(
                     return Ok(());
                 }
             }
+            let g = pick(g)?;
             let x_in = x;
             let x = if quant_input {
                 let key = (x.id(), format.input_amax(name).map(f32::to_bits));
