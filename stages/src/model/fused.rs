@@ -262,6 +262,60 @@ pub fn swiglu_backward(g: &Tensor, u: &Tensor, da: &Tensor) -> Option<(Tensor, T
     Some((dg, du))
 }
 
+/// Per-head RMSNorm, `[N·heads, D] → [B, heads, T, D]` and rotate-half RoPE in one pass:
+/// `rope(rms_norm(raw, w, eps).reshape(B, T, heads, D).transpose(1, 2), cos, sin)` with the
+/// arithmetic of candle-nn's `rms_norm` and `rope` (sum of squares in order, `x / m · w`,
+/// `x₁·cos − x₂·sin`, `x₁·sin + x₂·cos`), so the same values, without the intermediate
+/// tensors and the single-threaded transposing copy. `cos`/`sin` are `[T, D/2]`.
+pub fn qk_norm_rope(
+    raw: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    cos: &Tensor,
+    sin: &Tensor,
+    (b, t, heads): (usize, usize, usize),
+) -> Option<Tensor> {
+    let (rows, d) = raw.dims2().ok()?;
+    if rows != b * t * heads || w.dims() != [d] || d % 2 != 0 || cos.dims() != [t, d / 2] || sin.dims() != [t, d / 2] {
+        return None;
+    }
+    let out = with_f32(raw, |raw| {
+        with_f32(w, |w| {
+            with_f32(cos, |cos| {
+                with_f32(sin, |sin| {
+                    let mut out = vec![0f32; raw.len()];
+                    // One task per (batch, head): its T output rows are contiguous.
+                    out.par_chunks_mut(t * d).enumerate().for_each(|(bh, o)| {
+                        let (bi, h) = (bh / heads, bh % heads);
+                        for (ti, o) in o.chunks_mut(d).enumerate() {
+                            let src = &raw[((bi * t + ti) * heads + h) * d..][..d];
+                            let cs = ti * (d / 2);
+                            norm_rope_row(o, src, w, eps as f32, &cos[cs..cs + d / 2], &sin[cs..cs + d / 2]);
+                        }
+                    });
+                    out
+                })
+            })
+        })
+    })????;
+    Tensor::from_vec(out, (b, heads, t, d), raw.device()).ok()
+}
+
+/// One row of [`qk_norm_rope`].
+#[inline]
+fn norm_rope_row(o: &mut [f32], src: &[f32], w: &[f32], eps: f32, cos: &[f32], sin: &[f32]) {
+    let d = src.len();
+    let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
+    let m = (sum2 / d as f32 + eps).sqrt();
+    let half = d / 2;
+    for i in 0..half {
+        let x1 = src[i] / m * w[i];
+        let x2 = src[i + half] / m * w[i + half];
+        o[i] = x1 * cos[i] - x2 * sin[i];
+        o[i + half] = x1 * sin[i] + x2 * cos[i];
+    }
+}
+
 /// Backward of RMSNorm over the last dim (see [`super::ops::rms_norm_backward`]).
 pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Option<Tensor> {
     let h = *x.dims().last()?;
@@ -467,6 +521,32 @@ mod tests {
         assert_eq!(grad_diff_chunk(&g, &u, &da).to_bits(), grad_diff_chunk_impl(&g, &u, &da).to_bits());
         let (la, lb) = (cross_entropy_row(&mut a, &g, 7, 0.5), cross_entropy_row_impl(&mut b, &g, 7, 0.5));
         assert_eq!((la.to_bits(), bits(&a)), (lb.to_bits(), bits(&b)), "cross-entropy");
+    }
+
+    /// The fused per-head norm + layout + RoPE gives candle-nn's bits.
+    #[test]
+    fn qk_norm_rope_equals_the_composed_ops() {
+        let dev = candle_core::Device::Cpu;
+        let (b, t, heads, d) = (2, 5, 3, 8);
+        let raw = Tensor::randn(0f32, 2.0, (b * t * heads, d), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.1, d, &dev).unwrap();
+        let (cos, sin) = super::super::ops::rope_tables(t, d, 10000.0, candle_core::DType::F32, &dev).unwrap();
+        let want = candle_nn::ops::rms_norm(&raw, &w, 1e-6)
+            .unwrap()
+            .reshape((b, t, heads, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let want = candle_nn::rotary_emb::rope(&want, &cos, &sin).unwrap();
+        let got = qk_norm_rope(&raw, &w, 1e-6, &cos, &sin, (b, t, heads)).unwrap();
+        let bits = |x: &Tensor| {
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(got.dims(), want.dims());
+        assert_eq!(bits(&got), bits(&want));
+        assert!(qk_norm_rope(&raw, &w, 1e-6, &cos, &sin, (b, t, heads + 1)).is_none());
     }
 
     #[test]

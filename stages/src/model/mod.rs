@@ -464,10 +464,8 @@ impl TextModel {
         let (hq, hkv, d, g) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.group_size());
         let (nw, eps) = (&self.w.norms[l], c.rms_norm_eps);
         // [B,T,Hkv,G,D] → [B,Hkv,G,T,D] = [B,Hq,T,D] with query head = kv·G + g
-        let q = ops::rms_norm(q_raw, &nw.q_norm, eps)?.reshape((b, t, hq, d))?.transpose(1, 2)?.contiguous()?;
-        let q = ops::rope(&q, cos, sin)?.reshape((b, hkv, g * t, d))?;
-        let k = ops::rms_norm(k_raw, &nw.k_norm, eps)?.reshape((b, t, hkv, d))?.transpose(1, 2)?.contiguous()?;
-        let k = ops::rope(&k, cos, sin)?;
+        let q = ops::qk_norm_rope(q_raw, &nw.q_norm, eps, cos, sin, (b, t, hq))?.reshape((b, hkv, g * t, d))?;
+        let k = ops::qk_norm_rope(k_raw, &nw.k_norm, eps, cos, sin, (b, t, hkv))?;
         let s = bmm_t(&q, &k)?.reshape((b, hkv, g, t, t))?;
         let scale = 1.0 / (d as f64).sqrt();
         let p = ops::masked_softmax(&s, scale, masks, self.attn == AttnImpl::Sdpa)?.reshape((b, hkv, g * t, t))?;

@@ -121,6 +121,26 @@ pub fn rope_tables(t: usize, head_dim: usize, theta: f64, dtype: DType, dev: &De
     Ok((cos, sin))
 }
 
+/// The queries (or keys) of attention from a q_proj (k_proj) output `raw: [b·t·heads, d]`:
+/// per-head RMSNorm with `w`, as `[b, heads, t, d]`, then RoPE with tables `[t, d/2]`.
+pub fn qk_norm_rope(
+    raw: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    cos: &Tensor,
+    sin: &Tensor,
+    (b, t, heads): (usize, usize, usize),
+) -> Result<Tensor> {
+    if !is_half(raw.dtype()) {
+        if let Some(y) = super::fused::qk_norm_rope(raw, w, eps, cos, sin, (b, t, heads)) {
+            return Ok(y);
+        }
+    }
+    let d = raw.dim(1)?;
+    let x = rms_norm(raw, w, eps)?.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?;
+    rope(&x, cos, sin)
+}
+
 /// Rotate-half RoPE on `x: [b, h, t, d]` with tables `[t, d/2]`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if x.track_op() {
