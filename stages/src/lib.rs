@@ -39,6 +39,7 @@ pub mod pyjson;
 pub mod quant;
 pub mod render;
 pub mod score;
+mod simd;
 pub mod stats;
 pub mod synth;
 pub mod torch_pt;

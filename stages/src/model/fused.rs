@@ -10,6 +10,7 @@ use rayon::prelude::*;
 const MIN_ELEMS_PER_TASK: usize = 16 * 1024;
 
 pub(super) use crate::cpu_f32::borrow as with_f32;
+use crate::simd::avx512_dispatch;
 
 fn rows_per_task(row: usize) -> usize {
     (MIN_ELEMS_PER_TASK / row.max(1)).max(1)
@@ -42,30 +43,6 @@ pub(crate) fn exp(x: f32) -> f32 {
             + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
     let (n1, n2) = (ni >> 1, ni - (ni >> 1));
     p * f32::from_bits(((n1 + 127) as u32) << 23) * f32::from_bits(((n2 + 127) as u32) << 23)
-}
-
-/// `fn name(args) = imp;` defines `name`, which runs `imp` (an `#[inline(always)]` kernel of
-/// this module) compiled for AVX-512 when the CPU has it — masked selects and 16 lanes where
-/// the baseline x86-64 build has branches and 4 — and as built otherwise. The same IEEE
-/// operations either way, so the same bits.
-macro_rules! avx512_dispatch {
-    ($(#[doc = $d:literal])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? = $imp:ident;) => {
-        $(#[doc = $d])*
-        fn $name($($a: $t),*) $(-> $r)? {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn fast($($a: $t),*) $(-> $r)? {
-                    $imp($($a),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: AVX-512F is available (checked just above).
-                    return unsafe { fast($($a),*) };
-                }
-            }
-            $imp($($a),*)
-        }
-    };
 }
 
 avx512_dispatch! {

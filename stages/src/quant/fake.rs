@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use super::numerics::{e8m0_exponent_nv, pow2, rne_small, round_e2m1_magnitude, round_e4m3, AMAX_EPSILON, E4M3_MAX};
 use super::observer::{Amax, AmaxKind, AmaxObserver};
 use super::spec::{NumBits, Role};
+use crate::simd::avx512_dispatch;
 
 /// What a quantizer computes, resolved and validated from its spec
 /// ([`super::QuantizerSpec::scheme`]).
@@ -230,12 +231,7 @@ impl Quantizer {
         // A NaN has no code (fake quantization passes it through): an error here.
         let nan = codes.par_chunks_mut(cols.max(1)).zip(x.par_chunks(cols.max(1))).enumerate().any(|(r, (c, xr))| {
             let (s, _) = scales[if kind == AmaxKind::PerRow { r } else { 0 }];
-            let mut nan = false;
-            for (c, &v) in c.iter_mut().zip(xr) {
-                nan |= v.is_nan();
-                *c = int_code(v, s, min_bound, max_bound) as i8;
-            }
-            nan
+            int_codes_row(c, xr, s, min_bound, max_bound)
         });
         ensure!(!nan, "tensor [{rows}, {cols}] contains NaN");
         Ok(Some(IntCodes { rows, cols, codes, kind, divisors: scales.iter().map(|s| s.1).collect() }))
@@ -352,6 +348,27 @@ fn int_scales(ranges: &[f32], max_bound: f32) -> Vec<(f32, f32)> {
 #[inline]
 fn int_code(v: f32, s: f32, min_bound: f32, max_bound: f32) -> f32 {
     rne_small((v * s).clamp(min_bound, max_bound))
+}
+
+avx512_dispatch! {
+    /// [`int_codes_row_impl`], vectorized where the CPU allows.
+    fn int_codes_row(c: &mut [i8], x: &[f32], s: f32, min_bound: f32, max_bound: f32) -> bool = int_codes_row_impl;
+}
+
+/// The codes of one row (`int_code` of each value, as an `i8`), and whether it had a NaN.
+/// The integer comes from the bits of `|y| + 1.5·2^23` — the same round-half-even
+/// addition `rne_small` does — so the loop has no float-to-int conversion and vectorizes.
+#[inline(always)]
+fn int_codes_row_impl(c: &mut [i8], x: &[f32], s: f32, min_bound: f32, max_bound: f32) -> bool {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    let mut nan = false;
+    for (c, &v) in c.iter_mut().zip(x) {
+        nan |= v.is_nan();
+        let y = (v * s).clamp(min_bound, max_bound);
+        let m = ((y.abs() + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits())) as i32;
+        *c = (if y < 0.0 { -m } else { m }) as i8;
+    }
+    nan
 }
 
 /// A tensor `[rows, cols]` on a signed integer grid of at most 8 bits, as integers:

@@ -103,11 +103,13 @@ impl InputCodes {
         let (m, k) = (x.rows, x.cols);
         let kp = k4(k);
         let mut data = vec![128u8; m * kp];
-        data.par_chunks_mut(kp.max(1)).zip(x.codes.par_chunks(k.max(1))).for_each(|(d, c)| {
-            for (d, &c) in d.iter_mut().zip(c) {
-                *d = (i16::from(c) + 128) as u8;
-            }
-        });
+        // `c + 128` is the two's-complement byte with its top bit flipped.
+        let offset = |d: &mut [u8], c: &[i8]| d.iter_mut().zip(c).for_each(|(d, &c)| *d = (c as u8) ^ 0x80);
+        if kp == k {
+            data.par_chunks_mut(1 << 16).zip(x.codes.par_chunks(1 << 16)).for_each(|(d, c)| offset(d, c));
+        } else {
+            data.par_chunks_mut(kp.max(1)).zip(x.codes.par_chunks(k.max(1))).for_each(|(d, c)| offset(d, c));
+        }
         Some(Self { m, k, data, divisor: x.divisors[0] })
     }
 

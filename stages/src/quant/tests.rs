@@ -532,3 +532,62 @@ fn fake_quant_throughput() {
         );
     }
 }
+
+/// `int_codes` are the integers behind `fake_quant`: `code / divisor` equals its output bit
+/// for bit (sign of zero aside: a code has none), per tensor and per row, narrow range or
+/// not, 4 and 8 bits, over ties, clamped values and zero ranges; other schemes have none.
+#[test]
+fn int_codes_are_the_integers_behind_fake_quant() {
+    let (rows, cols) = (4, 301);
+    let x: Vec<f32> = (0..rows * cols)
+        .map(|i| match i % 7 {
+            0 => (i % 255) as f32 - 127.5, // ties at scale 1
+            1 => 1e6,
+            2 => -1e6,
+            _ => ((i * 37) % 1000) as f32 * 0.173 - 80.0,
+        })
+        .collect();
+    for bits in [4u8, 8] {
+        for narrow in [false, true] {
+            for (kind, amax) in [
+                (AmaxKind::PerTensor, Amax::per_tensor(127.0)),
+                (AmaxKind::PerTensor, Amax::per_tensor(93.7)),
+                (AmaxKind::PerRow, Amax { kind: AmaxKind::PerRow, values: vec![127.0, 3.3, 0.0, 1e-30] }),
+            ] {
+                let q = Quantizer::new(
+                    Scheme::Scaled { elem: NumBits::Int(bits), kind, dynamic: false },
+                    Role::Input,
+                    narrow,
+                    false,
+                );
+                let want = q.fake_quant(&x, rows, cols, Some(&amax)).unwrap();
+                let c = q.int_codes(&x, rows, cols, Some(&amax)).unwrap().unwrap();
+                assert_eq!(c.kind, kind);
+                for (i, (&code, &w)) in c.codes.iter().zip(&want).enumerate() {
+                    let d = c.divisors[if kind == AmaxKind::PerRow { i / cols } else { 0 }];
+                    let got = f32::from(code) / d;
+                    assert!(
+                        got == w && (got != 0.0 || w == 0.0),
+                        "{bits} bits {kind:?} narrow {narrow} [{i}]: {got} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+    let mut nan = x.clone();
+    nan[5] = f32::NAN;
+    let q8 = Quantizer::new(
+        Scheme::Scaled { elem: NumBits::Int(8), kind: AmaxKind::PerTensor, dynamic: false },
+        Role::Input,
+        false,
+        false,
+    );
+    assert!(q8.int_codes(&nan, rows, cols, Some(&Amax::per_tensor(1.0))).is_err());
+    let fp8 = Quantizer::new(
+        Scheme::Scaled { elem: NumBits::FP8_E4M3, kind: AmaxKind::PerTensor, dynamic: false },
+        Role::Input,
+        false,
+        false,
+    );
+    assert!(fp8.int_codes(&x, rows, cols, Some(&Amax::per_tensor(1.0))).unwrap().is_none());
+}
