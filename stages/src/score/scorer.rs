@@ -184,6 +184,34 @@ fn half_precision_diff(x: &Tensor, dx: Option<&Tensor>, wq: &Tensor, dw: &Tensor
     })
 }
 
+/// The quantized form of the input last seen: q/k/v (and gate/up) read the same tensor with
+/// the same calibrated range, so it is quantized once for them.
+struct LastInput<T> {
+    last: Option<((candle_core::TensorId, Option<u32>), T)>,
+}
+
+impl<T> Default for LastInput<T> {
+    fn default() -> Self {
+        Self { last: None }
+    }
+}
+
+impl<T: Clone> LastInput<T> {
+    /// The value for input `x` with range `amax`: the last one when both are the same, else
+    /// `make()`, kept for next time.
+    fn get(&mut self, x: &Tensor, amax: Option<f32>, make: impl FnOnce() -> Result<T>) -> Result<T> {
+        let key = (x.id(), amax.map(f32::to_bits));
+        match &self.last {
+            Some((k, v)) if *k == key => Ok(v.clone()),
+            _ => {
+                let v = make()?;
+                self.last = Some((key, v.clone()));
+                Ok(v)
+            }
+        }
+    }
+}
+
 /// `a − b` computed in f32, returned in `dtype`.
 fn diff_in(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.to_dtype(dtype)?)
@@ -348,10 +376,16 @@ pub fn gradient_scores(
             Some(fw) => fw,
             None => model.forward_keep(b, &mut |_, _| Ok(())).with_context(|| format!("score forward, batch {bi}"))?,
         };
-        // q/k/v (and gate/up) read the same input with the same calibrated range: quantize it once.
-        let mut xq_cache: Option<(candle_core::TensorId, Option<u32>, Tensor)> = None;
-        type CodesCache = Option<(candle_core::TensorId, Option<u32>, Option<std::rc::Rc<int_product::InputCodes>>)>;
-        let mut codes_cache: CodesCache = None;
+        // Fake-quantized inputs (f32) and input codes (integer products), each made once per input.
+        let mut xq_cache = LastInput::default();
+        let mut codes_cache = LastInput::default();
+        let mut add = |name: &str, s: f64| -> Result<()> {
+            if !s.is_finite() {
+                bail!("the score of linear `{name}` is not finite (batch {bi}): its input or gradient has NaN/Inf");
+            }
+            *per_linear.entry(name.to_string()).or_insert(0.0) += s;
+            Ok(())
+        };
         let mut on_linear = |name: &str, x: &Tensor, y: &Tensor, g: &Tensor| -> Result<()> {
             let Some(p) = prepared.get(name) else { return Ok(()) };
             let rows = if row_subset { nonzero_rows(g)? } else { None };
@@ -365,47 +399,29 @@ pub fn gradient_scores(
             // Both operands on 8-bit integer grids: the score from the codes (exact integer
             // sums), without forming Y_q or copying the picked rows.
             if let Some(pw) = &p.int_w {
-                let key = (x.id(), format.input_amax(name).map(f32::to_bits));
-                let codes = match &codes_cache {
-                    Some((id, a, c)) if (*id, *a) == key => c.clone(),
-                    _ => {
-                        let c = format
-                            .quant_input_codes(name, x)
-                            .with_context(|| format!("fake-quantizing the input of `{name}`"))?
-                            .and_then(|c| int_product::InputCodes::new(&c))
-                            .map(std::rc::Rc::new);
-                        codes_cache = Some((key.0, key.1, c.clone()));
-                        c
-                    }
-                };
+                let codes = codes_cache.get(x, format.input_amax(name), || {
+                    Ok(format
+                        .quant_input_codes(name, x)
+                        .with_context(|| format!("fake-quantizing the input of `{name}`"))?
+                        .and_then(|c| int_product::InputCodes::new(&c))
+                        .map(std::rc::Rc::new))
+                })?;
                 let score = codes.and_then(|c| {
                     crate::cpu_f32::borrow(g, |gs| {
                         crate::cpu_f32::borrow(y, |ys| int_product::product_score(&c, rows.as_deref(), pw, gs, ys))
                     })
                 });
                 if let Some(Some(Some(s))) = score {
-                    if !s.is_finite() {
-                        bail!("the score of linear `{name}` is not finite (batch {bi}): its gradient has NaN/Inf");
-                    }
-                    *per_linear.entry(name.to_string()).or_insert(0.0) += s;
-                    return Ok(());
+                    return add(name, s);
                 }
             }
             let g = pick(g)?;
             let x_in = x;
             let x = if quant_input {
-                let key = (x.id(), format.input_amax(name).map(f32::to_bits));
                 // f32, exact (see `dw` above).
-                let xq = match &xq_cache {
-                    Some((id, a, xq)) if (*id, *a) == key => xq.clone(),
-                    _ => {
-                        let xq = format
-                            .quant_input(name, x)
-                            .with_context(|| format!("fake-quantizing the input of `{name}`"))?;
-                        xq_cache = Some((key.0, key.1, xq.clone()));
-                        xq
-                    }
-                };
+                let xq = xq_cache.get(x, format.input_amax(name), || {
+                    format.quant_input(name, x).with_context(|| format!("fake-quantizing the input of `{name}`"))
+                })?;
                 pick(&xq)?
             } else {
                 pick(x)?
@@ -428,11 +444,7 @@ pub fn gradient_scores(
                     crate::model::gradient_score(&g, &y_q, &pick(y)?)?
                 }
             };
-            if !s.is_finite() {
-                bail!("the score of linear `{name}` is not finite (batch {bi}): its input or gradient has NaN/Inf");
-            }
-            *per_linear.entry(name.to_string()).or_insert(0.0) += s;
-            Ok(())
+            add(name, s)
         };
         model
             .backward_linears(b, fw, piece.loss_scale, &mut on_linear)
