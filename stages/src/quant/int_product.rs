@@ -141,14 +141,29 @@ fn scales(x: &InputCodes, w: &PackedWeight) -> Vec<f32> {
     w.divisors.iter().map(|&d| (1.0 / (f64::from(x.divisor) * f64::from(d))) as f32).collect()
 }
 
-/// Runs `tile(row pointers, rows in the tile, first output row, panel)` for every
-/// `MR`-row tile of the picked rows and every panel of `w`, tiles split over the threads
-/// (a task's tiles in order); returns each task's result, in task order.
+/// One `MR × NR` tile of a product: the input rows (`a`, `rows` of them used), the weight
+/// panel with its `cols ≤ NR` channels' offsets and scales, and where it sits in the
+/// output (first picked row `r0`, first channel `c0`).
+struct Tile<'a> {
+    a: [*const u8; MR],
+    rows: usize,
+    groups: usize,
+    panel: &'a [i8],
+    offset: &'a [i32],
+    scale: &'a [f32],
+    r0: usize,
+    c0: usize,
+}
+
+/// Runs `tile` on every `MR`-row tile of the picked rows and every panel of `w` (`scale`:
+/// [`scales`]), tiles split over the threads (a task's tiles in order), folding each task's
+/// results; returns them in task order.
 fn for_each_tile<R: Clone + Send + Sync>(
     x: &InputCodes,
     picked: &[usize],
     w: &PackedWeight,
-    tile: impl Fn(&[*const u8; MR], usize, usize, usize) -> R + Sync,
+    scale: &[f32],
+    tile: impl Fn(&Tile) -> R + Sync,
     fold: impl Fn(R, R) -> R + Sync,
     zero: R,
 ) -> Vec<R> {
@@ -169,7 +184,18 @@ fn for_each_tile<R: Clone + Send + Sync>(
                     *a = x.data[picked[r0 + r] * kp..].as_ptr();
                 }
                 for p in 0..w.n.div_ceil(NR) {
-                    acc = fold(acc, tile(&a, mr, r0, p));
+                    let (c0, cols) = (p * NR, NR.min(w.n - p * NR));
+                    let t = Tile {
+                        a,
+                        rows: mr,
+                        groups: kp / 4,
+                        panel: &w.panels[p * kp * NR..(p + 1) * kp * NR],
+                        offset: &w.offset[c0..c0 + cols],
+                        scale: &scale[c0..c0 + cols],
+                        r0,
+                        c0,
+                    };
+                    acc = fold(acc, tile(&t));
                 }
             }
             acc
@@ -181,8 +207,7 @@ fn for_each_tile<R: Clone + Send + Sync>(
 /// them when `None`); `None` when the shapes disagree or a row index is out of range.
 pub fn product(x: &InputCodes, rows: Option<&[u32]>, w: &PackedWeight) -> Option<Vec<f32>> {
     let picked = picked_rows(x, rows, w)?;
-    let (m, n, kp) = (picked.len(), w.n, k4(x.k));
-    let scale = scales(x, w);
+    let (m, n) = (picked.len(), w.n);
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let op = SendPtr(out.as_mut_ptr());
     let op = &op;
@@ -190,26 +215,12 @@ pub fn product(x: &InputCodes, rows: Option<&[u32]>, w: &PackedWeight) -> Option
         x,
         &picked,
         w,
-        |a, mr, r0, p| {
-            let cols = NR.min(n - p * NR);
-            let panel = &w.panels[p * kp * NR..(p + 1) * kp * NR];
-            // SAFETY: VNNI is available (`picked_rows`); each of the MR row pointers has `kp`
-            // readable bytes, the panel `kp·NR`; the tile writes `cols` values of rows
-            // `r0 .. r0 + mr` of the `m·n` output, rows that only this tile's task writes, at
-            // columns `p·NR ..` inside `n`.
-            unsafe {
-                kernel_store(
-                    a,
-                    kp / 4,
-                    panel.as_ptr(),
-                    &w.offset[p * NR..p * NR + cols],
-                    &scale[p * NR..p * NR + cols],
-                    op.0.add(r0 * n + p * NR),
-                    n,
-                    mr,
-                )
-            }
-        },
+        &scales(x, w),
+        // SAFETY: VNNI is available (`picked_rows`); each of the MR row pointers has `kp`
+        // readable bytes, the panel `kp·NR`; the tile writes its `cols` values of rows
+        // `r0 .. r0 + rows` of the `m·n` output, rows that only this tile's task writes, at
+        // columns `c0 ..` inside `n`.
+        |t| unsafe { kernel_store(t, op.0.add(t.r0 * n + t.c0), n) },
         |_, _| (),
         (),
     );
@@ -224,38 +235,25 @@ pub fn product(x: &InputCodes, rows: Option<&[u32]>, w: &PackedWeight) -> Option
 /// unquantized output, read at the picked rows. `None` when shapes disagree.
 pub fn product_score(x: &InputCodes, rows: Option<&[u32]>, w: &PackedWeight, g: &[f32], y: &[f32]) -> Option<f64> {
     let picked = picked_rows(x, rows, w)?;
-    let (n, kp) = (w.n, k4(x.k));
+    let n = w.n;
     if g.len() != x.m * n || y.len() != x.m * n {
         return None;
     }
-    let scale = scales(x, w);
     let zero = [0f32; NR];
     let parts = for_each_tile(
         x,
         &picked,
         w,
-        |a, mr, r0, p| {
-            let cols = NR.min(n - p * NR);
-            let panel = &w.panels[p * kp * NR..(p + 1) * kp * NR];
+        &scales(x, w),
+        |t| {
             let (mut gr, mut yr) = ([zero.as_ptr(); MR], [zero.as_ptr(); MR]);
-            for r in 0..mr {
-                let at = picked[r0 + r] * n + p * NR;
+            for r in 0..t.rows {
+                let at = picked[t.r0 + r] * n + t.c0;
                 (gr[r], yr[r]) = (g[at..].as_ptr(), y[at..].as_ptr());
             }
             // SAFETY: as in `product`; besides, `gr`/`yr` point at `cols` readable values
-            // (row `picked[..]` of `g`/`y` from column `p·NR`, inside `n`).
-            unsafe {
-                kernel_score(
-                    a,
-                    kp / 4,
-                    panel.as_ptr(),
-                    &w.offset[p * NR..p * NR + cols],
-                    &scale[p * NR..p * NR + cols],
-                    &gr,
-                    &yr,
-                    mr,
-                )
-            }
+            // (row `picked[..]` of `g`/`y` from column `c0`, inside `n`).
+            unsafe { kernel_score(t, &gr, &yr) }
         },
         |a, b| a + b,
         0f64,
@@ -266,13 +264,14 @@ pub fn product_score(x: &InputCodes, rows: Option<&[u32]>, w: &PackedWeight, g: 
 /// The i32 sums of one `MR × NR` tile: `Σ_q dpbusd(a[r][4q..], panel[q][c])`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn tile_sums(a: &[*const u8; MR], groups: usize, panel: *const i8) -> [[std::arch::x86_64::__m512i; 2]; MR] {
+unsafe fn tile_sums(t: &Tile) -> [[std::arch::x86_64::__m512i; 2]; MR] {
     use std::arch::x86_64::*;
+    let panel = t.panel.as_ptr();
     let mut acc = [[_mm512_setzero_si512(); 2]; MR];
-    for q in 0..groups {
+    for q in 0..t.groups {
         let b0 = _mm512_loadu_si512(panel.add(q * NR * 4) as *const __m512i);
         let b1 = _mm512_loadu_si512(panel.add(q * NR * 4 + 64) as *const __m512i);
-        for (acc, &ar) in acc.iter_mut().zip(a) {
+        for (acc, &ar) in acc.iter_mut().zip(&t.a) {
             let av = _mm512_set1_epi32((ar.add(q * 4) as *const i32).read_unaligned());
             acc[0] = _mm512_dpbusd_epi32(acc[0], av, b0);
             acc[1] = _mm512_dpbusd_epi32(acc[1], av, b1);
@@ -300,15 +299,10 @@ fn col_masks(cols: usize) -> (u16, u16) {
 /// columns, 16 per register (lanes past `cols` are 0).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn tile_outputs(
-    a: &[*const u8; MR],
-    groups: usize,
-    panel: *const i8,
-    offset: &[i32],
-    scale: &[f32],
-) -> ([[std::arch::x86_64::__m512; 2]; MR], (u16, u16)) {
+unsafe fn tile_outputs(t: &Tile) -> ([[std::arch::x86_64::__m512; 2]; MR], (u16, u16)) {
     use std::arch::x86_64::*;
-    let sums = tile_sums(a, groups, panel);
+    let (offset, scale) = (t.offset, t.scale);
+    let sums = tile_sums(t);
     let (m0, m1) = col_masks(offset.len());
     let (o0, o1) =
         (_mm512_maskz_loadu_epi32(m0, offset.as_ptr()), _mm512_maskz_loadu_epi32(m1, offset.as_ptr().wrapping_add(16)));
@@ -322,50 +316,29 @@ unsafe fn tile_outputs(
     (out, (m0, m1))
 }
 
-/// One tile of [`product`]: writes rows `< rows` of the tile's outputs at `c` (row
-/// stride `ldc`).
+/// One tile of [`product`]: writes its used rows of outputs at `c` (row stride `ldc`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_store(
-    a: &[*const u8; MR],
-    groups: usize,
-    panel: *const i8,
-    offset: &[i32],
-    scale: &[f32],
-    c: *mut f32,
-    ldc: usize,
-    rows: usize,
-) {
+unsafe fn kernel_store(t: &Tile, c: *mut f32, ldc: usize) {
     use std::arch::x86_64::*;
-    let (out, (m0, m1)) = tile_outputs(a, groups, panel, offset, scale);
-    for (r, v) in out.iter().enumerate().take(rows) {
+    let (out, (m0, m1)) = tile_outputs(t);
+    for (r, v) in out.iter().enumerate().take(t.rows) {
         let row = c.add(r * ldc);
         _mm512_mask_storeu_ps(row, m0, v[0]);
         _mm512_mask_storeu_ps(row.wrapping_add(16), m1, v[1]);
     }
 }
 
-/// One tile of [`product_score`]: `Σ clamp(g·(y_q − y), ±1e10)²` over rows `< rows`, the
+/// One tile of [`product_score`]: `Σ clamp(g·(y_q − y), ±1e10)²` over its used rows, the
 /// `g`/`y` values of tile row `r` at `g[r]`/`y[r]`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_score(
-    a: &[*const u8; MR],
-    groups: usize,
-    panel: *const i8,
-    offset: &[i32],
-    scale: &[f32],
-    g: &[*const f32; MR],
-    y: &[*const f32; MR],
-    rows: usize,
-) -> f64 {
+unsafe fn kernel_score(t: &Tile, g: &[*const f32; MR], y: &[*const f32; MR]) -> f64 {
     use std::arch::x86_64::*;
-    let (out, (m0, m1)) = tile_outputs(a, groups, panel, offset, scale);
+    let (out, (m0, m1)) = tile_outputs(t);
     let (lo, hi) = (_mm512_set1_ps(-1e10), _mm512_set1_ps(1e10));
     let mut acc = _mm512_setzero_pd();
-    for r in 0..rows {
+    for r in 0..t.rows {
         for (h, m) in [(0usize, m0), (1, m1)] {
             let gv = _mm512_maskz_loadu_ps(m, g[r].wrapping_add(16 * h));
             let yv = _mm512_maskz_loadu_ps(m, y[r].wrapping_add(16 * h));
@@ -382,32 +355,12 @@ unsafe fn kernel_score(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_store(
-    _: &[*const u8; MR],
-    _: usize,
-    _: *const i8,
-    _: &[i32],
-    _: &[f32],
-    _: *mut f32,
-    _: usize,
-    _: usize,
-) {
+unsafe fn kernel_store(_: &Tile, _: *mut f32, _: usize) {
     unreachable!("available() is false off x86_64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_score(
-    _: &[*const u8; MR],
-    _: usize,
-    _: *const i8,
-    _: &[i32],
-    _: &[f32],
-    _: &[*const f32; MR],
-    _: &[*const f32; MR],
-    _: usize,
-) -> f64 {
+unsafe fn kernel_score(_: &Tile, _: &[*const f32; MR], _: &[*const f32; MR]) -> f64 {
     unreachable!("available() is false off x86_64")
 }
 

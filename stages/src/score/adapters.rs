@@ -190,6 +190,13 @@ impl QuantFormat {
         self.observers.lock().expect("observer lock").get(linear).and_then(|o| o.amax())
     }
 
+    /// `(out, in)` of a linear's weight, checked against the format (block sizes).
+    fn weight_dims(&self, linear: &str, w: &Tensor) -> Result<(usize, usize)> {
+        let (o, i) = w.dims2()?;
+        self.cfg.check_shape(i, o).with_context(|| format!("linear `{linear}`"))?;
+        Ok((o, i))
+    }
+
     /// The calibrated input ranges of `linear`; an error when the format needs them and
     /// calibration never saw the linear.
     fn calibrated_amax(&self, linear: &str) -> Result<Option<quant::Amax>> {
@@ -244,8 +251,7 @@ impl ScoreFormat for QuantFormat {
         self.amax(linear).map(|a| a.values.iter().cloned().fold(0.0, f32::max))
     }
     fn quant_weight(&self, linear: &str, w: &Tensor) -> Result<Tensor> {
-        let (o, i) = w.dims2()?;
-        self.cfg.check_shape(i, o).with_context(|| format!("linear `{linear}`"))?;
+        self.weight_dims(linear, w)?;
         self.weight.fake_quant_weight_tensor(w)
     }
     fn quant_input(&self, linear: &str, x: &Tensor) -> Result<Tensor> {
@@ -253,8 +259,7 @@ impl ScoreFormat for QuantFormat {
         self.input.fake_quant_tensor(x, amax.as_ref())
     }
     fn quant_weight_codes(&self, linear: &str, w: &Tensor) -> Result<Option<quant::IntCodes>> {
-        let (o, i) = w.dims2()?;
-        self.cfg.check_shape(i, o).with_context(|| format!("linear `{linear}`"))?;
+        let (o, i) = self.weight_dims(linear, w)?;
         if !w.device().is_cpu() {
             return Ok(None);
         }

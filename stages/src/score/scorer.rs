@@ -389,13 +389,6 @@ pub fn gradient_scores(
         let mut on_linear = |name: &str, x: &Tensor, y: &Tensor, g: &Tensor| -> Result<()> {
             let Some(p) = prepared.get(name) else { return Ok(()) };
             let rows = if row_subset { nonzero_rows(g)? } else { None };
-            let rows_t = rows.as_ref().map(|r| Tensor::from_slice(r, r.len(), g.device())).transpose()?;
-            let pick = |t: &Tensor| -> Result<Tensor> {
-                Ok(match &rows_t {
-                    Some(r) => t.index_select(r, 0)?,
-                    None => t.clone(),
-                })
-            };
             // Both operands on 8-bit integer grids: the score from the codes (exact integer
             // sums), without forming Y_q or copying the picked rows.
             if let Some(pw) = &p.int_w {
@@ -415,6 +408,13 @@ pub fn gradient_scores(
                     return add(name, s);
                 }
             }
+            let rows_t = rows.as_ref().map(|r| Tensor::from_slice(r, r.len(), g.device())).transpose()?;
+            let pick = |t: &Tensor| -> Result<Tensor> {
+                Ok(match &rows_t {
+                    Some(r) => t.index_select(r, 0)?,
+                    None => t.clone(),
+                })
+            };
             let g = pick(g)?;
             let x_in = x;
             let x = if quant_input {
