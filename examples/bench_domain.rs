@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use qpipe_stages::contract::{Domain, Job, ParityReport, Plan, PlanContext, Run, Stage, Tolerance};
+use qpipe_contract::{Domain, Job, ParityReport, Plan, PlanContext, Run, Stage, Tolerance};
 use qpipe_stages::Qwen3Vl;
 
 struct Trivial {
@@ -24,7 +24,7 @@ impl Stage for Trivial {
     }
     fn run(&self, job: &Job<'_>) -> anyhow::Result<()> {
         for out in job.outs {
-            std::fs::write(out, job.id)?;
+            std::fs::write(&out.path, job.id)?;
         }
         Ok(())
     }
@@ -48,5 +48,5 @@ impl Domain for Bench {
 
 fn main() {
     let stages = Qwen3Vl.stages().iter().map(|s| Trivial { kind: s.kind(), version: s.code_version() }).collect();
-    std::process::exit(qpipe::cli::main(&Bench { stages }));
+    std::process::exit(qpipe_engine::cli::main(&Bench { stages }));
 }

@@ -24,7 +24,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/qpipe-bench-score.XXXXXX")
 trap 'rm -rf "$DIR"' EXIT
 
-cargo build -q -p qpipe-stages --example bench_score
+cargo build -q -p qpipe-stages --features synth --example bench_score
 BIN="$CARGO_TARGET_DIR/debug/examples/bench_score"   # dev profile is opt-level 3 (Cargo.toml)
 "$BIN" gen "$DIR"
 

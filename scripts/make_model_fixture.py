@@ -6,7 +6,7 @@ Loads the committed tiny checkpoint with transformers (Qwen3VLForConditionalGene
 f32), takes its language model (`model.model.language_model`, a Qwen3VLTextModel) and
 `lm_head`, runs three left-padded rows of token ids (T = 16) called with input_ids and
 attention_mask only (position ids 0..T-1, as the extracted language model does), and
-writes to stages/tests/fixtures/model_tiny_expected.safetensors:
+writes to stages/model/tests/fixtures/model_tiny_expected.safetensors:
 
   input_ids, attention_mask     [3, 16] int64
   hidden_sdpa, hidden_eager     [3, 16, 128] final hidden states (after the last norm) at
@@ -28,7 +28,7 @@ from transformers import Qwen3VLForConditionalGeneration
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CKPT = ROOT / "models/tiny_qwen3_vl/checkpoint"
-OUT = ROOT / "stages/tests/fixtures/model_tiny_expected.safetensors"
+OUT = ROOT / "stages/model/tests/fixtures/model_tiny_expected.safetensors"
 T = 16
 PADS = [5, 0, 11]  # left pads per row
 GRAD_LAYERS = [0, 3]

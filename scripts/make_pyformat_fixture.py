@@ -3,7 +3,7 @@
 
 Optional; the file is committed. Each line: the float's bits (16 hex digits), then
 repr(x), f"{x:.3e}", f"{x:.6e}", f"{x:.4f}" (`-` when |x| >= 1e20) and json.dumps(x), tab-separated.
-The Rust tests in stages/src/pyjson.rs check qpipe's formatting against every line.
+The Rust tests in stages/src/io/pyjson.rs check qpipe's formatting against every line.
 """
 import json
 import random

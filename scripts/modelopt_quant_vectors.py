@@ -6,7 +6,7 @@ Optional to run; its output is committed. Needs `pip install nvidia-modelopt tor
 FP4 paths need CUDA and are tested in Rust against hand-computed vectors and an
 independent reference instead).
 
-    python3 scripts/modelopt_quant_vectors.py   # writes stages/tests/fixtures/quant_modelopt.json
+    python3 scripts/modelopt_quant_vectors.py   # writes stages/quant/tests/fixtures/quant_modelopt.json
 
 Each case builds a `TensorQuantizer` from a quantizer attribute dict exactly as ModelOpt's
 presets write it, calibrates static ranges with ModelOpt's max calibrator (weights on the
@@ -29,7 +29,7 @@ try:
 except ImportError as e:  # pragma: no cover
     sys.exit(f"needs nvidia-modelopt and torch: {e}")
 
-OUT = pathlib.Path(__file__).resolve().parent.parent / "stages/tests/fixtures/quant_modelopt.json"
+OUT = pathlib.Path(__file__).resolve().parent.parent / "stages/quant/tests/fixtures/quant_modelopt.json"
 
 
 def hexf(t: torch.Tensor) -> str:

@@ -2,8 +2,8 @@
 //! by qpipe in-process. `scripts/bench_score.sh` runs it beside ModelOpt + PyTorch on the
 //! same checkpoint and tokens and prints both sides' figures.
 //!
-//!     cargo run -p qpipe-stages --example bench_score -- gen   <dir>   # checkpoint + tokens
-//!     cargo run -p qpipe-stages --example bench_score -- score <dir> [FORMAT] [METHOD]
+//!     cargo run -p qpipe-stages --features synth --example bench_score -- gen   <dir>   # checkpoint + tokens
+//!     cargo run -p qpipe-stages --features synth --example bench_score -- score <dir> [FORMAT] [METHOD]
 //!
 //! Shape (defaults, overridable with env vars): hidden 512, 8 layers, intermediate 1536,
 //! 8 heads × 64 (4 KV heads), vocab 4096; 32 samples × 128 tokens (left padded), batch 8.
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use qpipe_stages::contract::Progress;
+use qpipe_contract::Progress;
 use qpipe_stages::score::{self, adapters, FormatParams, Method, Settings};
 use qpipe_stages::synth::{self, Shape};
 use serde_json::json;
@@ -113,7 +113,7 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn score_run(dir: &Path, format: &str, method: &str) -> Result<()> {
-    score::keep_freed_memory();
+    qpipe_compute::malloc::keep_freed_memory();
     let t0 = Instant::now();
     let tokens: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokens.json"))?)?;
     let ids: Vec<Vec<u32>> = serde_json::from_value(tokens["input_ids"].clone())?;

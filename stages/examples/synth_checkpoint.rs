@@ -1,7 +1,7 @@
 //! Writes a synthetic Qwen3-VL checkpoint with real language-model shapes and random
 //! weights (see `qpipe_stages::synth`), for timing and memory runs of the score stage.
 //!
-//!     cargo run --release -p qpipe-stages --example synth_checkpoint -- <dir> \
+//!     cargo run --release -p qpipe-stages --features synth --example synth_checkpoint -- <dir> \
 //!         [--shape qwen3-vl-4b|mid] [--dtype bf16|f32] [--shard-gib 4] [--seed 0] \
 //!         [--tokenizer-from models/tiny_qwen3_vl/checkpoint]
 //!

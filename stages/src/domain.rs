@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
-use crate::contract::{Domain, ParityReport, Plan, PlanContext, Run, Stage, Tolerance};
 use crate::{aggregate, build_calib, docs, fetch_model, parity, plan, render, score};
+use qpipe_contract::{Domain, ParityReport, Plan, PlanContext, Run, Stage, Tolerance};
 
 /// The domain: its stage kinds, its planner, its parity comparison.
 pub struct Qwen3Vl;

@@ -1,9 +1,12 @@
-//! qpipe's domain: everything about models, quantization and the artifacts, nothing
-//! about the DAG, the lock or the CLI. The engine talks to it through [`contract`].
+//! qpipe's Qwen3-VL domain: what a pipeline's runs mean and how each stage kind makes its
+//! outputs; nothing about the DAG, the lock or the CLI (those are the engine's, and this
+//! crate cannot reach it: it depends on [`qpipe_contract`] only). The model
+//! ([`qpipe_model`]) and the quantizers ([`qpipe_quant`]) are crates of their own.
 //!
-//! One module per stage kind, named for it:
+//! One folder per stage kind, each holding its typed params, its inputs and outputs (by
+//! name) and its `run`:
 //!
-//! | stage         | module            | reads                         | writes                          |
+//! | stage         | folder            | reads                         | writes                          |
 //! |---------------|-------------------|-------------------------------|---------------------------------|
 //! | `fetch-model` | [`fetch_model`]   | a local checkpoint or the hub | checkpoint identity (`.json`)   |
 //! | `build-calib` | [`build_calib`]   | captions, tokenizer           | calibration tokens (`.pt`)      |
@@ -12,34 +15,28 @@
 //! | `render`      | [`render`]        | manifest                      | `per-layer-sensitivity.{md,json,svg}` |
 //! | `docs`        | [`docs`]          | manifests of a pair / model   | folder `README.md`s             |
 //!
-//! Support: [`model`] (the Qwen3-VL language model in candle), [`cpu_f32`] (tensor values as
-//! `&[f32]`), [`quant`] (fake-quant
-//! formats), [`checkpoint`] (finding, checking and reading checkpoints), [`torch_pt`]
-//! (writing `torch.load`-able files), [`pyjson`] (JSON and numbers formatted as Python
-//! formats them), [`plan`] (pipeline config → stage instances), [`parity`] (verify),
-//! [`synth`] (synthetic checkpoints with real shapes, for timing runs and tests).
+//! Around them: [`plan`] (the pipeline's run schema, composed into stage instances),
+//! [`domain`] (the stage kinds and the planner, as the engine sees them), [`parity`]
+//! (`qpipe verify`'s comparison), [`io`] (file formats several stages share), [`stats`]
+//! (rank correlation) and, with the `synth` feature, [`synth`] (synthetic checkpoints with
+//! real shapes, for timing runs).
+//!
+//! Each stage kind's code version is derived by `build.rs` from every source file it is
+//! compiled through (see `qpipe-codeversion`).
 
-pub mod contract;
 pub mod domain;
-
 pub use domain::Qwen3Vl;
 
 pub mod aggregate;
 pub mod build_calib;
-pub mod checkpoint;
-pub mod cpu_f32;
-pub mod device;
 pub mod docs;
 pub mod fetch_model;
-pub mod malloc;
-pub mod model;
-pub mod parity;
-pub mod plan;
-pub mod pyjson;
-pub mod quant;
 pub mod render;
 pub mod score;
-mod simd;
+
+pub mod io;
+pub mod parity;
+pub mod plan;
 pub mod stats;
+#[cfg(any(test, feature = "synth"))]
 pub mod synth;
-pub mod torch_pt;

@@ -23,10 +23,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::contract::{ParityReport, Tolerance};
-use crate::pyjson::{format_e, repr_f64};
+use crate::io::pyjson::{format_e, repr_f64};
 use crate::render::markdown;
 use crate::stats;
+use qpipe_contract::{ParityReport, Tolerance};
 
 /// The per-run report files, besides the manifest.
 pub const REPORT_JSON: &str = "per-layer-sensitivity.json";
@@ -111,7 +111,7 @@ fn load_side(label: &'static str, dir: &Path, report: &mut ParityReport) -> Opti
 }
 
 fn read_json(path: &Path, report: &mut ParityReport) -> Option<Value> {
-    match crate::pyjson::read(path) {
+    match crate::io::pyjson::read(path) {
         Ok(v) => Some(v),
         Err(e) => {
             report.errors.push(format!("{e:#}"));
@@ -428,7 +428,7 @@ mod tests {
     use super::*;
     use crate::aggregate::build_manifest;
     use crate::aggregate::tests::{scheme, synthetic_state};
-    use crate::pyjson;
+    use crate::io::pyjson;
     use crate::render::{markdown, svg, Report};
 
     /// Write a run folder the way aggregate + render do.
@@ -603,8 +603,8 @@ mod tests {
             "output_layout": {"name": "publish", "mode": "publish", "root_dir": "models/tiny/layer-analysis"},
             "runner": {}
         });
-        let ctx = crate::contract::PlanContext { root: dir.path().into(), pipeline_file: "pipeline.yaml".into() };
-        let run = crate::contract::Run { config, overrides: vec![], published: false };
+        let ctx = qpipe_contract::PlanContext { root: dir.path().into(), pipeline_file: "pipeline.yaml".into() };
+        let run = qpipe_contract::Run { config, overrides: vec![], published: false };
         let inst = crate::plan::plan(&ctx, &[run]).unwrap().instances;
         let agg = inst.iter().find(|i| i.kind == "aggregate").unwrap();
         for path in files_named(&legacy, MANIFEST_SUFFIX) {

@@ -373,9 +373,9 @@ mod tests {
         // The readers accept it: shards, index, config dialect, bf16 weights.
         let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny_qwen3_vl/checkpoint");
         copy_tokenizer(&tiny, dir.path()).unwrap();
-        let info = crate::checkpoint::check_dir(dir.path()).unwrap();
+        let info = crate::io::checkpoint::check_dir(dir.path()).unwrap();
         assert!(format!("{info:?}").contains("model-00001-of"), "{info:?}");
-        let m = crate::model::TextModel::load(dir.path()).unwrap();
+        let m = qpipe_model::TextModel::load(dir.path()).unwrap();
         assert_eq!(m.num_linears(), 14);
         let w = m.linear_weight_by_name("layers.1.mlp.down_proj").unwrap();
         assert_eq!(w.dims(), &[64, 96]);
@@ -395,6 +395,6 @@ mod tests {
         let s = write(one.path(), &TINY, Dtype::F32, u64::MAX, 7, &|_| {}).unwrap();
         assert_eq!(s.files, ["model.safetensors"]);
         assert!(!one.path().join("model.safetensors.index.json").exists());
-        crate::model::TextModel::load(one.path()).unwrap();
+        qpipe_model::TextModel::load(one.path()).unwrap();
     }
 }

@@ -6,9 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use qpipe_stages::build_calib::{load_calib, BuildCalib};
-use qpipe_stages::contract::{Instance, Job, PlanContext, Run, Silent, Stage};
+use qpipe_contract::{Instance, Job, JobFile, PlanContext, Run, Silent, Stage};
+use qpipe_stages::build_calib::BuildCalib;
 use qpipe_stages::fetch_model::FetchModel;
+use qpipe_stages::io::calib::load_calib;
 use serde_json::{json, Value};
 
 fn root() -> PathBuf {
@@ -34,9 +35,13 @@ fn config(size: &str) -> Value {
 
 /// Runs one instance with its outputs redirected into `out_dir`; returns the out paths.
 fn run(stage: &dyn Stage, inst: &Instance, root: &Path, deps: Vec<PathBuf>, out_dir: &Path) -> Vec<PathBuf> {
-    let outs: Vec<PathBuf> =
-        inst.outs.iter().map(|o| out_dir.join(o.path.file_name().unwrap()).with_extension("tmp")).collect();
-    let finals: Vec<PathBuf> = inst.outs.iter().map(|o| o.path.clone()).collect();
+    let deps: Vec<JobFile> = inst.deps.iter().zip(deps).map(|(d, p)| JobFile::new(&d.name, p)).collect();
+    let outs: Vec<JobFile> = inst
+        .outs
+        .iter()
+        .map(|o| JobFile::new(&o.name, out_dir.join(o.path.file_name().unwrap()).with_extension("tmp")))
+        .collect();
+    let finals: Vec<JobFile> = inst.outs.iter().map(|o| JobFile::new(&o.name, &o.path)).collect();
     let job = Job {
         id: &inst.id,
         root,
@@ -50,7 +55,7 @@ fn run(stage: &dyn Stage, inst: &Instance, root: &Path, deps: Vec<PathBuf>, out_
     let t0 = Instant::now();
     stage.run(&job).unwrap_or_else(|e| panic!("{}: {e:#}", inst.id));
     eprintln!("{:<60} {:>8.1} ms", inst.id, t0.elapsed().as_secs_f64() * 1e3);
-    outs
+    outs.into_iter().map(|o| o.path).collect()
 }
 
 #[test]
@@ -63,12 +68,15 @@ fn planned_fetch_and_calibration_run() {
         let instances = qpipe_stages::plan::plan(&ctx, &runs).unwrap().instances;
         let fetch = instances.iter().find(|i| i.kind == "fetch-model").unwrap();
         let calib = instances.iter().find(|i| i.kind == "build-calib").unwrap();
-        let fetch_out = run(&FetchModel, fetch, &root, fetch.deps.iter().map(|d| root.join(d)).collect(), tmp.path());
+        let fetch_out =
+            run(&FetchModel, fetch, &root, fetch.deps.iter().map(|d| root.join(&d.path)).collect(), tmp.path());
         // build-calib reads the fetch output where the engine would have put it.
         let deps: Vec<PathBuf> = calib
             .deps
             .iter()
-            .map(|d| if fetch.outs.iter().any(|o| &o.path == d) { fetch_out[0].clone() } else { root.join(d) })
+            .map(
+                |d| if fetch.outs.iter().any(|o| o.path == d.path) { fetch_out[0].clone() } else { root.join(&d.path) },
+            )
             .collect();
         let calib_out = run(&BuildCalib, calib, &root, deps, tmp.path());
         let set = load_calib(&calib_out[0]).unwrap();

@@ -9,7 +9,7 @@
 //! model's (on a real bf16 deployment it is the bf16 one that is right).
 
 use candle_core::DType;
-use qpipe_stages::contract::Silent;
+use qpipe_contract::Silent;
 use qpipe_stages::score::{self, adapters, FormatParams, Method, Settings};
 use serde_json::Value;
 

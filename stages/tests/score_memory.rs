@@ -8,7 +8,7 @@ use common::{oracle_batches, root};
 use candle_core::Tensor;
 use std::sync::Mutex;
 
-use qpipe_stages::contract::Progress;
+use qpipe_contract::Progress;
 use qpipe_stages::score::backend::{Batch, InputSink, KeptForward, LinearOverride, LinearSink, ScoreModel};
 use qpipe_stages::score::recipes::LinearInfo;
 use qpipe_stages::score::{self, adapters, FormatParams, Method, Settings};

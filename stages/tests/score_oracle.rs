@@ -3,7 +3,7 @@
 //! `scripts/modelopt_oracle.py`). Every recipe's score must agree to 1e-3 relative and the
 //! ranking to Spearman ρ ≥ 0.999; `best` must be the same.
 
-use qpipe_stages::contract::Silent;
+use qpipe_contract::Silent;
 use qpipe_stages::score::{self, adapters, FormatParams, Method, Settings};
 use serde_json::Value;
 

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use qpipe_stages::build_calib::CalibSet;
-use qpipe_stages::contract::{Job, Silent, Stage};
+use qpipe_contract::{Job, JobFile, Silent, Stage};
+use qpipe_stages::io::calib::CalibSet;
 use qpipe_stages::score::Score;
 use serde_json::{json, Value};
 
@@ -32,7 +32,7 @@ fn score_stage_writes_the_state_modelopt_writes() {
     };
     let dir = tempfile::tempdir().unwrap();
     let calib = dir.path().join("calib.pt");
-    qpipe_stages::torch_pt::write(&calib, &set.to_pt().unwrap()).unwrap();
+    qpipe_stages::io::torch_pt::write(&calib, &set.to_pt().unwrap()).unwrap();
     let identity = dir.path().join("identity.json");
     std::fs::write(&identity, "{}").unwrap();
     let ckpt = root().join("models/tiny_qwen3_vl/checkpoint");
@@ -44,9 +44,12 @@ fn score_stage_writes_the_state_modelopt_writes() {
         "effective_bits": case["effective_bits"], "device": "auto",
     });
     let locators = json!({"checkpoint": {"source": "local", "path": "models/tiny_qwen3_vl/checkpoint"}});
-    let deps = vec![identity, calib, ckpt];
-    let outs = vec![dir.path().join("s.pt.tmp"), dir.path().join("s.json.tmp")];
-    let finals = vec![PathBuf::from("s.pt"), PathBuf::from("s.json")];
+    let deps = vec![JobFile::new("identity", identity), JobFile::new("calib", calib), JobFile::new("checkpoint", ckpt)];
+    let outs = vec![
+        JobFile::new("state_pt", dir.path().join("s.pt.tmp")),
+        JobFile::new("state_json", dir.path().join("s.json.tmp")),
+    ];
+    let finals = vec![JobFile::new("state_pt", "s.pt"), JobFile::new("state_json", "s.json")];
     let root = root();
     let job = Job {
         id: "score@test",
@@ -59,7 +62,7 @@ fn score_stage_writes_the_state_modelopt_writes() {
         progress: &Silent,
     };
     Score.run(&job).unwrap();
-    let state: Value = serde_json::from_str(&std::fs::read_to_string(&outs[1]).unwrap()).unwrap();
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(&outs[1].path).unwrap()).unwrap();
     assert_eq!(state["format"], "qpipe.autoquant_state/1");
     assert_eq!(state["method"], "gradient");
     assert_eq!(state["device"], "cpu");
@@ -77,11 +80,11 @@ fn score_stage_writes_the_state_modelopt_writes() {
         assert!((a - b).abs() <= 1e-3 * b.abs(), "{name}: {a} vs ModelOpt {b}");
     }
     // The .pt holds the same tree; torch opens it when it is installed.
-    let pt = &outs[0];
+    let pt = &outs[0].path;
     assert!(std::fs::metadata(pt).unwrap().len() > 0);
     let code = "import json,sys,torch; s=torch.load(sys.argv[1], weights_only=True); j=json.load(open(sys.argv[2])); \
                 assert s == j, 'state .pt differs from .json'; print('ok')";
-    match std::process::Command::new("python3").arg("-c").arg(code).arg(pt).arg(&outs[1]).output() {
+    match std::process::Command::new("python3").arg("-c").arg(code).arg(pt).arg(&outs[1].path).output() {
         Ok(o) if o.status.success() => assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "ok"),
         Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named 'torch'") => {
             eprintln!("SKIP: python3 has no torch; the state .pt was not opened with torch.load")

@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 
-use crate::pyjson::{format_e, format_f, py_bool, repr_f64};
+use crate::io::pyjson::{format_e, format_f, py_bool, repr_f64};
 use crate::render::{Report, Row};
 
 const GLOSSARY: &str = "\

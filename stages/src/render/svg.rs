@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::pyjson::format_e;
+use crate::io::pyjson::format_e;
 use crate::render::Report;
 
 /// Anchor colours of the scale, low → high (perceptually ordered, dark to light).

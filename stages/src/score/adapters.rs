@@ -15,14 +15,14 @@ use candle_core::{DType, Tensor};
 use super::backend::{Batch, InputSink, KeptForward, LinearOverride, LinearSink, ScoreFormat, ScoreModel};
 use super::recipes::LinearInfo;
 use super::FormatParams;
-use crate::contract::Job;
-use crate::model::{self, TextModel};
-use crate::quant;
+use qpipe_contract::Job;
+use qpipe_model::{self as model, TextModel};
+use qpipe_quant as quant;
 
 /// The checkpoint folder of a job, from its `checkpoint` locator (local or hub cache).
 pub fn checkpoint_dir(job: &Job<'_>) -> Result<PathBuf> {
     let loc = job.locators.get("checkpoint").context("`score` job has no `checkpoint` locator")?;
-    crate::checkpoint::resolve_dir(job.root, loc)
+    crate::io::checkpoint::resolve_dir(job.root, loc)
 }
 
 /// The language model behind the scorer: the candle Qwen3-VL text model, f32 on the CPU.
@@ -72,7 +72,7 @@ impl ScoreModel for TextModel {
     }
 
     fn available_memory(&self) -> Option<u64> {
-        crate::device::available_bytes(self.device())
+        qpipe_compute::device::available_bytes(self.device())
     }
 
     fn forward_inputs(&self, batch: &Batch, sink: &mut InputSink<'_>) -> Result<()> {
@@ -233,7 +233,7 @@ impl ScoreFormat for QuantFormat {
             _ => {
                 // On the tensor's device; on a GPU only the ranges come to the host.
                 let (ranges, bad) = if x.device().is_cpu() {
-                    crate::cpu_f32::with_values(x, |v| kind.reduce(v, rows, cols))?
+                    qpipe_compute::f32_data::with_values(x, |v| kind.reduce(v, rows, cols))?
                 } else {
                     quant::device_ranges(kind, x)?
                 };
@@ -263,21 +263,21 @@ impl ScoreFormat for QuantFormat {
         if !w.device().is_cpu() {
             return Ok(None);
         }
-        crate::cpu_f32::with_values(w, |v| self.weight.int_codes_weight(v, o, i))?
+        qpipe_compute::f32_data::with_values(w, |v| self.weight.int_codes_weight(v, o, i))?
     }
     fn quant_input_codes(&self, linear: &str, x: &Tensor) -> Result<Option<quant::IntCodes>> {
         let amax = self.calibrated_amax(linear)?;
         if !x.device().is_cpu() {
             return Ok(None);
         }
-        let (rows, cols) = quant::kernels::rows_cols(x.dims())?;
-        crate::cpu_f32::with_values(x, |v| self.input.int_codes(v, rows, cols, amax.as_ref()))?
+        let (rows, cols) = quant::types::rows_cols(x.dims())?;
+        qpipe_compute::f32_data::with_values(x, |v| self.input.int_codes(v, rows, cols, amax.as_ref()))?
     }
 }
 
 /// Calibration batches from the build-calib `.pt`.
 pub fn load_batches(path: &Path, batch_size: usize) -> Result<Vec<Batch>> {
-    let set = crate::build_calib::load_calib(path)?;
+    let set = crate::io::calib::load_calib(path)?;
     if set.n == 0 || set.t == 0 {
         bail!("calibration set {} is empty; rebuild it (build-calib) with at least one caption", path.display());
     }
@@ -293,6 +293,6 @@ pub fn load_batches(path: &Path, batch_size: usize) -> Result<Vec<Batch>> {
 
 /// The state tree as a torch-loadable `.pt` (the same dict `json.load` of the JSON gives).
 pub fn write_state_pt(path: &Path, state: &Value) -> Result<()> {
-    crate::torch_pt::write(path, &crate::torch_pt::Value::from(state))
+    crate::io::torch_pt::write(path, &crate::io::torch_pt::Value::from(state))
         .with_context(|| format!("writing the AutoQuant state {}", path.display()))
 }

@@ -11,7 +11,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use super::recipes::LinearInfo;
-use crate::quant::IntCodes;
+use qpipe_quant::IntCodes;
 
 /// One batch of calibration tokens (left padded).
 #[derive(Debug, Clone)]

@@ -16,19 +16,20 @@
 
 use std::collections::HashMap;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::backend::{Batch, KeptForward, LinearOverride, ScoreFormat, ScoreModel};
 use super::recipes::Recipe;
-use crate::contract::Progress;
-use crate::quant::int_product;
+use qpipe_compute::{f32_data, grad_score};
+use qpipe_contract::Progress;
+use qpipe_quant::int_product;
 
 /// Error unless every element of `t` is finite, naming what it is.
 pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
     // On the tensor's device: `t − t` is NaN exactly where `t` is not finite.
-    if crate::model::weights::check_finite(t).is_err() {
+    if qpipe_model::weights::check_finite(t).is_err() {
         bail!("{what} contains NaN or Inf; check the checkpoint's weights and the calibration tokens");
     }
     Ok(())
@@ -91,7 +92,7 @@ fn check_fits(per_batch: u64, available: Option<u64>) -> Result<()> {
 fn nonzero_rows(g: &Tensor) -> Result<Option<Vec<u32>>> {
     let (rows, cols) = g.dims2()?;
     // One pass that stops at a row's first nonzero value (most rows: its first).
-    let nonzero: Vec<bool> = match crate::cpu_f32::borrow(g, |v| {
+    let nonzero: Vec<bool> = match f32_data::borrow(g, |v| {
         v.par_chunks(cols.max(1)).map(|r| r.iter().any(|x| *x != 0.0)).collect::<Vec<bool>>()
     }) {
         Some(m) => m,
@@ -142,33 +143,42 @@ struct Prepared {
     int_w: Option<int_product::PackedWeight>,
 }
 
-/// `Σ clamp(g ⊙ d, ±1e10)²`, accumulated in f64: one fused pass in parallel chunks for f32
-/// tensors on the CPU, candle ops (in f32, summed in f64) elsewhere.
+/// `Σ clamp(dy·(y_q − y), ±1e10)²` (`_get_auto_quantize_score`), accumulated in f64:
+/// `dy` = dL/dY, `y_q` the output with the recipe applied, `y` the unquantized output; all
+/// `[N, out]`. Half-precision tensors are widened to f32 first, as ModelOpt's score is.
+pub fn gradient_score(dy: &Tensor, y_q: &Tensor, y: &Tensor) -> Result<f64> {
+    ensure!(
+        dy.dims() == y_q.dims() && dy.dims() == y.dims(),
+        "gradient score: shapes {:?} {:?} {:?} differ",
+        dy.dims(),
+        y_q.dims(),
+        y.dims()
+    );
+    let (dy, y_q, y) = (as_f32(dy)?, as_f32(y_q)?, as_f32(y)?);
+    if let Some(s) = f32_data::borrow3(&dy, &y_q, &y, grad_score::sum_diff) {
+        return Ok(s);
+    }
+    let x = (&dy * (&y_q - &y)?)?.clamp(-1e10f32, 1e10f32)?.sqr()?;
+    Ok(x.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+}
+
+/// `Σ clamp(g·d, ±1e10)²` for an output difference `d = Y_q − Y` formed elsewhere
+/// ([`half_precision_diff`]); the same terms as [`gradient_score`].
 pub fn grad_score(g: &Tensor, d: &Tensor) -> Result<f64> {
     if g.dims() != d.dims() {
         bail!("gradient {:?} and output difference {:?} differ in shape", g.dims(), d.dims());
     }
-    let (g, d) = (g.to_dtype(DType::F32)?.contiguous()?, d.to_dtype(DType::F32)?.contiguous()?);
-    if let Some(Some(s)) = crate::cpu_f32::borrow(&g, |g| {
-        crate::cpu_f32::borrow(&d, |d| {
-            g.par_chunks(1 << 14)
-                .zip(d.par_chunks(1 << 14))
-                .map(|(g, d)| {
-                    g.iter()
-                        .zip(d)
-                        .map(|(g, d)| {
-                            let p = f64::from((g * d).clamp(-1e10, 1e10));
-                            p * p
-                        })
-                        .sum::<f64>()
-                })
-                .sum::<f64>()
-        })
-    }) {
+    let (g, d) = (as_f32(g)?, as_f32(d)?);
+    if let Some(s) = f32_data::borrow2(&g, &d, grad_score::sum_product) {
         return Ok(s);
     }
-    let p = (g * d)?.clamp(-1e10f32, 1e10f32)?;
-    Ok(p.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?)
+    let x = (g * d)?.clamp(-1e10f32, 1e10f32)?.sqr()?;
+    Ok(x.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+}
+
+/// `t` as a contiguous f32 tensor (half precision widened).
+fn as_f32(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::F32)?.contiguous()?)
 }
 
 /// `Y_q − Y` of one linear in a half-precision (bf16/f16) model, from the quantization
@@ -177,9 +187,9 @@ pub fn grad_score(g: &Tensor, d: &Tensor) -> Result<f64> {
 /// relative to `|Y|` (2⁻⁹ of `|Y|` is as large as the difference of a good 8-bit format).
 /// `dx` = `X_q − X` (`None` when inputs are not quantized), `dw` = `W_q − W`.
 fn half_precision_diff(x: &Tensor, dx: Option<&Tensor>, wq: &Tensor, dw: &Tensor) -> Result<Tensor> {
-    let d = crate::model::matmul_xwt(x, dw)?;
+    let d = qpipe_model::matmul_xwt(x, dw)?;
     Ok(match dx {
-        Some(dx) => (d + crate::model::matmul_xwt(dx, wq)?)?,
+        Some(dx) => (d + qpipe_model::matmul_xwt(dx, wq)?)?,
         None => d,
     })
 }
@@ -400,11 +410,10 @@ pub fn gradient_scores(
                         .map(std::rc::Rc::new))
                 })?;
                 let score = codes.and_then(|c| {
-                    crate::cpu_f32::borrow(g, |gs| {
-                        crate::cpu_f32::borrow(y, |ys| int_product::product_score(&c, rows.as_deref(), pw, gs, ys))
-                    })
+                    f32_data::borrow2(g, y, |gs, ys| int_product::product_score(&c, rows.as_deref(), pw, gs, ys))
+                        .flatten()
                 });
-                if let Some(Some(Some(s))) = score {
+                if let Some(s) = score {
                     return add(name, s);
                 }
             }
@@ -440,8 +449,8 @@ pub fn gradient_scores(
                 None => {
                     // Y_q with the same kernel the model computed Y with, as ModelOpt runs
                     // F.linear twice.
-                    let y_q = crate::model::matmul_xwt(&x.to_dtype(wq.dtype())?, &wq)?;
-                    crate::model::gradient_score(&g, &y_q, &pick(y)?)?
+                    let y_q = qpipe_model::matmul_xwt(&x.to_dtype(wq.dtype())?, &wq)?;
+                    gradient_score(&g, &y_q, &pick(y)?)?
                 }
             };
             add(name, s)
@@ -480,7 +489,7 @@ impl LogProbs {
     /// Log-softmax over the last dimension of `logits` (computed in f64).
     pub fn new(logits: &Tensor) -> Result<Self> {
         let vocab = *logits.dims().last().context("logits have no dimensions")?;
-        let (log_p, p) = crate::cpu_f32::with_values(logits, |x| {
+        let (log_p, p) = f32_data::with_values(logits, |x| {
             let (mut log_p, mut p) = (vec![0f64; x.len()], vec![0f64; x.len()]);
             let v = vocab.max(1);
             x.par_chunks(v).zip(log_p.par_chunks_mut(v)).zip(p.par_chunks_mut(v)).for_each(|((row, lp), p)| {
@@ -500,7 +509,7 @@ impl LogProbs {
     /// reduction="sum", log_target=True)`. One fused pass, parallel over positions, summed
     /// in a fixed order.
     pub fn kl_from_logits(&self, logits_q: &Tensor) -> Result<f64> {
-        crate::cpu_f32::with_values(logits_q, |q| {
+        f32_data::with_values(logits_q, |q| {
             if q.len() != self.p.len() {
                 bail!("logits of {} values, the unquantized ones had {}", q.len(), self.p.len());
             }
@@ -578,10 +587,10 @@ pub fn kl_div_scores(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::Silent;
     use crate::score::backend::{InputSink, LinearSink};
     use crate::score::recipes::LinearInfo;
     use candle_core::Device;
+    use qpipe_contract::Silent;
 
     /// One linear `y = x wᵀ` on fixed inputs, with a fixed output gradient.
     struct Toy {
@@ -721,13 +730,35 @@ mod tests {
         let dev = Device::Cpu;
         let g = Tensor::new(&[1e6f32, 3.0], &dev).unwrap();
         let d = Tensor::new(&[1e6f32, 0.5], &dev).unwrap();
-        // The first product 1e12 is clamped to 1e10 before squaring.
-        assert_eq!(grad_score(&g, &d).unwrap(), 1e20 + 2.25);
+        // The first product 1e12 is clamped to 1e10 before squaring; squares are f32, as
+        // ModelOpt's (torch's) are.
+        assert_eq!(grad_score(&g, &d).unwrap(), f64::from(1e10f32 * 1e10f32) + 2.25);
         let want = 0.5 * (0.5f64 / 0.25).ln() + 0.5 * (0.5f64 / 0.75).ln();
         // The fused path from logits: p = softmax([0, 0]), q = softmax([0, ln 3]) = [1/4, 3/4].
         let lp = LogProbs::new(&Tensor::new(&[[0.0f32, 0.0]], &dev).unwrap()).unwrap();
         let q = Tensor::new(&[[0.0f32, 3f32.ln()]], &dev).unwrap();
         assert!((lp.kl_from_logits(&q).unwrap() - want).abs() < 1e-7);
         assert_eq!(lp.kl_from_logits(&Tensor::new(&[[5.0f32, 5.0]], &dev).unwrap()).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn gradient_score_matches_composed_formula() {
+        let dev = Device::Cpu;
+        let g = Tensor::randn(0f32, 1.0, (33, 70), &dev).unwrap();
+        let a = Tensor::randn(0f32, 1.0, (33, 70), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (33, 70), &dev).unwrap();
+        let want = (&g * (&a - &b).unwrap()).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let got = gradient_score(&g, &a, &b).unwrap();
+        assert!((got - f64::from(want)).abs() / f64::from(want) < 1e-5, "{got} vs {want}");
+        // tracked inputs take the composed path
+        let v = candle_core::Var::from_tensor(&g).unwrap();
+        let got2 = gradient_score(v.as_tensor(), &a, &b).unwrap();
+        assert!((got2 - got).abs() / got < 1e-9);
+        // clamping as ModelOpt does
+        let big = Tensor::from_vec(vec![1e6f32, 1.0], 2, &dev).unwrap();
+        let z = Tensor::zeros(2, DType::F32, &dev).unwrap();
+        // 1e6·1e12 clamps to 1e10; squares are f32 as in torch
+        let want = f64::from(1e10f32 * 1e10f32) + f64::from(1e6f32 * 1e6f32);
+        assert_eq!(gradient_score(&big, &(&big * 1e6).unwrap(), &z).unwrap(), want);
     }
 }

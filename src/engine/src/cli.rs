@@ -1,0 +1,310 @@
+//! The command line (clap derive) and its exit codes.
+//!
+//! Exit codes: 0 success; `status` 1 = something is stale; `verify` 1 = drift,
+//! 2 = could not check; errors exit 1 (`build`, `dag`, `clean`) or 2 (`status`, `verify`,
+//! where 1 already means something); usage errors exit 2.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use qpipe_contract::{Domain, Tolerance};
+
+use crate::clean::{execute, human_bytes, plan_clean};
+use crate::scheduler::{build, BuildOptions};
+use crate::status::{render_json, render_text, status};
+use crate::ui::Ui;
+use crate::verify::{verify, VerifyOptions};
+use crate::workspace::{find_pipeline, BuildLock, Workspace};
+
+/// qpipe builds per-layer quantization-sensitivity analyses as a content-hashed,
+/// make-like DAG declared in one pipeline.yaml.
+#[derive(Parser, Debug)]
+#[command(name = "qpipe", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// The pipeline file (default: pipeline.yaml in this directory or the nearest parent).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub pipeline: Option<PathBuf>,
+    /// Say more: fresh instances, why each stage runs, timings.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Build what is stale: the publish matrix, or the runs that overrides describe.
+    ///
+    /// Words with `=` are overrides (Hydra style): `GROUP=OPTION` selects a group option,
+    /// `a.b=VALUE` sets a key, `+a.b=VALUE` adds one, and `a=x,y,z` sweeps (several
+    /// sweeps make a cartesian product). Other words are targets: a path (every stage
+    /// writing under it), a stage id, or a stage kind — plus what they need.
+    Build(BuildArgs),
+    /// Show each stale or missing instance and why (exit 1 when anything is stale).
+    Status(StatusArgs),
+    /// Print the DAG.
+    Dag(DagArgs),
+    /// Rebuild published runs into tmp/qpipe/verify/ and compare them with the committed
+    /// ones (exit 0 parity, 1 drift, 2 could not check).
+    Verify(VerifyArgs),
+    /// Delete git-ignored intermediates (*.pt, …) the pipeline declares; never a tracked file.
+    Clean(CleanArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Targets (paths, stage ids, stage kinds) and overrides (KEY=VALUE).
+    #[arg(value_name = "TARGET|KEY=VALUE")]
+    pub args: Vec<String>,
+    /// Show what would run, run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Re-run the selected instances even when they are up to date.
+    #[arg(long)]
+    pub force: bool,
+    /// Stages to run at once (exclusive stages, such as scoring, still run one at a time).
+    #[arg(short, long, value_name = "N")]
+    pub jobs: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Targets (paths, stage ids, stage kinds) and overrides (KEY=VALUE).
+    #[arg(value_name = "TARGET|KEY=VALUE")]
+    pub args: Vec<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DagFormat {
+    Text,
+    Dot,
+    Mermaid,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct DagArgs {
+    /// Targets (paths, stage ids, stage kinds) and overrides (KEY=VALUE).
+    #[arg(value_name = "TARGET|KEY=VALUE")]
+    pub args: Vec<String>,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: DagFormat,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// A pair folder, a run folder, or a folder name such as weight-int8-act-int8.
+    #[arg(long, value_name = "PAIR|RUN|NAME")]
+    pub parity: String,
+    /// Compare the committed runs with this folder's run folders of the same name
+    /// instead of rebuilding.
+    #[arg(long, value_name = "DIR")]
+    pub baseline: Option<PathBuf>,
+    /// Largest allowed relative difference of a per-layer number.
+    #[arg(long, value_name = "TOL")]
+    pub rel: Option<f64>,
+    /// Smallest allowed Spearman rank correlation of the sensitivities.
+    #[arg(long, value_name = "R")]
+    pub min_spearman: Option<f64>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Stages to run at once during the rebuild.
+    #[arg(short, long, value_name = "N")]
+    pub jobs: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct CleanArgs {
+    /// List what would be deleted and the total size; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Also empty qpipe's caches (tmp/qpipe/stat-cache.json, tmp/qpipe/verify/).
+    #[arg(long)]
+    pub cache: bool,
+}
+
+fn default_jobs() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Run the process: parse `std::env::args`, print to stdout/stderr, return the exit code.
+pub fn main(domain: &dyn Domain) -> i32 {
+    let ui = Ui::stdio();
+    let cwd = match std::env::current_dir() {
+        Ok(d) => d,
+        Err(e) => {
+            ui.error(&anyhow::Error::new(e).context("cannot read the current directory"));
+            return 1;
+        }
+    };
+    run(std::env::args_os(), domain, &cwd, ui)
+}
+
+/// Run one command line against a domain, from `cwd`, printing through `ui`.
+pub fn run<I, T>(args: I, domain: &dyn Domain, cwd: &Path, mut ui: Ui) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = e.exit_code();
+            let text = e.render().to_string();
+            if code == 0 {
+                ui.out(&text);
+            } else {
+                ui.note(text.trim_end());
+            }
+            return code;
+        }
+    };
+    ui.verbose = cli.verbose;
+    let error_code = match cli.command {
+        Command::Status(_) | Command::Verify(_) => 2,
+        _ => 1,
+    };
+    match dispatch(cli, domain, cwd, &ui) {
+        Ok(code) => code,
+        Err(e) => {
+            ui.error(&e);
+            error_code
+        }
+    }
+}
+
+fn open<'d>(domain: &'d dyn Domain, cwd: &Path, pipeline: Option<&Path>) -> Result<Workspace<'d>> {
+    let file = find_pipeline(cwd, pipeline)?;
+    Workspace::open(domain, &file)
+}
+
+/// Plans the runs the overrides describe and prints the domain's warnings about them.
+fn plan(ws: &Workspace<'_>, overrides: &[String], ui: &Ui) -> Result<crate::workspace::Planned> {
+    let planned = ws.plan(overrides)?;
+    for w in &planned.warnings {
+        ui.warn(w);
+    }
+    Ok(planned)
+}
+
+fn dispatch(cli: Cli, domain: &dyn Domain, cwd: &Path, ui: &Ui) -> Result<i32> {
+    let ws = open(domain, cwd, cli.pipeline.as_deref())?;
+    match cli.command {
+        Command::Build(a) => {
+            let _lock = if a.dry_run { None } else { Some(BuildLock::acquire(&ws.root)?) };
+            let (overrides, targets) = Workspace::split_args(&a.args);
+            let planned = plan(&ws, &overrides, ui)?;
+            let sel = planned.dag.select(&targets, cwd)?;
+            let opts = BuildOptions { dry_run: a.dry_run, force: a.force, jobs: a.jobs.unwrap_or_else(default_jobs) };
+            let report = build(&ws, &planned, &sel, &opts, ui)?;
+            if overrides.is_empty() && targets.is_empty() && !a.dry_run {
+                // The whole publish matrix is built: forget what it no longer publishes.
+                let keep = planned.dag.instances.iter().map(|i| i.id.as_str()).collect();
+                let pruned = crate::lock::Locks::load(&ws.root)?.prune_committed(&keep)?;
+                if pruned > 0 {
+                    ui.status(
+                        "Pruned",
+                        &format!(
+                            "{pruned} entries of {} the pipeline no longer publishes",
+                            crate::lock::COMMITTED_LOCK
+                        ),
+                    );
+                }
+            }
+            let selected = sel.iter().filter(|s| **s).count();
+            let verb = if a.dry_run { "would run" } else { "ran" };
+            ui.status(
+                "Finished",
+                &format!(
+                    "{selected} instances ({} {verb}, {} fresh) in {:.2}s",
+                    report.ran.len(),
+                    report.fresh,
+                    report.elapsed.as_secs_f64()
+                ),
+            );
+            Ok(0)
+        }
+        Command::Status(a) => {
+            let (overrides, targets) = Workspace::split_args(&a.args);
+            let planned = plan(&ws, &overrides, ui)?;
+            let sel = planned.dag.select(&targets, cwd)?;
+            let st = status(&ws, &planned, &sel)?;
+            if a.json {
+                ui.out(&serde_json::to_string_pretty(&render_json(&planned, &st))?);
+            } else {
+                ui.out(&render_text(&planned, &st));
+            }
+            Ok(i32::from(st.iter().any(|x| x.stale())))
+        }
+        Command::Dag(a) => {
+            let (overrides, targets) = Workspace::split_args(&a.args);
+            let planned = plan(&ws, &overrides, ui)?;
+            let sel = planned.dag.select(&targets, cwd)?;
+            let d = &planned.dag;
+            let text = match a.format {
+                DagFormat::Text => d.to_text(&sel),
+                DagFormat::Dot => d.to_dot(&sel),
+                DagFormat::Mermaid => d.to_mermaid(&sel),
+                DagFormat::Json => serde_json::to_string_pretty(&d.to_json(&sel))?,
+            };
+            ui.out(&text);
+            Ok(0)
+        }
+        Command::Verify(a) => {
+            let _lock = BuildLock::acquire(&ws.root)?;
+            let mut tol = Tolerance::default();
+            if let Some(r) = a.rel {
+                tol.rel = r;
+            }
+            if let Some(r) = a.min_spearman {
+                tol.min_spearman = r;
+            }
+            let opts = VerifyOptions {
+                selector: a.parity,
+                baseline: a.baseline,
+                tol,
+                jobs: a.jobs.unwrap_or_else(default_jobs),
+            };
+            let outcome = verify(&ws, &opts, cwd, ui)?;
+            if a.json {
+                ui.out(&serde_json::to_string_pretty(&outcome.to_json())?);
+            } else {
+                ui.out(&outcome.to_text());
+            }
+            Ok(outcome.exit_code())
+        }
+        Command::Clean(a) => {
+            let _lock = if a.dry_run { None } else { Some(BuildLock::acquire(&ws.root)?) };
+            let plan = plan_clean(&ws, a.cache)?;
+            let mut listing = String::new();
+            for (f, b) in &plan.files {
+                listing.push_str(&format!("{f}  ({})\n", human_bytes(*b)));
+            }
+            for c in &plan.caches {
+                listing.push_str(&format!("{c}  (cache)\n"));
+            }
+            if a.dry_run {
+                if !listing.is_empty() {
+                    ui.out(&listing);
+                }
+                ui.status(
+                    "Would remove",
+                    &format!("{} files, {} total", plan.files.len() + plan.caches.len(), human_bytes(plan.bytes())),
+                );
+            } else {
+                let removed = execute(&ws.root, &plan).context("clean stopped")?;
+                if ui.verbose && !listing.is_empty() {
+                    ui.out(&listing);
+                }
+                ui.status("Removed", &format!("{} files, {} total", removed.len(), human_bytes(plan.bytes())));
+            }
+            Ok(0)
+        }
+    }
+}

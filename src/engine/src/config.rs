@@ -1,0 +1,609 @@
+//! `pipeline.yaml` → composed runs, Hydra style.
+//!
+//! A composed run is `config`, deep-merged with the selected option of every group (the
+//! group's object gains `name: <option>`), then dotted overrides (`a.b=v`, values parsed as
+//! YAML scalars; `+a.b=v` adds a key that does not exist yet), then `${a.b}` interpolation
+//! inside strings. `GROUP=OPTION` selects an option; a comma in a value sweeps
+//! (`dataset.size=small,medium,large`), and several sweeps make a cartesian product.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use qpipe_contract::Run;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::suggest::{did_you_mean, list};
+
+/// A loaded `pipeline.yaml`.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// The file, as found.
+    pub file: PathBuf,
+    /// The workspace root: the directory holding the file.
+    pub root: PathBuf,
+    /// Group → selected option name.
+    pub defaults: Map<String, Value>,
+    /// The base configuration (an object).
+    pub config: Map<String, Value>,
+    /// Group → (option → object).
+    pub groups: Map<String, Value>,
+    /// The publish matrix: each entry maps a key (group or dotted) to a value or a list.
+    pub publish: Vec<Map<String, Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    version: u32,
+    #[serde(default)]
+    defaults: serde_yaml::Value,
+    #[serde(default)]
+    config: serde_yaml::Value,
+    #[serde(default)]
+    groups: serde_yaml::Value,
+    #[serde(default)]
+    publish: serde_yaml::Value,
+}
+
+/// One `key=value` assignment of a single composed run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub key: String,
+    pub value: Value,
+    /// `+key=value`: add a key that is not in the configuration yet.
+    pub add: bool,
+}
+
+impl Assignment {
+    /// `key=value` as a person would type it.
+    pub fn display(&self) -> String {
+        let v = match &self.value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        format!("{}{}={v}", if self.add { "+" } else { "" }, self.key)
+    }
+}
+
+/// Convert a YAML value to JSON. Mapping keys that are numbers or booleans become strings
+/// (`block_sizes: {-1: 64}` → `{"-1": 64}`).
+pub fn yaml_to_json(v: &serde_yaml::Value) -> Result<Value> {
+    use serde_yaml::Value as Y;
+    Ok(match v {
+        Y::Null => Value::Null,
+        Y::Bool(b) => Value::Bool(*b),
+        Y::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                Value::Number(serde_json::Number::from_f64(f).ok_or_else(|| anyhow!("`{f}` is not a finite number"))?)
+            }
+        }
+        Y::String(s) => Value::String(s.clone()),
+        Y::Sequence(items) => Value::Array(items.iter().map(yaml_to_json).collect::<Result<_>>()?),
+        Y::Mapping(m) => {
+            let mut out = Map::new();
+            for (k, v) in m {
+                let key = match k {
+                    Y::String(s) => s.clone(),
+                    Y::Number(n) => n.to_string(),
+                    Y::Bool(b) => b.to_string(),
+                    Y::Null => "null".to_string(),
+                    other => bail!("a mapping key must be a scalar, found {other:?}"),
+                };
+                out.insert(key, yaml_to_json(v)?);
+            }
+            Value::Object(out)
+        }
+        Y::Tagged(t) => bail!("YAML tags (`{}`) are not supported", t.tag),
+    })
+}
+
+/// Parse a command-line value as a YAML scalar (or flow list/map): `8` → 8, `null` → null,
+/// `abc` → "abc". An empty value is the empty string.
+pub fn parse_value(s: &str) -> Result<Value> {
+    if s.is_empty() {
+        return Ok(Value::String(String::new()));
+    }
+    let flow = s.starts_with(['[', '{']);
+    match serde_yaml::from_str::<serde_yaml::Value>(s) {
+        // `a=b: c` is the string `b: c`, not a mapping (only `{…}` and `[…]` are collections).
+        Ok(serde_yaml::Value::Mapping(_) | serde_yaml::Value::Sequence(_)) if !flow => Ok(Value::String(s.to_string())),
+        Ok(y) => yaml_to_json(&y),
+        Err(_) if !flow => Ok(Value::String(s.to_string())),
+        Err(e) => Err(anyhow!("`{s}` is not a valid YAML value: {e}")),
+    }
+}
+
+fn object(v: Value, what: &str) -> Result<Map<String, Value>> {
+    match v {
+        Value::Object(m) => Ok(m),
+        Value::Null => Ok(Map::new()),
+        other => bail!("`{what}` must be a mapping, found `{other}`"),
+    }
+}
+
+impl Pipeline {
+    /// Read and check a pipeline file. Malformed YAML is reported as `file:line:column`.
+    pub fn load(file: &Path) -> Result<Pipeline> {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("cannot read pipeline file `{}`", file.display()))?;
+        Self::parse(file, &text)
+    }
+
+    /// Parse pipeline text (`file` names it in messages and gives the root).
+    pub fn parse(file: &Path, text: &str) -> Result<Pipeline> {
+        let raw: RawPipeline = serde_yaml::from_str(text).map_err(|e| match e.location() {
+            Some(loc) => anyhow!("{}:{}:{}: {e}", file.display(), loc.line(), loc.column()),
+            None => anyhow!("{}: {e}", file.display()),
+        })?;
+        let at = |what: &str| format!("{}: in `{what}`", file.display());
+        if raw.version != 1 {
+            bail!("{}: unsupported pipeline `version: {}` (this qpipe reads version 1)", file.display(), raw.version);
+        }
+        let defaults = object(yaml_to_json(&raw.defaults).with_context(|| at("defaults"))?, "defaults")?;
+        let config = object(yaml_to_json(&raw.config).with_context(|| at("config"))?, "config")?;
+        let groups = object(yaml_to_json(&raw.groups).with_context(|| at("groups"))?, "groups")?;
+        let publish = match yaml_to_json(&raw.publish).with_context(|| at("publish"))? {
+            Value::Null => Vec::new(),
+            Value::Array(items) => items
+                .into_iter()
+                .map(|i| object(i, "publish[]"))
+                .collect::<Result<Vec<_>>>()
+                .with_context(|| at("publish"))?,
+            other => bail!("{}: `publish` must be a list of mappings, found `{other}`", file.display()),
+        };
+        for (g, options) in &groups {
+            if !options.is_object() {
+                bail!("{}: group `{g}` must map option names to mappings", file.display());
+            }
+            if config.contains_key(g) {
+                bail!("{}: `{g}` is both a group and a key of `config`; rename one", file.display());
+            }
+        }
+        for (g, opt) in &defaults {
+            let Some(options) = groups.get(g) else {
+                bail!(
+                    "{}: `defaults` selects `{g}`, which is not a group; groups: {}{}",
+                    file.display(),
+                    list(groups.keys(), 20),
+                    did_you_mean(g, groups.keys())
+                );
+            };
+            let Some(opt) = opt.as_str() else { bail!("{}: `defaults.{g}` must be an option name", file.display()) };
+            if options.get(opt).is_none() {
+                bail!("{}: `defaults.{g}`: {}", file.display(), unknown_option(g, opt, options));
+            }
+        }
+        let root = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let root = if root.as_os_str().is_empty() { PathBuf::from(".") } else { root };
+        Ok(Pipeline { file: file.to_path_buf(), root, defaults, config, groups, publish })
+    }
+
+    /// The runs of the `publish` matrix (`published: true`).
+    pub fn publish_runs(&self) -> Result<Vec<Run>> {
+        let mut runs = Vec::new();
+        for (i, entry) in self.publish.iter().enumerate() {
+            let axes: Vec<Vec<Assignment>> = entry
+                .iter()
+                .map(|(k, v)| {
+                    let (key, add) = split_add(k);
+                    let values = match v {
+                        Value::Array(items) => items.clone(),
+                        other => vec![other.clone()],
+                    };
+                    values.into_iter().map(|value| Assignment { key: key.to_string(), value, add }).collect()
+                })
+                .collect();
+            for combo in product(&axes) {
+                let config = self.compose(&combo).with_context(|| format!("in `publish` entry {}", i + 1))?;
+                runs.push(Run { config, overrides: combo.iter().map(Assignment::display).collect(), published: true });
+            }
+        }
+        Ok(runs)
+    }
+
+    /// The ad-hoc runs that command-line overrides describe (`published: false`).
+    pub fn override_runs(&self, args: &[String]) -> Result<Vec<Run>> {
+        let axes: Vec<Vec<Assignment>> =
+            args.iter().map(|a| self.expand_globs(parse_override(a)?, a)).collect::<Result<_>>()?;
+        let mut runs = Vec::new();
+        for combo in product(&axes) {
+            let config = self.compose(&combo)?;
+            runs.push(Run { config, overrides: combo.iter().map(Assignment::display).collect(), published: false });
+        }
+        Ok(runs)
+    }
+
+    /// Replaces a group selection `GROUP=glob(PATTERN)` by one assignment per option of
+    /// the group whose name matches `PATTERN` (`*` any run of characters, `?` one), in the
+    /// group's order, as Hydra's `glob` sweep does.
+    fn expand_globs(&self, axis: Vec<Assignment>, arg: &str) -> Result<Vec<Assignment>> {
+        let mut out = Vec::new();
+        for a in axis {
+            let pattern = a.value.as_str().and_then(|v| v.strip_prefix("glob(")).and_then(|v| v.strip_suffix(')'));
+            let (Some(pattern), Some(options)) = (pattern, self.groups.get(&a.key).and_then(Value::as_object)) else {
+                out.push(a);
+                continue;
+            };
+            let hits: Vec<&String> = options.keys().filter(|o| glob_match(pattern, o)).collect();
+            if hits.is_empty() {
+                bail!(
+                    "`{arg}`: no option of group `{}` matches `{pattern}`; options: {}",
+                    a.key,
+                    list(options.keys(), 40)
+                );
+            }
+            out.extend(hits.into_iter().map(|o| Assignment {
+                key: a.key.clone(),
+                value: Value::String(o.clone()),
+                add: a.add,
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Compose one run from single-valued assignments.
+    pub fn compose(&self, assignments: &[Assignment]) -> Result<Value> {
+        let mut selected = self.defaults.clone();
+        let mut sets = Vec::new();
+        for a in assignments {
+            if !a.key.contains('.') && self.groups.contains_key(&a.key) && !a.add {
+                let options = &self.groups[&a.key];
+                let opt = match &a.value {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                if options.get(&opt).is_none() {
+                    bail!("{}", unknown_option(&a.key, &opt, options));
+                }
+                selected.insert(a.key.clone(), Value::String(opt));
+            } else {
+                sets.push(a);
+            }
+        }
+        let mut cfg = self.config.clone();
+        for (g, options) in &self.groups {
+            let Some(opt) = selected.get(g).and_then(Value::as_str) else {
+                bail!(
+                    "group `{g}` has no default option; choose one with `{g}=OPTION` (options: {})",
+                    list(options.as_object().map(|o| o.keys()).into_iter().flatten(), 20)
+                );
+            };
+            let mut obj = object(options[opt].clone(), &format!("groups.{g}.{opt}"))?;
+            obj.insert("name".into(), Value::String(opt.to_string()));
+            cfg.insert(g.clone(), Value::Object(obj));
+        }
+        let mut cfg = Value::Object(cfg);
+        for a in sets {
+            set_key(&mut cfg, &a.key, a.value.clone(), a.add, &self.groups)?;
+        }
+        interpolate(&cfg)
+    }
+}
+
+fn unknown_option(group: &str, opt: &str, options: &Value) -> String {
+    let names: Vec<&String> = options.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+    format!(
+        "unknown option `{opt}` for group `{group}`; valid options: {}{}",
+        list(names.iter().copied(), 40),
+        did_you_mean(opt, names.iter().copied())
+    )
+}
+
+fn split_add(k: &str) -> (&str, bool) {
+    match k.strip_prefix('+') {
+        Some(rest) => (rest, true),
+        None => (k, false),
+    }
+}
+
+/// Parse one command-line override into its sweep values.
+pub fn parse_override(arg: &str) -> Result<Vec<Assignment>> {
+    let (k, v) = arg.split_once('=').ok_or_else(|| anyhow!("`{arg}` is not an override (KEY=VALUE)"))?;
+    let (key, add) = split_add(k.trim());
+    if key.is_empty() || key.split('.').any(str::is_empty) {
+        bail!("`{arg}`: `{k}` is not a valid key (dotted names like `dataset.size`)");
+    }
+    let v = v.trim();
+    let whole = v.starts_with(['[', '{', '"', '\'']);
+    let parts: Vec<&str> = if whole || !v.contains(',') { vec![v] } else { v.split(',').map(str::trim).collect() };
+    parts
+        .into_iter()
+        .map(|p| {
+            let value = parse_value(p).with_context(|| format!("in override `{arg}`"))?;
+            Ok(Assignment { key: key.to_string(), value, add })
+        })
+        .collect()
+}
+
+/// Whether `name` matches the glob `pattern` (`*` any run of characters, `?` one).
+fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    // Iterative matcher with backtracking to the last `*`.
+    let (mut i, mut j, mut star, mut mark) = (0, 0, None, 0);
+    while j < n.len() {
+        if i < p.len() && (p[i] == '?' || p[i] == n[j]) {
+            i += 1;
+            j += 1;
+        } else if i < p.len() && p[i] == '*' {
+            star = Some(i);
+            mark = j;
+            i += 1;
+        } else if let Some(s) = star {
+            i = s + 1;
+            mark += 1;
+            j = mark;
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|&c| c == '*')
+}
+
+/// Cartesian product of the axes, first axis slowest.
+fn product(axes: &[Vec<Assignment>]) -> Vec<Vec<Assignment>> {
+    let mut out: Vec<Vec<Assignment>> = vec![Vec::new()];
+    for axis in axes {
+        let mut next = Vec::with_capacity(out.len() * axis.len());
+        for prefix in &out {
+            for a in axis {
+                let mut p = prefix.clone();
+                p.push(a.clone());
+                next.push(p);
+            }
+        }
+        out = next;
+    }
+    out
+}
+
+fn set_key(cfg: &mut Value, key: &str, value: Value, add: bool, groups: &Map<String, Value>) -> Result<()> {
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut cur = cfg;
+    for (i, part) in parts.iter().enumerate() {
+        let here = parts[..i].join(".");
+        let Value::Object(map) = cur else {
+            bail!("cannot set `{key}`: `{here}` is not a mapping");
+        };
+        if !map.contains_key(*part) {
+            if add {
+                let fill = if i + 1 == parts.len() { Value::Null } else { Value::Object(Map::new()) };
+                map.insert(part.to_string(), fill);
+            } else {
+                let full: Vec<String> =
+                    map.keys().map(|k| if here.is_empty() { k.clone() } else { format!("{here}.{k}") }).collect();
+                let mut names = full.clone();
+                if i == 0 {
+                    names.extend(groups.keys().cloned());
+                }
+                let mut uniq = HashSet::new();
+                names.retain(|n| uniq.insert(n.clone()));
+                bail!(
+                    "unknown key `{key}`{}; valid keys{}: {}{} (use `+{key}=…` to add a new key)",
+                    if i == 0 { String::new() } else { format!(" (`{here}` has no `{part}`)") },
+                    if i == 0 { String::new() } else { format!(" under `{here}`") },
+                    list(&names, 40),
+                    did_you_mean(&parts[..=i].join("."), &names)
+                );
+            }
+        }
+        if i + 1 == parts.len() {
+            map.insert(part.to_string(), value);
+            return Ok(());
+        }
+        cur = map.get_mut(*part).expect("inserted above");
+    }
+    Ok(())
+}
+
+fn lookup<'a>(cfg: &'a Value, key: &str) -> Option<&'a Value> {
+    let mut cur = cfg;
+    for part in key.split('.') {
+        cur = match cur {
+            Value::Object(m) => m.get(part)?,
+            Value::Array(a) => a.get(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+fn all_keys(v: &Value, prefix: &str, out: &mut Vec<String>) {
+    if let Value::Object(m) = v {
+        for (k, c) in m {
+            let full = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            out.push(full.clone());
+            all_keys(c, &full, out);
+        }
+    }
+}
+
+/// Resolve `${a.b}` references inside strings. A string that is exactly one reference
+/// takes the referenced value with its type; otherwise scalars are spliced in as text.
+pub fn interpolate(cfg: &Value) -> Result<Value> {
+    let mut stack = Vec::new();
+    resolve_tree(cfg, cfg, "", &mut stack)
+}
+
+fn resolve_tree(root: &Value, v: &Value, path: &str, stack: &mut Vec<String>) -> Result<Value> {
+    Ok(match v {
+        Value::String(s) if s.contains("${") => resolve_str(root, s, path, stack)?,
+        Value::Object(m) => {
+            let mut out = Map::new();
+            for (k, c) in m {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                out.insert(k.clone(), resolve_tree(root, c, &p, stack)?);
+            }
+            Value::Object(out)
+        }
+        Value::Array(a) => Value::Array(
+            a.iter()
+                .enumerate()
+                .map(|(i, c)| resolve_tree(root, c, &format!("{path}.{i}"), stack))
+                .collect::<Result<_>>()?,
+        ),
+        other => other.clone(),
+    })
+}
+
+fn resolve_ref(root: &Value, key: &str, from: &str, stack: &mut Vec<String>) -> Result<Value> {
+    if stack.iter().any(|k| k == key) {
+        let mut cycle = stack.clone();
+        cycle.push(key.to_string());
+        bail!("interpolation cycle: {}", cycle.join(" → "));
+    }
+    let Some(raw) = lookup(root, key) else {
+        let mut keys = Vec::new();
+        all_keys(root, "", &mut keys);
+        bail!("`{from}` refers to `${{{key}}}`, which is not a key of the composed run{}", did_you_mean(key, &keys));
+    };
+    stack.push(key.to_string());
+    let r = resolve_tree(root, raw, key, stack);
+    stack.pop();
+    r
+}
+
+fn resolve_str(root: &Value, s: &str, path: &str, stack: &mut Vec<String>) -> Result<Value> {
+    let t = s.trim();
+    if t.starts_with("${") && t.ends_with('}') && t[2..].find('}') == Some(t.len() - 3) {
+        return resolve_ref(root, &t[2..t.len() - 1], path, stack);
+    }
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| anyhow!("`{path}`: unterminated `${{` in `{s}`"))?;
+        let key = &after[..end];
+        match resolve_ref(root, key, path, stack)? {
+            Value::String(v) => out.push_str(&v),
+            Value::Null => bail!("`{path}`: `${{{key}}}` is null and cannot be spliced into `{s}`"),
+            v @ (Value::Number(_) | Value::Bool(_)) => out.push_str(&v.to_string()),
+            _ => bail!("`{path}`: `${{{key}}}` is a mapping or list and cannot be spliced into `{s}`"),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(Value::String(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const P: &str = r#"
+version: 1
+defaults: {model: tiny, dataset: captions}
+config:
+  out: models/${model.name}/${dataset.size}
+  batch: 8
+  runner: {output_dir: null}
+groups:
+  model:
+    tiny: {path: ckpt}
+    big: {repo: x/y}
+  dataset:
+    captions: {size: small, n: {small: 16}}
+publish:
+  - dataset.size: [small, large]
+    model: [tiny, big]
+"#;
+
+    fn p() -> Pipeline {
+        Pipeline::parse(Path::new("pipeline.yaml"), P).unwrap()
+    }
+
+    #[test]
+    fn composes_groups_overrides_and_interpolation() {
+        let runs = p().override_runs(&["model=big".into(), "batch=4".into(), "runner.output_dir=/x".into()]).unwrap();
+        assert_eq!(runs.len(), 1);
+        let c = &runs[0].config;
+        assert_eq!(c["model"], json!({"repo": "x/y", "name": "big"}));
+        assert_eq!(c["batch"], json!(4));
+        assert_eq!(c["runner"]["output_dir"], json!("/x"));
+        assert_eq!(c["out"], json!("models/big/small"));
+        assert_eq!(runs[0].overrides, ["model=big", "batch=4", "runner.output_dir=/x"]);
+        assert!(!runs[0].published);
+    }
+
+    #[test]
+    fn sweeps_make_a_cartesian_product() {
+        let runs = p().override_runs(&["dataset.size=small,medium,large".into(), "model=tiny,big".into()]).unwrap();
+        assert_eq!(runs.len(), 6);
+        let outs: Vec<_> = runs.iter().map(|r| r.config["out"].as_str().unwrap().to_string()).collect();
+        assert_eq!(outs[0], "models/tiny/small");
+        assert_eq!(outs[1], "models/big/small");
+        assert_eq!(outs[5], "models/big/large");
+        let pubs = p().publish_runs().unwrap();
+        assert_eq!(pubs.len(), 4);
+        assert!(pubs.iter().all(|r| r.published));
+    }
+
+    #[test]
+    fn glob_sweeps_select_matching_options() {
+        let runs = p().override_runs(&["model=glob(*)".into()]).unwrap();
+        let names: Vec<_> = runs.iter().map(|r| r.config["model"]["name"].as_str().unwrap().to_string()).collect();
+        assert_eq!(names, ["tiny", "big"]);
+        let runs = p().override_runs(&["model=glob(t?n*)".into(), "dataset.size=a,b".into()]).unwrap();
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[0].overrides, ["model=tiny", "dataset.size=a"]);
+        let e = p().override_runs(&["model=glob(x*)".into()]).unwrap_err().to_string();
+        assert!(e.contains("no option of group `model` matches `x*`") && e.contains("tiny"), "{e}");
+        assert!(glob_match("w*_a*", "wfp4_afp16") && glob_match("*", "") && glob_match("a*b*c", "aXbYbc"));
+        assert!(!glob_match("w*_afp8", "wfp4_afp16") && !glob_match("?", "") && !glob_match("ab", "abc"));
+    }
+
+    #[test]
+    fn typed_values_and_whole_references() {
+        let mut pl = p();
+        pl.config.insert("copy".into(), json!("${batch}"));
+        let runs = pl.override_runs(&["batch=1e-3".into()]).unwrap();
+        assert_eq!(runs[0].config["copy"], json!(0.001));
+        let runs = pl.override_runs(&["batch=null".into()]).unwrap();
+        assert_eq!(runs[0].config["copy"], Value::Null);
+        assert_eq!(parse_value("b: c").unwrap(), json!("b: c"));
+        assert_eq!(parse_value("- x").unwrap(), json!("- x"));
+        assert_eq!(parse_value("[1, a]").unwrap(), json!([1, "a"]));
+        assert!(parse_value("[1, a").is_err());
+        let runs = pl.override_runs(&["+extra.deep=true".into()]).unwrap();
+        assert_eq!(runs[0].config["extra"]["deep"], json!(true));
+    }
+
+    #[test]
+    fn unknown_names_are_errors_with_suggestions() {
+        let e = format!("{:#}", p().override_runs(&["model=tinny".into()]).unwrap_err());
+        assert!(e.contains("unknown option `tinny`") && e.contains("did you mean `tiny`"), "{e}");
+        let e = format!("{:#}", p().override_runs(&["dataset.sise=small".into()]).unwrap_err());
+        assert!(e.contains("unknown key `dataset.sise`") && e.contains("did you mean `dataset.size`"), "{e}");
+        let e = format!("{:#}", p().override_runs(&["btach=1".into()]).unwrap_err());
+        assert!(e.contains("did you mean `batch`"), "{e}");
+        let mut pl = p();
+        pl.config.insert("bad".into(), json!("${model.nam}"));
+        let e = format!("{:#}", pl.override_runs(&[]).unwrap_err());
+        assert!(e.contains("did you mean `model.name`"), "{e}");
+    }
+
+    #[test]
+    fn malformed_yaml_has_a_location() {
+        let e = Pipeline::parse(Path::new("p.yaml"), "version: 1\nconfig:\n  a: [1, 2\n").unwrap_err().to_string();
+        assert!(e.starts_with("p.yaml:"), "{e}");
+        let e = Pipeline::parse(Path::new("p.yaml"), "version: 1\nconfg: {}\n").unwrap_err().to_string();
+        assert!(e.starts_with("p.yaml:2:1"), "{e}");
+    }
+
+    #[test]
+    fn interpolation_cycles_are_errors() {
+        let mut pl = p();
+        pl.config.insert("a".into(), json!("${b}"));
+        pl.config.insert("b".into(), json!("x${a}"));
+        let e = format!("{:#}", pl.override_runs(&[]).unwrap_err());
+        assert!(e.contains("interpolation cycle"), "{e}");
+    }
+}

@@ -1,0 +1,162 @@
+//! A workspace: the pipeline file, its root, the domain, and planning runs into a DAG.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use qpipe_contract::{Domain, PlanContext, Run, Stage};
+
+use crate::config::Pipeline;
+use crate::dag::Dag;
+use crate::suggest::list;
+
+pub const PIPELINE_FILE: &str = "pipeline.yaml";
+pub const STATE_DIR: &str = "tmp/qpipe";
+pub const STAT_CACHE: &str = "tmp/qpipe/stat-cache.json";
+pub const BUILD_LOCK: &str = "tmp/qpipe/build.lock";
+
+/// The pipeline, its root and the domain that plans and runs it.
+pub struct Workspace<'d> {
+    pub domain: &'d dyn Domain,
+    pub pipeline: Pipeline,
+    /// Absolute root (the directory holding the pipeline file).
+    pub root: PathBuf,
+    stages: HashMap<&'static str, &'d dyn Stage>,
+}
+
+/// A planned set of runs.
+pub struct Planned {
+    pub dag: Dag,
+    /// Per instance: does it feed published artifacts (its lock entry goes to `qpipe.lock`)?
+    pub published: Vec<bool>,
+    /// The domain's warnings about the plan (skipped runs of a sweep, experimental formats).
+    pub warnings: Vec<String>,
+}
+
+/// Find the pipeline file: `explicit` (relative to `cwd`), else `pipeline.yaml` in `cwd` or
+/// the nearest ancestor that has one.
+pub fn find_pipeline(cwd: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        let p = cwd.join(p);
+        if !p.is_file() {
+            bail!("pipeline file `{}` does not exist", p.display());
+        }
+        return Ok(p);
+    }
+    for dir in cwd.ancestors() {
+        let p = dir.join(PIPELINE_FILE);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("could not find `{PIPELINE_FILE}` in `{}` or any parent directory (or pass --pipeline FILE)", cwd.display())
+}
+
+impl<'d> Workspace<'d> {
+    pub fn open(domain: &'d dyn Domain, pipeline_file: &Path) -> Result<Self> {
+        let pipeline = Pipeline::load(pipeline_file)?;
+        let root = std::fs::canonicalize(&pipeline.root)
+            .with_context(|| format!("cannot resolve the workspace root `{}`", pipeline.root.display()))?;
+        let mut stages = HashMap::new();
+        for s in domain.stages() {
+            stages.insert(s.kind(), s);
+        }
+        Ok(Workspace { domain, pipeline, root, stages })
+    }
+
+    pub fn stage(&self, kind: &str) -> Result<&'d dyn Stage> {
+        self.stages.get(kind).copied().ok_or_else(|| {
+            let kinds: Vec<&str> = self.stages.keys().copied().collect();
+            anyhow!("the domain planned a stage of unknown kind `{kind}` (kinds: {})", list(&kinds, 20))
+        })
+    }
+
+    fn ctx(&self) -> PlanContext {
+        PlanContext { root: self.root.clone(), pipeline_file: self.pipeline.file.clone() }
+    }
+
+    /// Split command-line words into overrides (`KEY=VALUE`) and targets.
+    pub fn split_args(args: &[String]) -> (Vec<String>, Vec<String>) {
+        args.iter().cloned().partition(|a| a.contains('='))
+    }
+
+    /// Plan the publish matrix (no overrides) or the ad-hoc runs the overrides describe.
+    pub fn plan(&self, overrides: &[String]) -> Result<Planned> {
+        if overrides.is_empty() {
+            let runs = self.pipeline.publish_runs()?;
+            self.plan_runs(&runs, None)
+        } else {
+            let runs = self.pipeline.override_runs(overrides)?;
+            self.plan_runs(&runs, None)
+        }
+    }
+
+    /// Plan runs. An instance is published when it is also an instance of the publish
+    /// matrix (`published_ids`, computed when not given).
+    pub fn plan_runs(&self, runs: &[Run], published_ids: Option<HashSet<String>>) -> Result<Planned> {
+        let plan = self.domain.plan(&self.ctx(), runs).context("cannot plan the pipeline's runs")?;
+        let (instances, warnings) = (plan.instances, plan.warnings);
+        let ids = match published_ids {
+            Some(ids) => ids,
+            None if runs.iter().all(|r| r.published) => instances.iter().map(|i| i.id.clone()).collect(),
+            None => self.published_ids().unwrap_or_default(),
+        };
+        for inst in &instances {
+            self.stage(&inst.kind)?;
+        }
+        let published = instances.iter().map(|i| ids.contains(&i.id)).collect();
+        let dag = Dag::new(&self.root, instances)?;
+        Ok(Planned { dag, published, warnings })
+    }
+
+    /// Ids of the publish matrix's instances.
+    pub fn published_ids(&self) -> Result<HashSet<String>> {
+        let runs = self.pipeline.publish_runs()?;
+        Ok(self.domain.plan(&self.ctx(), &runs)?.instances.into_iter().map(|i| i.id).collect())
+    }
+
+    /// Absolute path of a normalized path.
+    pub fn abs(&self, norm: &str) -> PathBuf {
+        self.root.join(norm)
+    }
+}
+
+/// Holds `tmp/qpipe/build.lock` while a build runs; a second qpipe building the same tree
+/// gets a clear error instead of racing.
+pub struct BuildLock {
+    _file: File,
+}
+
+impl BuildLock {
+    pub fn acquire(root: &Path) -> Result<BuildLock> {
+        let path = root.join(BUILD_LOCK);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
+        }
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open `{}`", path.display()))?;
+        // A brief grace period: a lock can outlive its holder by the instant a forked child
+        // (a stage's subprocess, a test's `git`) takes to exec and drop inherited files.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(300);
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(BuildLock { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => bail!(
+                    "another qpipe process is building `{}` (it holds `{BUILD_LOCK}`); wait for it to finish",
+                    root.display()
+                ),
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("cannot lock `{}`", path.display()))
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! `score`: per-layer quantize-and-score (ModelOpt `auto_quantize` semantics).
+//!
+//! Reads (deps, in plan order) the fetch-model identity JSON, the calibration `.pt` and,
+//! for local checkpoints, the checkpoint folder; writes the AutoQuant state as a
+//! git-ignored `.pt` and a tracked `.json` (same tree).
+//!
+//! Parts: [`recipes`] (grouping, names, costs), [`backend`] (what the scorer needs from a
+//! model and a format), [`scorer`] (calibration, `gradient`, `kl_div`), [`search`] (the
+//! effective-bits search filling `best`), [`state`] (the output tree), [`adapters`] (the
+//! glue to the `model`, `quant`, `build_calib`, `checkpoint` and `torch_pt` modules).
+
+pub mod adapters;
+pub mod backend;
+pub mod recipes;
+pub mod scorer;
+pub mod search;
+pub mod state;
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use backend::{Batch, ScoreFormat, ScoreModel};
+use qpipe_contract::{DepSpec, Instance, Job, OutSpec, Progress, Stage};
+
+/// The `score` stage.
+pub struct Score;
+
+/// `score` parameters: everything that changes the scores (the instance key).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ScoreParams {
+    pub method: Method,
+    pub format: FormatParams,
+    pub batch_size: usize,
+    pub score_size: usize,
+    pub effective_bits: f64,
+    /// Resolved at plan time: `cpu` or `cuda:N` ([`qpipe_compute::device`]).
+    pub device: String,
+    /// Resolved at plan time: `f32`, `bf16` or `f16`.
+    #[serde(default = "f32_name")]
+    pub dtype: String,
+}
+
+fn f32_name() -> String {
+    "f32".into()
+}
+
+/// The quantization format of a run: a ModelOpt config name plus granularity overrides.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct FormatParams {
+    pub name: String,
+    #[serde(default)]
+    pub granularity: Option<String>,
+    #[serde(default)]
+    pub quant_cfg_overrides: Value,
+}
+
+/// Scoring method: `autoquant.method` in the pipeline, `method` in the score params.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    Gradient,
+    KlDiv,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "gradient" => Ok(Self::Gradient),
+            "kl_div" => Ok(Self::KlDiv),
+            other => bail!("key `autoquant.method`: unknown scoring method `{other}`; use `gradient` or `kl_div`"),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gradient => "gradient",
+            Self::KlDiv => "kl_div",
+        }
+    }
+}
+
+/// Settings of one scoring run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub method: Method,
+    pub batch_size: usize,
+    pub score_size: usize,
+    pub effective_bits: f64,
+    pub device: String,
+}
+
+/// `num_score_steps` = min(score_size / batch_size, batches), at least one batch.
+pub fn num_score_steps(score_size: usize, batch_size: usize, batches: usize) -> usize {
+    (score_size / batch_size.max(1)).clamp(1, batches.max(1)).min(batches)
+}
+
+/// Split tokens into batches of `batch_size` (the last may be smaller).
+pub fn make_batches(input_ids: &[Vec<u32>], attention_mask: &[Vec<u32>], pad: u32, batch_size: usize) -> Vec<Batch> {
+    input_ids
+        .chunks(batch_size)
+        .zip(attention_mask.chunks(batch_size))
+        .map(|(ids, mask)| Batch { input_ids: ids.to_vec(), attention_mask: mask.to_vec(), pad_token_id: pad })
+        .collect()
+}
+
+/// Calibrate, score, search: the whole state for one format.
+pub fn run_scoring(
+    model: &dyn ScoreModel,
+    format: &dyn ScoreFormat,
+    batches: &[Batch],
+    settings: &Settings,
+    progress: &dyn Progress,
+) -> Result<Value> {
+    if batches.is_empty() {
+        bail!("the calibration set is empty: nothing to calibrate or score with");
+    }
+    qpipe_compute::malloc::keep_freed_memory();
+    let linears = model.linears();
+    let recipes = recipes::group(&linears);
+    let score_steps = num_score_steps(settings.score_size, settings.batch_size, batches.len());
+    let scores = match settings.method {
+        Method::Gradient => {
+            let budget = scorer::keep_budget_bytes(model.available_memory());
+            scorer::gradient_scores(model, format, &recipes, batches, score_steps, budget, progress)?
+        }
+        Method::KlDiv => {
+            if format.input_needs_calibration() {
+                scorer::calibrate_inputs(model, format, batches, progress)?;
+            }
+            scorer::kl_div_scores(model, format, &recipes, &batches[..score_steps], progress)?
+        }
+    };
+    let stats = state::candidate_stats(&recipes, &format.display_name(), format.effective_bits(), &scores);
+    let cands = state::to_candidates(&stats);
+    let total: f64 = recipes.iter().map(|r| r.cost(16.0)).sum();
+    let max_cost = total * settings.effective_bits / 16.0;
+    let sel = match settings.method {
+        Method::Gradient => search::knapsack(&cands, max_cost)?,
+        Method::KlDiv => search::threshold(&cands, max_cost),
+    };
+    let info = state::RunInfo {
+        method: settings.method.as_str().into(),
+        batch_size: settings.batch_size,
+        num_calib_steps: batches.len(),
+        num_score_steps: score_steps,
+        device: settings.device.clone(),
+        dtype: model.dtype_name().into(),
+        quantized_layers: linears.iter().map(|l| l.name.clone()).collect(),
+    };
+    Ok(state::to_json(&info, &stats, &sel, settings.effective_bits))
+}
+
+/// Errors, before loading anything, when the scorer's weights cannot fit on `device`: it
+/// holds the language model twice in the compute dtype (as loaded, and fake-quantized).
+pub fn check_weights_fit(
+    ckpt: &std::path::Path,
+    dtype: candle_core::DType,
+    device: &str,
+    available: Option<u64>,
+) -> Result<()> {
+    let cfg = qpipe_model::TextConfig::from_dir(ckpt)?;
+    let need = 2 * dtype.size_in_bytes() as u64 * cfg.params();
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    match available {
+        Some(avail) if need > avail => bail!(
+            "scoring {} on {device} holds its {:.2} B language-model parameters in {dtype:?} twice (as loaded and \
+             fake-quantized): {:.1} GiB, but only {:.1} GiB of memory is available there; use a device with more \
+             memory{}",
+            ckpt.display(),
+            cfg.params() as f64 / 1e9,
+            gib(need),
+            gib(avail),
+            if dtype == candle_core::DType::F32 { " or `autoquant.dtype=bf16`" } else { "" }
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// What a `score` instance reads and writes.
+pub struct ScoreFiles<'a> {
+    /// The checkpoint identity (dep `identity`).
+    pub identity: &'a Path,
+    /// The calibration tokens (dep `calib`).
+    pub calib: &'a Path,
+    /// A local checkpoint folder (dep `checkpoint`); a hub checkpoint is keyed through its
+    /// identity and found through the `checkpoint` locator.
+    pub checkpoint: Option<&'a Path>,
+    /// The AutoQuant state as `torch.load`-able `.pt` (out `state_pt`, intermediate) and as
+    /// JSON (out `state_json`, tracked).
+    pub state_pt: &'a Path,
+    pub state_json: &'a Path,
+}
+
+/// The `score` instance `id`.
+pub fn instance(
+    id: String,
+    params: &ScoreParams,
+    files: &ScoreFiles<'_>,
+    locators: Value,
+    description: String,
+) -> Result<Instance> {
+    let mut deps = vec![DepSpec::new("identity", files.identity), DepSpec::new("calib", files.calib)];
+    deps.extend(files.checkpoint.map(|p| DepSpec::new("checkpoint", p)));
+    Ok(Instance {
+        id,
+        kind: "score".into(),
+        params: serde_json::to_value(params)?,
+        locators,
+        deps,
+        outs: vec![OutSpec::intermediate("state_pt", files.state_pt), OutSpec::tracked("state_json", files.state_json)],
+        description,
+    })
+}
+
+impl Stage for Score {
+    fn kind(&self) -> &'static str {
+        "score"
+    }
+    fn code_version(&self) -> &'static str {
+        env!("QPIPE_CODE_SCORE")
+    }
+    fn exclusive(&self) -> bool {
+        true
+    }
+    fn run(&self, job: &Job<'_>) -> Result<()> {
+        let p: ScoreParams = serde_json::from_value(job.params.clone()).context("reading the `score` parameters")?;
+        // Already resolved by the plan; resolving again checks the device is still there.
+        let compute = qpipe_compute::device::resolve(&p.device, &p.dtype)?;
+        let settings = Settings {
+            method: p.method,
+            batch_size: p.batch_size,
+            score_size: p.score_size,
+            effective_bits: p.effective_bits,
+            device: compute.device.clone(),
+        };
+        let device = qpipe_compute::device::candle_device(&compute.device)?;
+        let dtype = qpipe_compute::device::candle_dtype(&compute.dtype)?;
+        let progress: &dyn Progress = job.progress;
+        qpipe_compute::malloc::keep_freed_memory();
+        let ckpt = adapters::checkpoint_dir(job)?;
+        check_weights_fit(&ckpt, dtype, &compute.device, qpipe_compute::device::available_bytes(&device))?;
+        progress.note(&format!("score: loading {} ({} on {})", ckpt.display(), compute.dtype, compute.device));
+        let model = adapters::load_model_on(&ckpt, dtype, &device)?;
+        let format = adapters::load_format(&p.format)?;
+        let batches = adapters::load_batches(job.dep("calib")?, settings.batch_size)?;
+        let state = run_scoring(model.as_ref(), format.as_ref(), &batches, &settings, progress)
+            .with_context(|| format!("scoring {} with {}", ckpt.display(), p.format.name))?;
+        adapters::write_state_pt(job.out("state_pt")?, &state)?;
+        let text = serde_json::to_string_pretty(&state)? + "\n";
+        let state_json = job.out("state_json")?;
+        std::fs::write(state_json, text).with_context(|| format!("writing {}", state_json.display()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn score_steps_like_the_seed() {
+        assert_eq!(num_score_steps(128, 8, 2), 2);
+        assert_eq!(num_score_steps(128, 8, 64), 16);
+        assert_eq!(num_score_steps(16, 8, 64), 2);
+        assert_eq!(num_score_steps(4, 8, 3), 1);
+    }
+
+    #[test]
+    fn a_model_too_large_for_memory_is_refused_before_loading() {
+        let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny_qwen3_vl/checkpoint");
+        let f32 = candle_core::DType::F32;
+        assert!(check_weights_fit(&tiny, f32, "cpu", Some(1 << 30)).is_ok());
+        let e = check_weights_fit(&tiny, f32, "cpu", Some(1 << 10)).unwrap_err().to_string();
+        assert!(e.contains("in F32 twice") && e.contains("GiB of memory is available"), "{e}");
+        // The 4B shape: 4.02 B parameters → 30 GiB.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::synth::Shape::QWEN3_VL_4B.config(crate::synth::Dtype::Bf16);
+        std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+        let e = check_weights_fit(dir.path(), f32, "cpu", Some(24 << 30)).unwrap_err().to_string();
+        assert!(e.contains("4.02 B") && e.contains("30.0 GiB") && e.contains("dtype=bf16"), "{e}");
+        // In bf16 on an 80 GB GPU it fits: 15 GiB.
+        let bf16 = candle_core::DType::BF16;
+        assert!(check_weights_fit(dir.path(), bf16, "cuda:0", Some(79 << 30)).is_ok());
+        let e = check_weights_fit(dir.path(), bf16, "cuda:0", Some(8 << 30)).unwrap_err().to_string();
+        assert!(e.contains("15.0 GiB") && e.contains("on cuda:0"), "{e}");
+    }
+
+    #[test]
+    fn methods() {
+        assert!(Method::parse("hessian").unwrap_err().to_string().contains("gradient"));
+    }
+}
