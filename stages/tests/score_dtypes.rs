@@ -95,7 +95,7 @@ fn compare(format: &str, a: &[(String, f64)], b: &[(String, f64)], rel_tol: f64,
 #[cfg(feature = "cuda")]
 #[test]
 fn gpu_scores_agree_with_cpu_scores() {
-    if qpipe_stages::device::cuda_device_count() == 0 {
+    if qpipe_compute::device::cuda_device_count() == 0 {
         eprintln!("SKIPPED: no CUDA device; GPU scoring was not compared with the CPU");
         return;
     }

@@ -84,7 +84,9 @@ pub fn plan_clean(ws: &Workspace<'_>, cache: bool) -> Result<CleanPlan> {
     }
     for rel in &untracked {
         let name = rel.rsplit('/').next().unwrap_or(rel);
-        if name.starts_with('.') && name.contains(".qpipe-tmp") {
+        if (crate::atomic::is_temp_name(name) || crate::atomic::is_legacy_state_temp(name))
+            && !crate::atomic::writer_alive(name)
+        {
             plan.files.push((rel.clone(), size(&ws.root.join(rel))));
         }
     }

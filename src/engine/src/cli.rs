@@ -53,6 +53,15 @@ pub enum Command {
     Clean(CleanArgs),
 }
 
+/// `-j N`: a whole number of at least 1 (`-j 0` would run nothing).
+fn parse_jobs(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (the number of stages to run at once)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a whole number")),
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct BuildArgs {
     /// Targets (paths, stage ids, stage kinds) and overrides (KEY=VALUE).
@@ -64,8 +73,13 @@ pub struct BuildArgs {
     /// Re-run the selected instances even when they are up to date.
     #[arg(long)]
     pub force: bool,
-    /// Stages to run at once (exclusive stages, such as scoring, still run one at a time).
-    #[arg(short, long, value_name = "N")]
+    /// Let an ad-hoc run (overrides) replace the files of a published run that it differs
+    /// from; without it such a run is refused.
+    #[arg(long)]
+    pub overwrite_published: bool,
+    /// Stages to run at once, at least 1 (default: the number of CPUs); exclusive stages,
+    /// such as scoring, still run one at a time.
+    #[arg(short, long, value_name = "N", value_parser = parse_jobs)]
     pub jobs: Option<usize>,
 }
 
@@ -114,8 +128,8 @@ pub struct VerifyArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
-    /// Stages to run at once during the rebuild.
-    #[arg(short, long, value_name = "N")]
+    /// Stages to run at once during the rebuild, at least 1.
+    #[arg(short, long, value_name = "N", value_parser = parse_jobs)]
     pub jobs: Option<usize>,
 }
 
@@ -194,7 +208,10 @@ fn plan(ws: &Workspace<'_>, overrides: &[String], ui: &Ui) -> Result<crate::work
 }
 
 fn dispatch(cli: Cli, domain: &dyn Domain, cwd: &Path, ui: &Ui) -> Result<i32> {
-    let ws = open(domain, cwd, cli.pipeline.as_deref())?;
+    let mut ws = open(domain, cwd, cli.pipeline.as_deref())?;
+    if let Command::Build(a) = &cli.command {
+        ws.overwrite_published = a.overwrite_published;
+    }
     match cli.command {
         Command::Build(a) => {
             let _lock = if a.dry_run { None } else { Some(BuildLock::acquire(&ws.root)?) };

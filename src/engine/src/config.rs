@@ -6,7 +6,7 @@
 //! inside strings. `GROUP=OPTION` selects an option; a comma in a value sweeps
 //! (`dataset.size=small,medium,large`), and several sweeps make a cartesian product.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -424,73 +424,102 @@ fn all_keys(v: &Value, prefix: &str, out: &mut Vec<String>) {
     }
 }
 
+/// The longest string interpolation may produce (1 MiB): a longer one is a mistake (a
+/// reference chain that doubles at each step), refused before it eats the memory.
+pub const MAX_INTERPOLATED_LEN: usize = 1 << 20;
+
 /// Resolve `${a.b}` references inside strings. A string that is exactly one reference
 /// takes the referenced value with its type; otherwise scalars are spliced in as text.
+/// Each key is resolved once; a result longer than [`MAX_INTERPOLATED_LEN`] is an error
+/// naming the key.
 pub fn interpolate(cfg: &Value) -> Result<Value> {
-    let mut stack = Vec::new();
-    resolve_tree(cfg, cfg, "", &mut stack)
+    let mut r = Resolver { root: cfg, stack: Vec::new(), done: HashMap::new() };
+    r.tree(cfg, "")
 }
 
-fn resolve_tree(root: &Value, v: &Value, path: &str, stack: &mut Vec<String>) -> Result<Value> {
-    Ok(match v {
-        Value::String(s) if s.contains("${") => resolve_str(root, s, path, stack)?,
-        Value::Object(m) => {
-            let mut out = Map::new();
-            for (k, c) in m {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                out.insert(k.clone(), resolve_tree(root, c, &p, stack)?);
+struct Resolver<'a> {
+    root: &'a Value,
+    /// Keys being resolved, outermost first (a key met again is a cycle).
+    stack: Vec<String>,
+    /// Keys already resolved.
+    done: HashMap<String, Value>,
+}
+
+impl Resolver<'_> {
+    fn tree(&mut self, v: &Value, path: &str) -> Result<Value> {
+        Ok(match v {
+            Value::String(s) if s.contains("${") => self.string(s, path)?,
+            Value::Object(m) => {
+                let mut out = Map::new();
+                for (k, c) in m {
+                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    out.insert(k.clone(), self.tree(c, &p)?);
+                }
+                Value::Object(out)
             }
-            Value::Object(out)
-        }
-        Value::Array(a) => Value::Array(
-            a.iter()
-                .enumerate()
-                .map(|(i, c)| resolve_tree(root, c, &format!("{path}.{i}"), stack))
-                .collect::<Result<_>>()?,
-        ),
-        other => other.clone(),
-    })
-}
+            Value::Array(a) => Value::Array(
+                a.iter().enumerate().map(|(i, c)| self.tree(c, &format!("{path}.{i}"))).collect::<Result<_>>()?,
+            ),
+            other => other.clone(),
+        })
+    }
 
-fn resolve_ref(root: &Value, key: &str, from: &str, stack: &mut Vec<String>) -> Result<Value> {
-    if stack.iter().any(|k| k == key) {
-        let mut cycle = stack.clone();
-        cycle.push(key.to_string());
-        bail!("interpolation cycle: {}", cycle.join(" → "));
-    }
-    let Some(raw) = lookup(root, key) else {
-        let mut keys = Vec::new();
-        all_keys(root, "", &mut keys);
-        bail!("`{from}` refers to `${{{key}}}`, which is not a key of the composed run{}", did_you_mean(key, &keys));
-    };
-    stack.push(key.to_string());
-    let r = resolve_tree(root, raw, key, stack);
-    stack.pop();
-    r
-}
-
-fn resolve_str(root: &Value, s: &str, path: &str, stack: &mut Vec<String>) -> Result<Value> {
-    let t = s.trim();
-    if t.starts_with("${") && t.ends_with('}') && t[2..].find('}') == Some(t.len() - 3) {
-        return resolve_ref(root, &t[2..t.len() - 1], path, stack);
-    }
-    let mut out = String::new();
-    let mut rest = s;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let end = after.find('}').ok_or_else(|| anyhow!("`{path}`: unterminated `${{` in `{s}`"))?;
-        let key = &after[..end];
-        match resolve_ref(root, key, path, stack)? {
-            Value::String(v) => out.push_str(&v),
-            Value::Null => bail!("`{path}`: `${{{key}}}` is null and cannot be spliced into `{s}`"),
-            v @ (Value::Number(_) | Value::Bool(_)) => out.push_str(&v.to_string()),
-            _ => bail!("`{path}`: `${{{key}}}` is a mapping or list and cannot be spliced into `{s}`"),
+    fn reference(&mut self, key: &str, from: &str) -> Result<Value> {
+        if let Some(v) = self.done.get(key) {
+            return Ok(v.clone());
         }
-        rest = &after[end + 1..];
+        if self.stack.iter().any(|k| k == key) {
+            let mut cycle = self.stack.clone();
+            cycle.push(key.to_string());
+            bail!("interpolation cycle: {}", cycle.join(" → "));
+        }
+        let root = self.root;
+        let Some(raw) = lookup(root, key) else {
+            let mut keys = Vec::new();
+            all_keys(root, "", &mut keys);
+            bail!(
+                "`{from}` refers to `${{{key}}}`, which is not a key of the composed run{}",
+                did_you_mean(key, &keys)
+            );
+        };
+        self.stack.push(key.to_string());
+        let r = self.tree(raw, key);
+        self.stack.pop();
+        let v = r?;
+        self.done.insert(key.to_string(), v.clone());
+        Ok(v)
     }
-    out.push_str(rest);
-    Ok(Value::String(out))
+
+    fn string(&mut self, s: &str, path: &str) -> Result<Value> {
+        let t = s.trim();
+        if t.starts_with("${") && t.ends_with('}') && t[2..].find('}') == Some(t.len() - 3) {
+            return self.reference(&t[2..t.len() - 1], path);
+        }
+        let mut out = String::new();
+        let mut rest = s;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let end = after.find('}').ok_or_else(|| anyhow!("`{path}`: unterminated `${{` in `{s}`"))?;
+            let key = &after[..end];
+            match self.reference(key, path)? {
+                Value::String(v) => out.push_str(&v),
+                Value::Null => bail!("`{path}`: `${{{key}}}` is null and cannot be spliced into `{s}`"),
+                v @ (Value::Number(_) | Value::Bool(_)) => out.push_str(&v.to_string()),
+                _ => bail!("`{path}`: `${{{key}}}` is a mapping or list and cannot be spliced into `{s}`"),
+            }
+            if out.len() > MAX_INTERPOLATED_LEN {
+                bail!(
+                    "key `{path}`: interpolating `${{{key}}}` makes a string longer than {} MiB; \
+                     a chain of references that repeats itself grows without bound",
+                    MAX_INTERPOLATED_LEN >> 20
+                );
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        Ok(Value::String(out))
+    }
 }
 
 #[cfg(test)]
@@ -596,6 +625,19 @@ publish:
         assert!(e.starts_with("p.yaml:"), "{e}");
         let e = Pipeline::parse(Path::new("p.yaml"), "version: 1\nconfg: {}\n").unwrap_err().to_string();
         assert!(e.starts_with("p.yaml:2:1"), "{e}");
+    }
+
+    #[test]
+    fn interpolation_that_doubles_at_each_step_is_refused_quickly() {
+        let mut pl = p();
+        pl.config.insert("x0".into(), json!("abcdefgh"));
+        for i in 0..30 {
+            pl.config.insert(format!("x{}", i + 1), json!(format!("${{x{i}}}${{x{i}}}")));
+        }
+        let t = std::time::Instant::now();
+        let e = format!("{:#}", pl.override_runs(&[]).unwrap_err());
+        assert!(e.contains("x18") && e.contains("longer than 1 MiB"), "{e}");
+        assert!(t.elapsed().as_secs() < 5, "took {:?}", t.elapsed());
     }
 
     #[test]

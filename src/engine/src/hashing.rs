@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -18,21 +17,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Write `bytes` to `path` atomically: a temporary file in the same directory, renamed.
-/// No fsync (it cost ~10 ms per lock write): the rename is atomic for readers and for a
-/// killed qpipe; only a power cut right after a write can leave a truncated file, which
-/// qpipe then reports as corrupt rather than trusting.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).with_context(|| format!("cannot create directory `{}`", dir.display()))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".qpipe-")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in `{}`", dir.display()))?;
-    tmp.write_all(bytes).with_context(|| format!("cannot write `{}`", tmp.path().display()))?;
-    tmp.persist(path).map_err(|e| e.error).with_context(|| format!("cannot rename into `{}`", path.display()))?;
-    Ok(())
-}
+pub use crate::atomic::write_atomic;
 
 /// Canonical JSON: object keys sorted, no whitespace, numbers as serde_json writes them.
 pub fn canonical_json(v: &Value) -> String {

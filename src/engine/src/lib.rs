@@ -6,6 +6,7 @@
 //! `std::process::exit(qpipe_engine::cli::main(&qpipe_stages::Qwen3Vl))`.
 //! Tests and benchmarks drive [`cli::run`] with a fake domain.
 
+pub mod atomic;
 pub mod check;
 pub mod clean;
 pub mod cli;

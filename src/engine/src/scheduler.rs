@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,7 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
     let start = Instant::now();
     let dag = &planned.dag;
     let n = dag.instances.len();
+    sweep_state_temps(&ws.root);
     let mut locks = Locks::load(&ws.root)?;
     let mut cache = StatCache::load(ws.root.join(STAT_CACHE));
     let mut state = vec![State::Waiting; n];
@@ -300,6 +302,18 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
     Ok(report)
 }
 
+/// Removes what killed builds left of the state files' atomic writes (`qpipe.lock`,
+/// `scratch.lock`, `stat-cache.json`), whatever version of qpipe wrote them.
+pub fn sweep_state_temps(root: &Path) {
+    for file in [crate::lock::COMMITTED_LOCK, crate::lock::SCRATCH_LOCK, STAT_CACHE] {
+        let path = root.join(file);
+        let Some(dir) = path.parent() else { continue };
+        crate::atomic::sweep_dead(dir, |n| {
+            crate::atomic::is_temp_for(n, &path) || crate::atomic::is_legacy_state_temp(n)
+        });
+    }
+}
+
 /// Fresh temporary paths beside each output (the files themselves do not exist yet, so a
 /// stage that forgets one is caught).
 fn temp_outputs(ws: &Workspace<'_>, dag: &crate::dag::Dag, i: usize) -> Result<Vec<TempPath>> {
@@ -308,29 +322,11 @@ fn temp_outputs(ws: &Workspace<'_>, dag: &crate::dag::Dag, i: usize) -> Result<V
         let fin = ws.abs(o);
         let dir = fin.parent().expect("outputs are files below the root");
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory `{}`", dir.display()))?;
-        let name = fin.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let (stem, ext) = match name.rsplit_once('.') {
-            Some((s, e)) if !s.is_empty() => (s.to_string(), format!(".{e}")),
-            _ => (name.clone(), String::new()),
-        };
-        // What a killed build left for this output (the build lock says no one else is writing).
-        let prefix = format!(".{stem}.");
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if n.starts_with(&prefix) && n.ends_with(&format!(".qpipe-tmp{ext}")) {
-                    std::fs::remove_file(e.path()).ok();
-                }
-            }
-        }
-        let tmp = tempfile::Builder::new()
-            .prefix(&prefix)
-            .suffix(&format!(".qpipe-tmp{ext}"))
-            .tempfile_in(dir)
-            .with_context(|| format!("cannot create a temporary file in `{}`", dir.display()))?
-            .into_temp_path();
-        std::fs::remove_file(&tmp).ok();
-        temps.push(tmp);
+        // What a killed build left for this output. Only files whose writer is gone: another
+        // checkout may be writing into the same folder right now.
+        crate::atomic::sweep_dead(dir, |n| crate::atomic::is_temp_for(n, &fin));
+        let tmp = crate::atomic::temp_path(&fin);
+        temps.push(TempPath::try_from_path(&tmp).with_context(|| format!("temporary path `{}`", tmp.display()))?);
     }
     Ok(temps)
 }
@@ -356,6 +352,7 @@ fn commit(
     }
     for (t, o) in temps.into_iter().zip(&dag.out_paths[i]) {
         let fin = ws.abs(o);
+        crate::atomic::keep_mode(&t, &fin)?;
         t.persist(&fin).map_err(|e| e.error).with_context(|| format!("cannot move the output into `{o}`"))?;
         cache.invalidate(&fin);
     }

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use qpipe_contract::{Domain, PlanContext, Run, Stage};
+use qpipe_contract::{Domain, Instance, PlanContext, Run, Stage};
 
 use crate::config::Pipeline;
 use crate::dag::Dag;
@@ -22,6 +22,9 @@ pub struct Workspace<'d> {
     pub pipeline: Pipeline,
     /// Absolute root (the directory holding the pipeline file).
     pub root: PathBuf,
+    /// Let ad-hoc runs replace published artifacts (`--overwrite-published`); otherwise an
+    /// ad-hoc run that would write a published run's files differently is refused.
+    pub overwrite_published: bool,
     stages: HashMap<&'static str, &'d dyn Stage>,
 }
 
@@ -39,6 +42,18 @@ pub struct Planned {
 pub fn find_pipeline(cwd: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
         let p = cwd.join(p);
+        if p.is_dir() {
+            let inside = p.join(PIPELINE_FILE);
+            bail!(
+                "`{}` is a directory, not a pipeline file{}",
+                p.display(),
+                if inside.is_file() {
+                    format!(" (did you mean `--pipeline {}`?)", inside.display())
+                } else {
+                    String::new()
+                }
+            );
+        }
         if !p.is_file() {
             bail!("pipeline file `{}` does not exist", p.display());
         }
@@ -62,7 +77,7 @@ impl<'d> Workspace<'d> {
         for s in domain.stages() {
             stages.insert(s.kind(), s);
         }
-        Ok(Workspace { domain, pipeline, root, stages })
+        Ok(Workspace { domain, pipeline, root, overwrite_published: false, stages })
     }
 
     pub fn stage(&self, kind: &str) -> Result<&'d dyn Stage> {
@@ -100,7 +115,13 @@ impl<'d> Workspace<'d> {
         let ids = match published_ids {
             Some(ids) => ids,
             None if runs.iter().all(|r| r.published) => instances.iter().map(|i| i.id.clone()).collect(),
-            None => self.published_ids().unwrap_or_default(),
+            None => {
+                let matrix = self.publish_instances().unwrap_or_default();
+                if !self.overwrite_published {
+                    refuse_overwriting_published(&instances, &matrix, runs)?;
+                }
+                matrix.into_iter().map(|i| i.id).collect()
+            }
         };
         for inst in &instances {
             self.stage(&inst.kind)?;
@@ -112,14 +133,59 @@ impl<'d> Workspace<'d> {
 
     /// Ids of the publish matrix's instances.
     pub fn published_ids(&self) -> Result<HashSet<String>> {
+        Ok(self.publish_instances()?.into_iter().map(|i| i.id).collect())
+    }
+
+    /// The publish matrix's instances.
+    pub fn publish_instances(&self) -> Result<Vec<Instance>> {
         let runs = self.pipeline.publish_runs()?;
-        Ok(self.domain.plan(&self.ctx(), &runs)?.instances.into_iter().map(|i| i.id).collect())
+        Ok(self.domain.plan(&self.ctx(), &runs)?.instances)
     }
 
     /// Absolute path of a normalized path.
     pub fn abs(&self, norm: &str) -> PathBuf {
         self.root.join(norm)
     }
+}
+
+/// Errors when an ad-hoc instance would write a file that a publish-matrix instance writes
+/// (a tracked artifact) while differing from it (other parameters or inputs): the ad-hoc
+/// run would silently replace the published analysis and re-key `qpipe.lock`. An ad-hoc
+/// run that composes exactly a published run is that run, and passes.
+fn refuse_overwriting_published(instances: &[Instance], matrix: &[Instance], runs: &[Run]) -> Result<()> {
+    let by_id: HashMap<&str, &Instance> = matrix.iter().map(|i| (i.id.as_str(), i)).collect();
+    let mut by_out: HashMap<&Path, &Instance> = HashMap::new();
+    for i in matrix {
+        for o in i.outs.iter().filter(|o| !o.intermediate) {
+            by_out.insert(o.path.as_path(), i);
+        }
+    }
+    for inst in instances {
+        let same_id = by_id.get(inst.id.as_str()).copied();
+        let clash = inst.outs.iter().filter(|o| !o.intermediate).find_map(|o| by_out.get(o.path.as_path()).copied());
+        let Some(published) = same_id.or(clash) else { continue };
+        if published == inst {
+            continue;
+        }
+        let what = if published.params != inst.params {
+            "other parameters"
+        } else if published.deps != inst.deps {
+            "other inputs"
+        } else {
+            "a different declaration"
+        };
+        let file = published.outs.iter().find(|o| !o.intermediate).map(|o| o.path.display().to_string());
+        let overrides: Vec<String> = runs.iter().filter(|r| !r.published).flat_map(|r| r.overrides.clone()).collect();
+        bail!(
+            "this run would overwrite the published `{}` (`{}`) with {what}; the published analysis there \
+             comes from the pipeline's publish matrix\n  overrides: {}\nwrite it elsewhere (`runner.output_dir=DIR` \
+             or `output_layout=tmp`), or pass `--overwrite-published` to replace the published files",
+            published.id,
+            file.unwrap_or_default(),
+            overrides.join(" ")
+        );
+    }
+    Ok(())
 }
 
 /// Holds `tmp/qpipe/build.lock` while a build runs; a second qpipe building the same tree

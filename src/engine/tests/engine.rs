@@ -225,7 +225,7 @@ fn cycles_and_escaping_outputs_are_refused() {
     let r = env.qp(&["dag", "cycle=true"]);
     assert_eq!(r.code, 1);
     assert!(r.err.contains("dependency cycle: `loop@a` → `loop@b` → `loop@a`"), "{}", r.err);
-    let r = env.qp(&["build", "escape=true"]);
+    let r = env.qp(&["build", "--overwrite-published", "escape=true"]);
     assert_eq!(r.code, 1);
     assert!(r.err.contains("`../escaped.txt`, which escapes the repository root"), "{}", r.err);
     assert!(!env.path("out").exists() && !env.dir.path().parent().unwrap().join("escaped.txt").exists());
@@ -235,7 +235,7 @@ fn cycles_and_escaping_outputs_are_refused() {
 fn a_failing_or_panicking_stage_leaves_no_half_written_output_and_no_lock_entry() {
     let env = Env::new();
     for flag in ["fail=true", "panic=true"] {
-        let r = env.qp(&["build", flag, "-j", "1"]);
+        let r = env.qp(&["build", "--overwrite-published", flag, "-j", "1"]);
         assert_eq!(r.code, 1, "{}", r.err);
         assert!(r.err.contains("stage `score@out/a/small` failed"), "{}", r.err);
         assert!(!env.path("out/a/small/result.txt").exists());
@@ -251,7 +251,7 @@ fn a_failing_or_panicking_stage_leaves_no_half_written_output_and_no_lock_entry(
     // With a good build in place, a failed rebuild keeps the old outputs and entry.
     env.ok(&["build"]);
     let (before, lock_before) = (env.read("out/a/small/result.txt"), env.read("qpipe.lock"));
-    let r = env.qp(&["build", "fail=true", "-j", "1", "out/a/small"]);
+    let r = env.qp(&["build", "--overwrite-published", "fail=true", "-j", "1", "out/a/small"]);
     assert_eq!(r.code, 1);
     assert_eq!(env.read("out/a/small/result.txt"), before);
     assert_eq!(env.read("qpipe.lock"), lock_before);
@@ -266,7 +266,12 @@ fn child_build_that_stalls() {
     let Ok(dir) = std::env::var("QPIPE_TEST_CHILD_DIR") else { return };
     let (ui, _, _) = Ui::captured();
     let fake = Fake::new(false);
-    qpipe_engine::cli::run(["qpipe", "build", "-j", "1", "stall_ms=60000", "out/a/small"], &fake, Path::new(&dir), ui);
+    qpipe_engine::cli::run(
+        ["qpipe", "build", "--overwrite-published", "-j", "1", "stall_ms=60000", "out/a/small"],
+        &fake,
+        Path::new(&dir),
+        ui,
+    );
 }
 
 #[test]
@@ -485,4 +490,81 @@ fn help_is_everywhere() {
         assert!(r.out.contains("Usage: qpipe"), "{cmd:?}: {}", r.out);
     }
     assert_eq!(env.qp(&["bogus"]).code, 2);
+}
+
+#[test]
+fn an_ad_hoc_run_cannot_silently_replace_a_published_one() {
+    let env = Env::new();
+    assert_eq!(env.ok(&["build"]).len(), 10);
+    let published = env.read("out/a/large/result.txt");
+    let lock = env.read("qpipe.lock");
+    // A small run of `a` pointed at the published large run's folder.
+    let r = env.qp(&["build", "size=small", "runner.output_dir=out/a/large"]);
+    assert_eq!(r.code, 1, "{}{}", r.out, r.err);
+    assert!(r.err.contains("would overwrite the published `score@out/a/large`"), "{}", r.err);
+    assert!(r.err.contains("--overwrite-published") && r.err.contains("size=small"), "{}", r.err);
+    assert_eq!(env.read("out/a/large/result.txt"), published);
+    assert_eq!(env.read("qpipe.lock"), lock);
+    assert!(env.fake.log.take().is_empty());
+    // Composing exactly the published run is that run: nothing to do.
+    assert!(env.ok(&["build", "size=large", "runner.output_dir=out/a/large"]).is_empty());
+    // Asked for explicitly, it replaces them.
+    assert_eq!(env.ok(&["build", "--overwrite-published", "size=small", "runner.output_dir=out/a/large"]).len(), 2);
+    assert!(env.read("out/a/large/result.txt").contains("size=\"small\""));
+}
+
+#[test]
+fn bad_flags_and_pipeline_paths_are_named() {
+    let env = Env::new();
+    let r = env.qp(&["build", "-j", "0"]);
+    assert_eq!(r.code, 2, "{}{}", r.out, r.err);
+    assert!(r.err.contains("at least 1"), "{}", r.err);
+    fs::create_dir(env.path("models")).unwrap();
+    let r = env.qp(&["--pipeline", "models", "status"]);
+    assert_eq!(r.code, 2);
+    assert!(r.err.contains("is a directory, not a pipeline file"), "{}", r.err);
+    let r = env.qp(&["--pipeline", ".", "status"]);
+    assert!(r.err.contains("did you mean `--pipeline"), "{}", r.err);
+    assert!(env.fake.log.take().is_empty());
+}
+
+#[cfg(unix)]
+#[test]
+fn builds_keep_the_state_files_mode_and_sweep_a_killed_writers_temporaries() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    env.ok(&["build", "out/a/small"]);
+    fs::set_permissions(env.path("qpipe.lock"), fs::Permissions::from_mode(0o644)).unwrap();
+    // What a build killed between creating the lock's temporary copy and renaming it left:
+    // this version's name (a writer that is gone) and an older version's.
+    fs::write(env.path(".qpipe.4194303-1-0.qpipe-tmp.lock"), "{}").unwrap();
+    fs::write(env.path(".qpipe-Ab12Cd"), "{}").unwrap();
+    fs::create_dir_all(env.path("tmp/qpipe")).unwrap();
+    fs::write(env.path("tmp/qpipe/.scratch.4194303-1-3.qpipe-tmp.lock"), "{}").unwrap();
+    env.ok(&["build"]);
+    assert_eq!(fs::metadata(env.path("qpipe.lock")).unwrap().permissions().mode() & 0o777, 0o644);
+    assert!(env.temp_leftovers().is_empty(), "{:?}", env.temp_leftovers());
+    assert!(!env.path(".qpipe-Ab12Cd").exists());
+}
+
+#[test]
+fn two_workspaces_building_into_one_output_folder_do_not_break_each_other() {
+    let shared = tempfile::tempdir().unwrap();
+    let out = shared.path().join("run");
+    let out_arg = format!("runner.output_dir={}", out.display());
+    let envs = [Env::new(), Env::new()];
+    std::thread::scope(|s| {
+        for env in &envs {
+            let out_arg = out_arg.clone();
+            s.spawn(move || {
+                for _ in 0..15 {
+                    let r = env.qp(&["build", "--force", "sleep_ms=2", &out_arg, "size=small"]);
+                    assert_eq!(r.code, 0, "{}{}", r.out, r.err);
+                }
+            });
+        }
+    });
+    assert!(fs::read_to_string(out.join("result.txt")).unwrap().starts_with("result of ALPHA"));
+    let left: Vec<_> = fs::read_dir(&out).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.iter().all(|n| !n.to_string_lossy().contains(".qpipe-tmp")), "{left:?}");
 }

@@ -64,6 +64,18 @@ fn f64_field(obj: &Map<String, Value>, prefix: &str, key: &str) -> Result<f64> {
     v.as_f64().with_context(|| format!("field `{prefix}{key}` must be a number, found {v}"))
 }
 
+/// The language model's section of a `config.json`: `text_config` in a full Qwen3-VL
+/// config, else the root itself when it is a bare text config (it has `hidden_size`).
+/// Returns the section and the prefix that names its fields in errors (`text_config.`).
+pub fn text_section(root: &Value) -> Result<(&Map<String, Value>, &'static str)> {
+    let root = object(root, "<root>")?;
+    match root.get("text_config") {
+        Some(tc) => Ok((object(tc, "text_config")?, "text_config.")),
+        None if root.contains_key("hidden_size") => Ok((root, "")),
+        None => bail!("missing field `text_config` (expected a Qwen3-VL config.json)"),
+    }
+}
+
 fn object<'a>(v: &'a Value, what: &str) -> Result<&'a Map<String, Value>> {
     v.as_object().with_context(|| format!("field `{what}` must be an object"))
 }
@@ -111,12 +123,8 @@ impl TextConfig {
     }
 
     pub fn from_value(root: &Value) -> Result<Self> {
+        let (tc, prefix) = text_section(root)?;
         let root = object(root, "<root>")?;
-        let (tc, prefix) = match root.get("text_config") {
-            Some(tc) => (object(tc, "text_config")?, "text_config."),
-            None if root.contains_key("hidden_size") => (root, ""),
-            None => bail!("missing field `text_config` (expected a Qwen3-VL config.json)"),
-        };
         let hidden_size = usize_field(tc, prefix, "hidden_size")?;
         let num_attention_heads = usize_field(tc, prefix, "num_attention_heads")?;
         let head_dim = match tc.get("head_dim") {

@@ -111,18 +111,14 @@ fn read_json(path: &Path) -> Result<Value> {
 /// Parses `config.json` into the language model's summary.
 pub fn read_summary(config_path: &Path) -> Result<ModelSummary> {
     let config = read_json(config_path)?;
-    let text = config.get("text_config").unwrap_or(&config);
+    let (text, prefix) =
+        qpipe_model::config::text_section(&config).with_context(|| format!("in {}", config_path.display()))?;
     let u = |k: &str| text.get(k).and_then(Value::as_u64);
     let need = |k: &str| {
-        u(k).with_context(|| {
-            format!(
-                "{}: `{}{k}` is missing or not a positive integer",
-                config_path.display(),
-                if config.get("text_config").is_some() { "text_config." } else { "" }
-            )
-        })
+        u(k).with_context(|| format!("{}: `{prefix}{k}` is missing or not a positive integer", config_path.display()))
     };
     let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(String::from);
+    let text_str = |k: &str| text.get(k).and_then(Value::as_str).map(String::from);
     Ok(ModelSummary {
         model_type: s(&config, "model_type"),
         architectures: config
@@ -136,7 +132,7 @@ pub fn read_summary(config_path: &Path) -> Result<ModelSummary> {
         num_attention_heads: u("num_attention_heads"),
         num_key_value_heads: u("num_key_value_heads"),
         vocab_size: need("vocab_size")?,
-        dtype: ["dtype", "torch_dtype"].iter().find_map(|k| s(&config, k).or_else(|| s(text, k))),
+        dtype: ["dtype", "torch_dtype"].iter().find_map(|k| s(&config, k).or_else(|| text_str(k))),
         tie_word_embeddings: config
             .get("tie_word_embeddings")
             .or_else(|| text.get("tie_word_embeddings"))

@@ -227,14 +227,62 @@ pub fn to_bytes(value: &Value) -> Result<Vec<u8>> {
 /// Writes `value` to `path` (created or truncated) as a `torch.save` file.
 pub fn write(path: &Path, value: &Value) -> Result<()> {
     let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut w = std::io::BufWriter::new(file);
-    write_to(&mut w, value).with_context(|| format!("cannot write {}", path.display()))?;
-    w.flush().with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    let mut w = StopAfterError { inner: std::io::BufWriter::new(file), failed: false };
+    let r = write_to(&mut w, value).and_then(|()| Ok(w.flush()?));
+    if r.is_err() {
+        // Drop the buffered rest without a second attempt to write it.
+        w.failed = true;
+        let (_, _) = w.inner.into_parts();
+    }
+    r.with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Writes `value` as a `torch.save` zip to any seekable writer.
+/// Writes `value` as a `torch.save` zip to any seekable writer. The first I/O error (a
+/// full disk) is the one returned; the archive is abandoned quietly after it (the zip
+/// writer would otherwise try to finish it again when dropped and print a second,
+/// unrelated-looking error).
 pub fn write_to<W: Write + Seek>(w: W, value: &Value) -> Result<()> {
+    let mut w = StopAfterError { inner: w, failed: false };
+    let r = write_zip(&mut w, value);
+    if w.failed {
+        // `r` holds the I/O error (possibly wrapped by zip); nothing else is written.
+        return r.and(Err(anyhow::anyhow!("an earlier write failed")));
+    }
+    r
+}
+
+/// A writer that, after its first error, accepts and discards everything: what is left to
+/// write belongs to an archive that is being abandoned.
+struct StopAfterError<W> {
+    inner: W,
+    failed: bool,
+}
+
+impl<W: Write> Write for StopAfterError<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.failed {
+            return Ok(buf.len());
+        }
+        self.inner.write(buf).inspect_err(|_| self.failed = true)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.failed {
+            return Ok(());
+        }
+        self.inner.flush().inspect_err(|_| self.failed = true)
+    }
+}
+
+impl<W: Seek> Seek for StopAfterError<W> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        if self.failed {
+            return Ok(0);
+        }
+        self.inner.seek(pos).inspect_err(|_| self.failed = true)
+    }
+}
+
+fn write_zip<W: Write + Seek>(w: W, value: &Value) -> Result<()> {
     let enc = pickle::Encoder::encode(value);
     let options = SimpleFileOptions::default()
         .compression_method(CompressionMethod::Stored)
@@ -287,6 +335,34 @@ pub(crate) fn python_torch(code: &str, args: &[&std::ffi::OsStr]) -> Option<std:
 
 #[cfg(test)]
 mod tests {
+    /// Run by [`a_full_disk_is_one_clean_error`] in a child process, to see its stderr.
+    #[test]
+    fn child_writes_to_a_full_disk() {
+        if std::env::var_os("QPIPE_TEST_DEV_FULL").is_none() {
+            return;
+        }
+        let t = super::Tensor::from_f32(&[1 << 20], &vec![1.0; 1 << 20]).unwrap();
+        let value = super::Value::dict([("x", super::Value::Tensor(t))]);
+        let e = super::write(std::path::Path::new("/dev/full"), &value).unwrap_err();
+        println!("ERROR: {e:#}");
+    }
+
+    #[test]
+    fn a_full_disk_is_one_clean_error() {
+        if !std::path::Path::new("/dev/full").exists() {
+            eprintln!("SKIP: no /dev/full here");
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "io::torch_pt::tests::child_writes_to_a_full_disk", "--nocapture"])
+            .env("QPIPE_TEST_DEV_FULL", "1")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("ERROR: cannot write /dev/full") && stdout.contains("No space left"), "{stdout}");
+        assert!(!stderr.contains("ZipWriter") && !stdout.contains("ZipWriter"), "{stderr}{stdout}");
+    }
+
     use super::*;
 
     fn sample() -> Value {
