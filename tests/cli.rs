@@ -127,3 +127,33 @@ fn verify_selects_published_runs_by_folder_name() {
     assert_eq!(o.status.code(), Some(2));
     assert!(err.contains("did you mean `weight-int8-act-int8`?"), "{err}");
 }
+
+/// A value of the wrong type or out of range is traced to where it was set: the line and
+/// column in `pipeline.yaml`, or the command-line override.
+#[test]
+fn schema_errors_point_at_the_file_line_or_the_override() {
+    let dir = workspace_copy();
+    let o = qpipe(dir.path(), &["status", "autoquant.batch_size=eight"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("the override `autoquant.batch_size=eight`: key `autoquant.batch_size`: invalid type"),
+        "{err}"
+    );
+
+    let yaml = fs::read_to_string(dir.path().join("pipeline.yaml")).unwrap();
+    let (line, text_line) = yaml.lines().enumerate().find(|(_, l)| l.contains("batch_size: 8")).unwrap();
+    let col = text_line.find('8').unwrap() + 1;
+    fs::write(dir.path().join("pipeline.yaml"), yaml.replacen("batch_size: 8", "batch_size: eight", 1)).unwrap();
+    let o = qpipe(dir.path(), &["status"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let at = format!("pipeline.yaml:{}:{col}: key `autoquant.batch_size`: invalid type", line + 1);
+    assert!(err.contains(&at), "want `{at}` in:\n{err}");
+
+    // a check after parsing (0 is a number, but not a batch size)
+    fs::write(dir.path().join("pipeline.yaml"), yaml.replacen("batch_size: 8", "batch_size: 0", 1)).unwrap();
+    let err = text(&qpipe(dir.path(), &["status"])).1;
+    let at = format!("pipeline.yaml:{}:{col}: key `autoquant.batch_size`: must be at least 1", line + 1);
+    assert!(err.contains(&at), "want `{at}` in:\n{err}");
+}

@@ -129,12 +129,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.write_all(bytes).with_context(|| format!("cannot write `{}`", tmp.display()))?;
         drop(f);
         keep_mode(&tmp, path)?;
+        fault_pause();
         fs::rename(&tmp, path).with_context(|| format!("cannot rename into `{}`", path.display()))
     })();
     if result.is_err() {
         fs::remove_file(&tmp).ok();
     }
     result
+}
+
+/// For fault-injection tests: `QPIPE_FAULT_PAUSE_MS=N` waits N ms before each rename of a
+/// finished temporary file into place (state files and stage outputs), so that a test can
+/// kill a build inside that window. Unset (always, outside tests), it does nothing.
+pub fn fault_pause() {
+    static PAUSE: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let pause = PAUSE.get_or_init(|| std::env::var("QPIPE_FAULT_PAUSE_MS").ok().and_then(|v| v.parse().ok()));
+    if let Some(ms) = *pause {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 /// Gives `tmp` the permissions of `existing` when that exists (a rename into place must not

@@ -31,6 +31,8 @@ pub struct Pipeline {
     pub groups: Map<String, Value>,
     /// The publish matrix: each entry maps a key (group or dotted) to a value or a list.
     pub publish: Vec<Map<String, Value>>,
+    /// The file's text, to point at where a value is set ([`Pipeline::locate`]).
+    text: String,
 }
 
 #[derive(Deserialize)]
@@ -182,7 +184,7 @@ impl Pipeline {
         }
         let root = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let root = if root.as_os_str().is_empty() { PathBuf::from(".") } else { root };
-        Ok(Pipeline { file: file.to_path_buf(), root, defaults, config, groups, publish })
+        Ok(Pipeline { file: file.to_path_buf(), root, defaults, config, groups, publish, text: text.to_string() })
     }
 
     /// The runs of the `publish` matrix (`published: true`).
@@ -284,6 +286,127 @@ impl Pipeline {
             set_key(&mut cfg, &a.key, a.value.clone(), a.add, &self.groups)?;
         }
         interpolate(&cfg)
+    }
+}
+
+impl Pipeline {
+    /// Where the value of `key` (dotted) in `run` comes from: `FILE:LINE:COL` of the value
+    /// in the pipeline file (in `config`, in the selected option of a group, or in the
+    /// `publish` entry that sets it), or the command-line override that set it. When the
+    /// key itself is missing, the mapping that lacks it.
+    pub fn locate(&self, run: &Run, key: &str) -> Option<String> {
+        let parts: Vec<&str> = key.split('.').filter(|p| !p.is_empty()).collect();
+        let first = *parts.first()?;
+        let sets = |k: &str| k == key || key.starts_with(&format!("{k}.")) || k.starts_with(&format!("{key}."));
+        let assignment = run
+            .overrides
+            .iter()
+            .filter_map(|o| o.split_once('=').map(|(k, _)| (k.trim_start_matches('+'), o)))
+            .rfind(|(k, _)| !self.groups.contains_key(*k) && sets(k));
+        let yaml_path: Vec<String> = match assignment {
+            Some((_, o)) if !run.published => return Some(format!("the override `{o}`")),
+            Some((k, _)) => {
+                let entry = self.publish.iter().position(|e| e.contains_key(k) || e.contains_key(&format!("+{k}")))?;
+                let name = if self.publish[entry].contains_key(k) { k.to_string() } else { format!("+{k}") };
+                vec!["publish".into(), entry.to_string(), name]
+            }
+            None if self.groups.contains_key(first) => {
+                let opt = run.config.get(first)?.get("name")?.as_str()?;
+                ["groups", first, opt].iter().chain(&parts[1..]).map(|s| s.to_string()).collect()
+            }
+            None => std::iter::once("config").chain(parts.iter().copied()).map(str::to_string).collect(),
+        };
+        // The value itself, or the deepest mapping on the way that exists.
+        (1..=yaml_path.len()).rev().find_map(|n| {
+            let (line, col) = yaml_location(&self.text, &yaml_path[..n])?;
+            Some(format!("{}:{line}:{col}", self.file.display()))
+        })
+    }
+}
+
+/// The (line, column) where the value at `path` (mapping keys; a number indexes a list)
+/// starts in the YAML `text`, using serde_yaml's own positions: walking the document, the
+/// walk fails on purpose when it reaches the value, and the error carries its location.
+fn yaml_location(text: &str, path: &[String]) -> Option<(usize, usize)> {
+    use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    const FOUND: &str = "qpipe: the value looked for";
+    struct Seek<'a>(&'a [String]);
+    impl<'de> DeserializeSeed<'de> for Seek<'_> {
+        type Value = ();
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+            if self.0.is_empty() {
+                // Read the value, so that the error is raised at its event: every `visit_*`
+                // of `Found` is the default, an "invalid type" error expecting FOUND.
+                return d.deserialize_any(Found);
+            }
+            d.deserialize_any(self)
+        }
+    }
+    struct Found;
+    impl Visitor<'_> for Found {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str(FOUND)
+        }
+    }
+    impl<'de> Visitor<'de> for Seek<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+            while let Some(k) = map.next_key::<serde_yaml::Value>()? {
+                let name = match &k {
+                    serde_yaml::Value::String(s) => s.clone(),
+                    serde_yaml::Value::Number(n) => n.to_string(),
+                    serde_yaml::Value::Bool(b) => b.to_string(),
+                    _ => String::new(),
+                };
+                if name == self.0[0] {
+                    map.next_value_seed(Seek(&self.0[1..]))?;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+            let want = self.0[0].parse::<usize>().ok();
+            let mut i = 0;
+            loop {
+                let more = if Some(i) == want {
+                    seq.next_element_seed(Seek(&self.0[1..]))?.is_some()
+                } else {
+                    seq.next_element::<IgnoredAny>()?.is_some()
+                };
+                if !more {
+                    return Ok(());
+                }
+                i += 1;
+            }
+        }
+        fn visit_bool<E>(self, _: bool) -> std::result::Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> std::result::Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> std::result::Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> std::result::Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> std::result::Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> std::result::Result<(), E> {
+            Ok(())
+        }
+    }
+    match Seek(path).deserialize(serde_yaml::Deserializer::from_str(text)) {
+        Err(e) if e.to_string().contains(FOUND) => e.location().map(|l| (l.line(), l.column())),
+        _ => None,
     }
 }
 
@@ -547,6 +670,29 @@ publish:
 
     fn p() -> Pipeline {
         Pipeline::parse(Path::new("pipeline.yaml"), P).unwrap()
+    }
+
+    /// A bad value is traced to where it is set: `config`, the selected option of a group
+    /// (a flow mapping), a `publish` entry, a command-line override; a missing key to the
+    /// mapping that lacks it.
+    #[test]
+    fn values_are_located_in_the_file_or_the_overrides() {
+        let p = p();
+        let run = |overrides: &[&str]| {
+            let args: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+            p.override_runs(&args).unwrap().remove(0)
+        };
+        let plain = run(&["batch=8"]);
+        assert_eq!(p.locate(&plain, "runner.output_dir").as_deref(), Some("pipeline.yaml:7:24"));
+        assert_eq!(p.locate(&plain, "batch").as_deref(), Some("the override `batch=8`"));
+        let big = run(&["model=big"]);
+        assert_eq!(p.locate(&big, "model.repo").as_deref(), Some("pipeline.yaml:11:17"));
+        // not in the option: its mapping
+        assert_eq!(p.locate(&big, "model.revision").as_deref(), Some("pipeline.yaml:11:10"));
+        assert_eq!(p.locate(&big, "batch").as_deref(), Some("pipeline.yaml:6:10"));
+        let published = p.publish_runs().unwrap().remove(0);
+        assert_eq!(p.locate(&published, "dataset.size").as_deref(), Some("pipeline.yaml:15:19"));
+        assert_eq!(p.locate(&published, "dataset.n.small").as_deref(), Some("pipeline.yaml:13:40"));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -62,6 +62,7 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
     let dag = &planned.dag;
     let n = dag.instances.len();
     sweep_state_temps(&ws.root);
+    sweep_output_temps(ws, dag);
     let mut locks = Locks::load(&ws.root)?;
     let mut cache = StatCache::load(ws.root.join(STAT_CACHE));
     let mut state = vec![State::Waiting; n];
@@ -314,6 +315,22 @@ pub fn sweep_state_temps(root: &Path) {
     }
 }
 
+/// Removes what killed builds left of the outputs of every planned instance — also those
+/// that will not run because their previous output is still in place. Only files whose
+/// writer is gone: another checkout may be writing into the same folder right now.
+fn sweep_output_temps(ws: &Workspace<'_>, dag: &crate::dag::Dag) {
+    let mut by_dir: std::collections::BTreeMap<PathBuf, Vec<PathBuf>> = Default::default();
+    for o in dag.out_paths.iter().flatten() {
+        let fin = ws.abs(o);
+        if let Some(dir) = fin.parent() {
+            by_dir.entry(dir.to_path_buf()).or_default().push(fin.clone());
+        }
+    }
+    for (dir, outs) in by_dir {
+        crate::atomic::sweep_dead(&dir, |n| outs.iter().any(|o| crate::atomic::is_temp_for(n, o)));
+    }
+}
+
 /// Fresh temporary paths beside each output (the files themselves do not exist yet, so a
 /// stage that forgets one is caught).
 fn temp_outputs(ws: &Workspace<'_>, dag: &crate::dag::Dag, i: usize) -> Result<Vec<TempPath>> {
@@ -353,6 +370,7 @@ fn commit(
     for (t, o) in temps.into_iter().zip(&dag.out_paths[i]) {
         let fin = ws.abs(o);
         crate::atomic::keep_mode(&t, &fin)?;
+        crate::atomic::fault_pause();
         t.persist(&fin).map_err(|e| e.error).with_context(|| format!("cannot move the output into `{o}`"))?;
         cache.invalidate(&fin);
     }

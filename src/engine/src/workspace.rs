@@ -110,7 +110,18 @@ impl<'d> Workspace<'d> {
     /// Plan runs. An instance is published when it is also an instance of the publish
     /// matrix (`published_ids`, computed when not given).
     pub fn plan_runs(&self, runs: &[Run], published_ids: Option<HashSet<String>>) -> Result<Planned> {
-        let plan = self.domain.plan(&self.ctx(), runs).context("cannot plan the pipeline's runs")?;
+        let plan = self
+            .domain
+            .plan(&self.ctx(), runs)
+            .map_err(|mut e| {
+                if let Some(k) = e.downcast_mut::<qpipe_contract::KeyError>() {
+                    if let Some(run) = runs.get(k.run) {
+                        k.location = self.pipeline.locate(run, &k.key);
+                    }
+                }
+                e
+            })
+            .context("cannot plan the pipeline's runs")?;
         let (instances, warnings) = (plan.instances, plan.warnings);
         let ids = match published_ids {
             Some(ids) => ids,

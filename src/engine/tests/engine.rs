@@ -334,6 +334,21 @@ fn targets_are_paths_ids_or_kinds_plus_what_they_need() {
     assert_eq!(env.qp(&["status", "out/a"]).code, 0);
 }
 
+/// An intermediate that is there but holds other bytes than the lock records (a build
+/// killed after moving it into place, before recording it) makes its producer stale, so
+/// consumers never read it as if it were current (found by `tests/fault_injection.rs`).
+#[test]
+fn an_intermediate_with_other_bytes_than_recorded_is_remade() {
+    let env = Env::new();
+    env.ok(&["build"]);
+    fs::write(env.path("tmp/prep/a.txt"), "what a killed build of other inputs left").unwrap();
+    let st = env.qp(&["status"]);
+    assert_eq!(st.code, 1, "{}{}", st.out, st.err);
+    assert!(st.out.contains("output `tmp/prep/a.txt` was modified since it was built"), "{}", st.out);
+    assert!(env.ok(&["build"]).contains(&"prep@a".to_string()));
+    assert_eq!(env.qp(&["status"]).code, 0);
+}
+
 #[test]
 fn a_missing_intermediate_is_remade_only_when_a_consumer_must_run() {
     let env = Env::new();
@@ -567,4 +582,17 @@ fn two_workspaces_building_into_one_output_folder_do_not_break_each_other() {
     assert!(fs::read_to_string(out.join("result.txt")).unwrap().starts_with("result of ALPHA"));
     let left: Vec<_> = fs::read_dir(&out).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(left.iter().all(|n| !n.to_string_lossy().contains(".qpipe-tmp")), "{left:?}");
+}
+
+/// A build killed while a stage wrote its output leaves that output's temporary file; when
+/// the old output is still in place the instance is fresh and does not run, and the next
+/// build must sweep the leftover anyway (found by `tests/fault_injection.rs`).
+#[test]
+fn leftovers_of_a_fresh_instances_output_are_swept() {
+    let env = Env::new();
+    env.ok(&["build", "out/a/small"]);
+    let dead = env.path("out/a/small/.result.4194303-1-0.qpipe-tmp.txt");
+    fs::write(&dead, "half").unwrap();
+    assert!(env.ok(&["build", "out/a/small"]).is_empty(), "everything is fresh");
+    assert!(env.temp_leftovers().is_empty(), "{:?}", env.temp_leftovers());
 }

@@ -11,3 +11,11 @@ pub struct SendPtr(pub *mut f32);
 unsafe impl Send for SendPtr {}
 // SAFETY: as above: shared references only hand out the pointer value.
 unsafe impl Sync for SendPtr {}
+
+/// `Σ` of per-chunk partial sums, combined left to right in chunk order: the same bits
+/// whatever the thread count. (rayon's own `sum` combines partials in a tree shaped by how
+/// the work happened to be split, so its last bits can depend on the number of threads.)
+pub fn ordered_sum(parts: impl rayon::iter::IndexedParallelIterator<Item = f64>) -> f64 {
+    let parts: Vec<f64> = parts.collect();
+    parts.iter().sum()
+}

@@ -96,6 +96,36 @@ pub struct Plan {
     pub warnings: Vec<String>,
 }
 
+/// A run's configuration has a bad value at `key` (dotted, as `autoquant.batch_size`).
+/// The planner returns it (inside any context) for the run at index `run` of the runs it
+/// was given; the engine fills in `location` — `pipeline.yaml:LINE:COL` where that value is
+/// set, or the command-line override that set it — before the error is shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError {
+    pub run: usize,
+    pub key: String,
+    pub message: String,
+    pub location: Option<String>,
+}
+
+impl KeyError {
+    /// An error at `key` of the run being checked (its index is set by the planner).
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        KeyError { run: 0, key: key.into(), message: message.into(), location: None }
+    }
+}
+
+impl std::fmt::Display for KeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(at) = &self.location {
+            write!(f, "{at}: ")?;
+        }
+        write!(f, "key `{}`: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for KeyError {}
+
 /// What the planner gets besides the runs.
 #[derive(Debug, Clone)]
 pub struct PlanContext {

@@ -9,8 +9,8 @@ use rayon::prelude::*;
 /// Rows per rayon task (keeps tasks ≥ ~64 KiB for the sizes here).
 const MIN_ELEMS_PER_TASK: usize = 16 * 1024;
 
-use qpipe_compute::avx512_dispatch;
 pub(super) use qpipe_compute::f32_data::borrow as with_f32;
+use qpipe_compute::simd_dispatch;
 
 fn rows_per_task(row: usize) -> usize {
     (MIN_ELEMS_PER_TASK / row.max(1)).max(1)
@@ -45,7 +45,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n1 + 127) as u32) << 23) * f32::from_bits(((n2 + 127) as u32) << 23)
 }
 
-avx512_dispatch! {
+simd_dispatch! {
     /// One row of [`masked_softmax`] ([`softmax_row_impl`]).
     fn softmax_row(p: &mut [f32], s: &[f32], m: &[f32], scale: f32, zero_empty_rows: bool) = softmax_row_impl;
 }
@@ -68,7 +68,7 @@ fn softmax_row_impl(p: &mut [f32], s: &[f32], m: &[f32], scale: f32, zero_empty_
     p.iter_mut().for_each(|v| *v *= inv);
 }
 
-avx512_dispatch! {
+simd_dispatch! {
     /// [`swiglu`] on one chunk.
     fn swiglu_chunk(o: &mut [f32], g: &[f32], u: &[f32]) = swiglu_chunk_impl;
 }
@@ -80,7 +80,7 @@ fn swiglu_chunk_impl(o: &mut [f32], g: &[f32], u: &[f32]) {
     }
 }
 
-avx512_dispatch! {
+simd_dispatch! {
     /// [`swiglu_backward`] on one chunk.
     fn swiglu_backward_chunk(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], da: &[f32]) = swiglu_backward_chunk_impl;
 }
@@ -94,7 +94,7 @@ fn swiglu_backward_chunk_impl(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f3
     }
 }
 
-avx512_dispatch! {
+simd_dispatch! {
     /// One row of [`cross_entropy_rows`]: writes `w · (softmax(l) − onehot(t))` to `g` and
     /// returns the row's negative log-likelihood.
     fn cross_entropy_row(g: &mut [f32], l: &[f32], t: usize, w: f32) -> f32 = cross_entropy_row_impl;
@@ -329,11 +329,8 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32], weights: &[f32]) -> 
     let (loss, grad) = with_f32(logits, |l| {
         let mut grad = vec![0f32; l.len()];
         let c = rows_per_task(v);
-        let loss: f64 = grad
-            .par_chunks_mut(c * v)
-            .zip(l.par_chunks(c * v))
-            .enumerate()
-            .map(|(ci, (g, l))| {
+        let loss = qpipe_compute::par::ordered_sum(
+            grad.par_chunks_mut(c * v).zip(l.par_chunks(c * v)).enumerate().map(|(ci, (g, l))| {
                 let mut loss = 0f64;
                 for (ri, (g, l)) in g.chunks_mut(v).zip(l.chunks(v)).enumerate() {
                     let row = ci * c + ri;
@@ -344,8 +341,8 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32], weights: &[f32]) -> 
                     loss += f64::from(w) * f64::from(cross_entropy_row(g, l, targets[row] as usize, w));
                 }
                 loss
-            })
-            .sum();
+            }),
+        );
         (loss, grad)
     })?;
     Some((loss, Tensor::from_vec(grad, (n, v), logits.device()).ok()?))

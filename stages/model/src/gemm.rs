@@ -1,19 +1,28 @@
-//! f32 matrix products for the Linears, with an AVX-512 kernel.
+//! f32 matrix products for the Linears and attention, with one result at every vector
+//! level.
 //!
-//! candle's CPU matmul (the `gemm` crate, AVX2 kernels on stable Rust) reaches about a
-//! quarter of what PyTorch's oneDNN does on an AVX-512 Xeon, and the Linears are most of
-//! the model's time. This module packs the right-hand side into 32-column panels and runs
-//! a 12×32 register-tiled FMA kernel over 256-deep slices, parallel over row blocks sized
-//! so that every thread gets the same share. The left operand is packed per micro-tile
-//! only for wide outputs (n ≥ 2048), where each packed value serves enough kernel calls to
-//! repay the copy. Outputs are written without being zero-filled first. Its speed against
-//! PyTorch's is measured by `cargo test -p qpipe-model --lib bench_gemm_gflops -- --ignored
-//! --nocapture` (figures in the README).
-//! It is used when the CPU has AVX-512F and both operands are contiguous untracked f32
-//! CPU tensors; otherwise callers use candle's matmul (same results up to summation order).
+//! candle's CPU matmul (the `gemm` crate) reaches about a quarter of what PyTorch's oneDNN
+//! does on an AVX-512 Xeon, and its summation order follows the CPU's vector width and
+//! cache sizes, so its last bits differ between an AVX2 and an AVX-512 machine. This
+//! module packs the right-hand side into 32-column panels and runs a register-tiled FMA
+//! kernel over 256-deep slices, parallel over row blocks sized so that every thread gets
+//! the same share. Each output is, at every level and thread count, the same sequence of
+//! operations: `acc = fma(a[i][k], b[k][j], acc)` for `k` in order within a 256-deep
+//! slice from `acc = 0`, then `c = acc` for the first slice and `c = acc + c` after it.
+//! The level ([`qpipe_compute::simd::level`]) only picks how many outputs are in flight:
+//! a 12×32 tile in 24 AVX-512 registers, two 6×16 tiles in 12 AVX2 registers each, or a
+//! scalar loop over an exact FMA emulation ([`simd::fma_f32`]). The left operand is packed
+//! per micro-tile only for wide outputs (n ≥ 2048), where each packed value serves enough
+//! kernel calls to repay the copy. Outputs are written without being zero-filled first.
+//! Its speed against PyTorch's is measured by `cargo test -p qpipe-model --lib
+//! bench_gemm_gflops -- --ignored --nocapture` (figures in the README; `QPIPE_SIMD` picks
+//! the level measured).
+//! It is used for contiguous untracked f32 CPU tensors; callers use candle's matmul for
+//! anything else (other dtypes, autograd-tracked tensors in tests).
 
 use candle_core::Tensor;
 use qpipe_compute::par::SendPtr;
+use qpipe_compute::simd::{self, Level};
 use rayon::prelude::*;
 
 const MR: usize = 12;
@@ -33,11 +42,8 @@ pub enum RhsLayout {
 }
 
 /// `a: [m, k]` times `b` (see [`RhsLayout`]) as a new `[m, n]` tensor, or `None` when the
-/// fast path does not apply.
+/// shapes disagree or an operand is not a contiguous untracked f32 CPU tensor.
 pub fn matmul(a: &Tensor, b: &Tensor, layout: RhsLayout) -> Option<Tensor> {
-    if !has_avx512() {
-        return None;
-    }
     let (m, k) = a.dims2().ok()?;
     let (b0, b1) = b.dims2().ok()?;
     let n = match layout {
@@ -63,7 +69,7 @@ pub fn batched_matmul_lhs_t(a: &Tensor, b: &Tensor, layout: RhsLayout) -> Option
 }
 
 fn batched(a: &Tensor, b: &Tensor, layout: RhsLayout, a_t: bool) -> Option<Tensor> {
-    if !has_avx512() || a.rank() < 3 || a.rank() != b.rank() {
+    if a.rank() < 3 || a.rank() != b.rank() {
         return None;
     }
     let r = a.rank();
@@ -89,6 +95,7 @@ fn batched(a: &Tensor, b: &Tensor, layout: RhsLayout, a_t: bool) -> Option<Tenso
                 // `batch·m·n` allocated; the products' ranges are disjoint.
                 unsafe {
                     sgemm_raw(
+                        simd::level(),
                         &a[i * m * k..(i + 1) * m * k],
                         m,
                         k,
@@ -108,17 +115,6 @@ fn batched(a: &Tensor, b: &Tensor, layout: RhsLayout, a_t: bool) -> Option<Tenso
     let mut shape = lead_a.to_vec();
     shape.extend([m, n]);
     Tensor::from_vec(out, shape, a.device()).ok()
-}
-
-fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// Packs `b` into `ceil(n/NR)` panels of `[k][NR]` (zero-padded columns).
@@ -148,10 +144,16 @@ fn pack_rhs(b: &[f32], k: usize, n: usize, layout: RhsLayout) -> Vec<f32> {
 
 /// `a · b` (see [`RhsLayout`]) as a new row-major `[m, n]` vector.
 fn sgemm(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: RhsLayout) -> Vec<f32> {
+    sgemm_at(simd::level(), a, m, k, b, n, layout)
+}
+
+/// [`sgemm`] with the kernels of `level` (at most [`simd::detected`]).
+fn sgemm_at(level: Level, a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: RhsLayout) -> Vec<f32> {
+    assert!(level <= simd::detected(), "{level:?} kernels on a CPU without them");
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: `sgemm_raw` writes all `m·n` values at `c` (no zero-fill needed first).
     unsafe {
-        sgemm_raw(a, m, k, b, n, layout, false, c.as_mut_ptr());
+        sgemm_raw(level, a, m, k, b, n, layout, false, c.as_mut_ptr());
         c.set_len(m * n);
     }
     c
@@ -161,10 +163,19 @@ fn sgemm(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: RhsLayout) 
 /// reading them first. `a` is `[m, k]`, or `[k, m]` holding `aᵀ` when `a_t`.
 ///
 /// # Safety
-/// `c` must be valid for writes of `m·n` values, and AVX-512F must be available.
-#[cfg(target_arch = "x86_64")]
+/// `c` must be valid for writes of `m·n` values, and the CPU must support `level`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn sgemm_raw(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: RhsLayout, a_t: bool, c: *mut f32) {
+unsafe fn sgemm_raw(
+    level: Level,
+    a: &[f32],
+    m: usize,
+    k: usize,
+    b: &[f32],
+    n: usize,
+    layout: RhsLayout,
+    a_t: bool,
+    c: *mut f32,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -217,11 +228,11 @@ unsafe fn sgemm_raw(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: 
                     } else {
                         (&a[(i0 + r0) * k + kb..], k, 1)
                     };
-                    // SAFETY: AVX-512F is available (the caller's contract); the kernel reads
-                    // `a` at `r·rs + kk·ks` for r < mr, kk < kc and `kc·NR` values of
-                    // `panel` (inside the slices), and writes (and, from the second `kb` on,
-                    // reads back) `cols` values of `mr` rows at stride `n` from `c_blk`: rows
-                    // `i0 + r0 ..` of this thread's own block, inside the `m·n` output.
+                    // SAFETY: the kernel reads `a` at `r·rs + kk·ks` for r < mr, kk < kc and
+                    // `kc·NR` values of `panel` (inside the slices), and writes (and, from the
+                    // second `kb` on, reads back) `cols` values of `mr` rows at stride `n`
+                    // from `c_blk`: rows `i0 + r0 ..` of this thread's own block, inside the
+                    // `m·n` output.
                     let c_blk = cp.0.add((i0 + r0) * n + p * NR);
                     let args = KernelArgs {
                         a: ap,
@@ -234,33 +245,14 @@ unsafe fn sgemm_raw(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: 
                         cols,
                         accumulate: kb > 0,
                     };
-                    match mr {
-                        12 => kernel::<12>(args),
-                        11 => kernel::<11>(args),
-                        10 => kernel::<10>(args),
-                        9 => kernel::<9>(args),
-                        8 => kernel::<8>(args),
-                        7 => kernel::<7>(args),
-                        6 => kernel::<6>(args),
-                        5 => kernel::<5>(args),
-                        4 => kernel::<4>(args),
-                        3 => kernel::<3>(args),
-                        2 => kernel::<2>(args),
-                        _ => kernel::<1>(args),
-                    }
+                    tile(level, mr, &args);
                 }
             }
         }
     });
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn sgemm_raw(_: &[f32], _: usize, _: usize, _: &[f32], _: usize, _: RhsLayout, _: bool, _: *mut f32) {
-    unreachable!("has_avx512() is false off x86_64")
-}
-
-/// One register tile's work for [`kernel`].
+/// One register tile's work for the kernels.
 struct KernelArgs<'a> {
     /// The tile's left operand: `A[r][kk]` is `a[r·row_stride + kk·k_stride]`.
     a: &'a [f32],
@@ -279,12 +271,66 @@ struct KernelArgs<'a> {
     accumulate: bool,
 }
 
-/// `C[R × cols] (+)= A[R × kc] · panel[kc × NR]` for one register tile; `A[r][kk]` is
-/// `a[r·rs + kk·ks]` (packed `[kc][MR]`: rs = 1, ks = MR; in place: rs = lda, ks = 1).
+impl KernelArgs<'_> {
+    /// The same tile without its first `r` rows.
+    fn skip_rows(&self, r: usize) -> KernelArgs<'_> {
+        KernelArgs {
+            a: &self.a[r * self.row_stride..],
+            // SAFETY (of later writes): rows past `r` of the tile are inside the output.
+            c: self.c.wrapping_add(r * self.ldc),
+            ..*self
+        }
+    }
+}
+
+/// `C[mr × cols] (+)= A[mr × kc] · panel[kc × NR]` at `level` (see the module doc: the same
+/// bits at every level).
+///
+/// # Safety
+/// As [`sgemm_raw`]'s tiles: `args` addresses `mr ≤ MR` rows inside `a` and the output.
+unsafe fn tile(level: Level, mr: usize, args: &KernelArgs) {
+    #[cfg(target_arch = "x86_64")]
+    if level >= Level::Avx512 {
+        match mr {
+            12 => kernel_avx512::<12>(args),
+            11 => kernel_avx512::<11>(args),
+            10 => kernel_avx512::<10>(args),
+            9 => kernel_avx512::<9>(args),
+            8 => kernel_avx512::<8>(args),
+            7 => kernel_avx512::<7>(args),
+            6 => kernel_avx512::<6>(args),
+            5 => kernel_avx512::<5>(args),
+            4 => kernel_avx512::<4>(args),
+            3 => kernel_avx512::<3>(args),
+            2 => kernel_avx512::<2>(args),
+            _ => kernel_avx512::<1>(args),
+        }
+        return;
+    } else if level >= Level::Avx2 {
+        // Two tiles of at most 6 rows (6 × 16 columns in 12 registers).
+        let avx2 = |rows: usize, args: &KernelArgs| match rows {
+            6 => kernel_avx2::<6>(args),
+            5 => kernel_avx2::<5>(args),
+            4 => kernel_avx2::<4>(args),
+            3 => kernel_avx2::<3>(args),
+            2 => kernel_avx2::<2>(args),
+            _ => kernel_avx2::<1>(args),
+        };
+        avx2(mr.min(6), args);
+        if mr > 6 {
+            avx2(mr - 6, &args.skip_rows(6));
+        }
+        return;
+    }
+    let _ = level;
+    kernel_scalar(mr, args);
+}
+
+/// The AVX-512 tile: `R × 32` outputs in `2R` registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel<const R: usize>(args: KernelArgs<'_>) {
-    let KernelArgs { a, row_stride: rs, k_stride: ks, kc, panel, c, ldc, cols, accumulate } = args;
+unsafe fn kernel_avx512<const R: usize>(args: &KernelArgs<'_>) {
+    let &KernelArgs { a, row_stride: rs, k_stride: ks, kc, panel, c, ldc, cols, accumulate } = args;
     use std::arch::x86_64::*;
     debug_assert!(a.len() > (R - 1) * rs + (kc - 1) * ks && panel.len() >= kc * NR && cols <= NR && ldc >= cols);
     let ap = a.as_ptr();
@@ -319,6 +365,67 @@ unsafe fn kernel<const R: usize>(args: KernelArgs<'_>) {
     }
 }
 
+/// The AVX2 tile: `R ≤ 6` rows, the panel's 32 columns as two halves of `R × 16` outputs
+/// in `2R` registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_avx2<const R: usize>(args: &KernelArgs<'_>) {
+    let &KernelArgs { a, row_stride: rs, k_stride: ks, kc, panel, c, ldc, cols, accumulate } = args;
+    use std::arch::x86_64::*;
+    debug_assert!(R <= 6 && a.len() > (R - 1) * rs + (kc - 1) * ks && panel.len() >= kc * NR && cols <= NR);
+    let ap = a.as_ptr();
+    for c0 in (0..cols).step_by(16) {
+        let bp = panel.as_ptr().add(c0);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for kk in 0..kc {
+            let b0 = _mm256_loadu_ps(bp.add(kk * NR));
+            let b1 = _mm256_loadu_ps(bp.add(kk * NR + 8));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av = _mm256_set1_ps(*ap.add(kk * ks + r * rs));
+                acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (h, &v) in acc.iter().enumerate() {
+                let cc = c0 + 8 * h;
+                if cc >= cols {
+                    break;
+                }
+                let row = c.add(r * ldc + cc);
+                if cols - cc >= 8 {
+                    let v = if accumulate { _mm256_add_ps(v, _mm256_loadu_ps(row)) } else { v };
+                    _mm256_storeu_ps(row, v);
+                } else {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                    for (i, &x) in lanes[..cols - cc].iter().enumerate() {
+                        *row.add(i) = if accumulate { x + *row.add(i) } else { x };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The scalar tile: one row at a time, [`simd::fma_f32`] (one rounding, as the vector FMAs).
+unsafe fn kernel_scalar(rows: usize, args: &KernelArgs<'_>) {
+    let &KernelArgs { a, row_stride: rs, k_stride: ks, kc, panel, c, ldc, cols, accumulate } = args;
+    for r in 0..rows {
+        let mut acc = [0f32; NR];
+        for kk in 0..kc {
+            let av = a[kk * ks + r * rs];
+            for (acc, &b) in acc[..cols].iter_mut().zip(&panel[kk * NR..kk * NR + cols]) {
+                *acc = simd::fma_f32(av, b, *acc);
+            }
+        }
+        let row = c.add(r * ldc);
+        for (i, &x) in acc[..cols].iter().enumerate() {
+            *row.add(i) = if accumulate { x + *row.add(i) } else { x };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,10 +433,6 @@ mod tests {
 
     #[test]
     fn matches_candle_matmul_on_odd_shapes() {
-        if !has_avx512() {
-            eprintln!("SKIP: no AVX-512F on this CPU; the candle matmul fallback is used");
-            return;
-        }
         let dev = Device::Cpu;
         // n ≥ PACK_A_MIN_N packs A, narrower products read it in place: both are covered.
         for &(m, k, n) in
@@ -371,6 +474,62 @@ mod tests {
         // shape mismatch → not handled
         let a = Tensor::zeros((2, 3), candle_core::DType::F32, &dev).unwrap();
         assert!(matmul(&a, &a, RhsLayout::Normal).is_none());
+    }
+}
+
+/// The same bits at every vector level the CPU has and at 1, 2 and 3 threads, on shapes
+/// with partial tiles and panels, several 256-deep slices, a packed `a` (n ≥ 2048), both
+/// layouts of `b` and a transposed `a` (the batched path).
+#[cfg(test)]
+mod same_bits {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32 - 0.5) * 3.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_level_and_thread_count_gives_the_same_bits() {
+        let levels: Vec<Level> = Level::ALL.into_iter().filter(|l| *l <= simd::detected()).collect();
+        eprintln!("levels compared: {levels:?}");
+        let pools: Vec<rayon::ThreadPool> =
+            [1, 2, 3].iter().map(|&t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap()).collect();
+        for &(m, k, n) in &[(1, 1, 1), (13, 7, 33), (25, 600, 70), (37, 513, 2100), (7, 300, 17)] {
+            let a = values(m * k, 1);
+            let b = values(n * k, 2);
+            for layout in [RhsLayout::Transposed, RhsLayout::Normal] {
+                let want: Vec<u32> =
+                    sgemm_at(Level::Scalar, &a, m, k, &b, n, layout).iter().map(|v| v.to_bits()).collect();
+                for &level in &levels {
+                    for pool in &pools {
+                        let got = pool.install(|| sgemm_at(level, &a, m, k, &b, n, layout));
+                        let same = got.iter().zip(&want).filter(|(g, w)| g.to_bits() == **w).count();
+                        assert_eq!(
+                            same,
+                            want.len(),
+                            "{m}x{k}x{n} {layout:?} at {level:?} on {} threads",
+                            pool.current_num_threads()
+                        );
+                    }
+                }
+                // aᵀ read in place: `a` holds the transpose, [k, m].
+                let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+                for &level in &levels {
+                    let mut got = vec![0f32; m * n];
+                    // SAFETY: `got` holds `m·n` values; `level` is at most the CPU's.
+                    unsafe { sgemm_raw(level, &at, m, k, &b, n, layout, true, got.as_mut_ptr()) };
+                    assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == *w), "aᵀ {m}x{k}x{n} at {level:?}");
+                }
+            }
+        }
     }
 }
 

@@ -50,8 +50,8 @@
 //!
 //! # Cost
 //!
-//! Linears run on an AVX-512 packed GEMM ([`gemm`]) when the CPU has it, element-wise
-//! parts on fused rayon kernels. A [`ForwardCache`] holds, per layer,
+//! Linears run on a packed GEMM ([`gemm`]: AVX-512, AVX2 or scalar kernels with the same
+//! bits), element-wise parts on fused rayon kernels. A [`ForwardCache`] holds, per layer,
 //! 4 bytes × N·(4·H + Hq·D + 2·Hkv·D + 2·I) (H hidden, I intermediate, Hq/Hkv heads,
 //! D head_dim) plus logits ([`TextModel::forward_cache_bytes`]): ≈ 220 MB for hidden 512 /
 //! 8 layers / 8×128 tokens. Attention probabilities are recomputed, not kept. Forward and
@@ -621,10 +621,14 @@ fn ensure_finite(t: &Tensor, what: impl FnOnce() -> String) -> Result<()> {
     Ok(())
 }
 
-/// ModelOpt's gradient score term of one Linear and batch:
+/// `t` as the GEMM reads it: contiguous (a copy only when it is a strided view).
+fn dense(t: &Tensor) -> Result<Tensor> {
+    Ok(t.contiguous()?)
+}
+
 /// Batched `a · bᵀ` (attention scores).
 fn bmm_t(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if let Some(y) = gemm::batched_matmul(a, b, gemm::RhsLayout::Transposed) {
+    if let Some(y) = gemm::batched_matmul(&dense(a)?, &dense(b)?, gemm::RhsLayout::Transposed) {
         return Ok(y);
     }
     Ok(a.matmul(&b.t()?)?)
@@ -632,7 +636,7 @@ fn bmm_t(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// Batched `aᵀ · b`.
 fn bmm_tn(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if let Some(y) = gemm::batched_matmul_lhs_t(a, b, gemm::RhsLayout::Normal) {
+    if let Some(y) = gemm::batched_matmul_lhs_t(&dense(a)?, &dense(b)?, gemm::RhsLayout::Normal) {
         return Ok(y);
     }
     Ok(a.t()?.matmul(b)?)
@@ -640,17 +644,18 @@ fn bmm_tn(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// Batched `a · b`.
 fn bmm_n(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if let Some(y) = gemm::batched_matmul(a, b, gemm::RhsLayout::Normal) {
+    if let Some(y) = gemm::batched_matmul(&dense(a)?, &dense(b)?, gemm::RhsLayout::Normal) {
         return Ok(y);
     }
     Ok(a.matmul(b)?)
 }
 
 /// `x · wᵀ` for `x: [N, in]`, `w: [out, in]` — the product every Linear of the model
-/// computes (AVX-512 kernel where available, else candle's matmul). Use it to compute
-/// replacement outputs so that an identity replacement reproduces `y` bit for bit.
+/// computes ([`gemm`]: the same bits on every CPU level; candle's matmul only for
+/// tensors it cannot take, such as other dtypes). Use it to compute replacement outputs so
+/// that an identity replacement reproduces `y` bit for bit.
 pub fn matmul_xwt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if let Some(y) = gemm::matmul(x, w, gemm::RhsLayout::Transposed) {
+    if let Some(y) = gemm::matmul(&dense(x)?, &dense(w)?, gemm::RhsLayout::Transposed) {
         return Ok(y);
     }
     Ok(x.matmul(&w.t()?)?)
@@ -658,7 +663,7 @@ pub fn matmul_xwt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// `dy · w` for `dy: [N, out]`, `w: [out, in]` (a Linear's input gradient).
 pub fn matmul_xw(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if let Some(dx) = gemm::matmul(dy, w, gemm::RhsLayout::Normal) {
+    if let Some(dx) = gemm::matmul(&dense(dy)?, &dense(w)?, gemm::RhsLayout::Normal) {
         return Ok(dx);
     }
     Ok(dy.matmul(w)?)

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use crate::numerics::{e8m0_exponent_nv, pow2, rne_small, round_e2m1_magnitude, round_e4m3, AMAX_EPSILON, E4M3_MAX};
 use crate::observer::{Amax, AmaxKind};
 use crate::types::{IntCodes, NumBits, Quantizer, Scheme};
-use qpipe_compute::avx512_dispatch;
+use qpipe_compute::simd_dispatch;
 
 impl Quantizer {
     /// Static ranges of a weight `[out, in]` = max calibration over the weight itself
@@ -236,7 +236,7 @@ fn int_code(v: f32, s: f32, min_bound: f32, max_bound: f32) -> f32 {
     rne_small((v * s).clamp(min_bound, max_bound))
 }
 
-avx512_dispatch! {
+simd_dispatch! {
     /// [`int_codes_row_impl`], vectorized where the CPU allows.
     fn int_codes_row(c: &mut [i8], x: &[f32], s: f32, min_bound: f32, max_bound: f32) -> bool = int_codes_row_impl;
 }

@@ -1,20 +1,27 @@
 //! `q(X)·q(W)ᵀ` computed on the integer codes when both operands are on 8-bit integer
-//! grids (INT8_DEFAULT: inputs per tensor, weights per output channel), with AVX-512 VNNI.
+//! grids (INT8_DEFAULT: inputs per tensor, weights per output channel).
 //!
 //! With `x_q = c_x / d_x` and `w_q[j] = c_w[j] / d_w[j]` ([`IntCodes`]), the product is
 //! `y[i][j] = (Σ_k c_x[i][k]·c_w[j][k]) / (d_x·d_w[j])`. The integer sum is exact (i32),
 //! so the only roundings are the final conversion and scaling — where the f32 product
 //! ModelOpt computes rounds at every one of the `k` additions. The two agree to f32
-//! rounding (`tests` bound it), and VNNI does 64 multiply-adds per instruction against
-//! 16 for f32 FMA.
+//! rounding (`tests` bound it).
 //!
-//! `vpdpbusd` multiplies unsigned by signed bytes, so the input codes are stored as
-//! `c_x + 128` and `128·Σ_k c_w[j][k]` is taken off each sum. The weight is packed once per
-//! linear into panels of 32 output channels holding 4 consecutive `k` per 32-bit lane;
-//! each kernel call keeps a 12 × 32 tile of i32 sums in 24 registers over all of `k`.
+//! Exact sums make the result independent of how they are computed, so every vector level
+//! ([`qpipe_compute::simd::level`]) gives the same bits: with AVX-512 VNNI, `vpdpbusd`
+//! (64 multiply-adds per instruction) on a weight packed once per linear into panels of 32
+//! output channels holding 4 consecutive `k` per 32-bit lane, each kernel call keeping a
+//! 12 × 32 tile of i32 sums in 24 registers over all of `k`; below VNNI, i32 dot products
+//! of weight rows that the compiler vectorizes for the level. `vpdpbusd` multiplies
+//! unsigned by signed bytes, so the input codes are stored as `c_x + 128` and
+//! `128·Σ_k c_w[j][k]` is taken off each sum (both paths). The fused score
+//! ([`product_score`]) combines its terms in one fixed order — 8 f64 lanes per tile, a fixed
+//! tree across them, tiles in order — at every level and thread count.
 
 use qpipe_compute::par::SendPtr;
 use rayon::prelude::*;
+
+use qpipe_compute::simd::{self, Level};
 
 use crate::observer::AmaxKind;
 use crate::types::IntCodes;
@@ -24,60 +31,63 @@ const NR: usize = 32;
 /// `k` beyond which the i32 sums could overflow (255 · 127 · k < 2³¹).
 const MAX_K: usize = 60_000;
 
-/// Whether this CPU runs the integer products (AVX-512F, BW and VNNI).
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// `k` rounded up to whole groups of 4.
 fn k4(k: usize) -> usize {
     k.div_ceil(4) * 4
 }
 
-/// A weight's codes `[n, k]` packed for the kernel, with its per-channel divisors.
+/// A weight's codes `[n, k]` laid out for the level's kernel, with its per-channel divisors.
 pub struct PackedWeight {
     n: usize,
     k: usize,
-    /// `ceil(n / 32)` panels of `[k4 / 4][32 channels][4 bytes]`; zero past `n` and `k`.
-    panels: Vec<i8>,
+    /// The level whose kernel reads `codes`.
+    level: Level,
+    /// VNNI: `ceil(n / 32)` panels of `[k4 / 4][32 channels][4 bytes]`; below: `n` rows of
+    /// `k4` bytes. Zero past `n` and `k`.
+    codes: Vec<i8>,
     /// `128 · Σ_k c_w[j][k]` per channel: what the `+128` of the input codes adds.
     offset: Vec<i32>,
     divisors: Vec<f32>,
 }
 
 impl PackedWeight {
-    /// Packs weight codes (per tensor or per row); `None` when the CPU lacks VNNI or `k` is
-    /// too large for exact i32 sums.
+    /// Packs weight codes (per tensor or per row) for the kernels of this run's level;
+    /// `None` when `k` is too large for exact i32 sums.
     pub fn new(w: &IntCodes) -> Option<Self> {
-        if !available() || w.cols > MAX_K || w.codes.len() != w.rows * w.cols {
+        Self::new_at(w, simd::level())
+    }
+
+    /// [`PackedWeight::new`] for the kernels of `level` (at most [`simd::detected`]).
+    pub fn new_at(w: &IntCodes, level: Level) -> Option<Self> {
+        if w.cols > MAX_K || w.codes.len() != w.rows * w.cols || level > simd::detected() {
             return None;
         }
         let (n, k) = (w.rows, w.cols);
         let kp = k4(k);
-        let mut panels = vec![0i8; n.div_ceil(NR) * kp * NR];
-        panels.par_chunks_mut((kp * NR).max(1)).enumerate().for_each(|(p, panel)| {
-            for c in 0..NR.min(n - p * NR) {
-                let row = &w.codes[(p * NR + c) * k..(p * NR + c + 1) * k];
-                for (kk, &v) in row.iter().enumerate() {
-                    panel[(kk / 4) * NR * 4 + c * 4 + kk % 4] = v;
+        let codes = if level == Level::Avx512Vnni {
+            let mut panels = vec![0i8; n.div_ceil(NR) * kp * NR];
+            panels.par_chunks_mut((kp * NR).max(1)).enumerate().for_each(|(p, panel)| {
+                for c in 0..NR.min(n - p * NR) {
+                    let row = &w.codes[(p * NR + c) * k..(p * NR + c + 1) * k];
+                    for (kk, &v) in row.iter().enumerate() {
+                        panel[(kk / 4) * NR * 4 + c * 4 + kk % 4] = v;
+                    }
                 }
+            });
+            panels
+        } else {
+            let mut rows = vec![0i8; n * kp];
+            if k > 0 {
+                rows.par_chunks_mut(kp).zip(w.codes.par_chunks(k)).for_each(|(d, s)| d[..k].copy_from_slice(s));
             }
-        });
+            rows
+        };
         let offset = w.codes.chunks(k.max(1)).map(|r| 128 * r.iter().map(|&v| i32::from(v)).sum::<i32>()).collect();
         let divisors = match w.kind {
             AmaxKind::PerRow => w.divisors.clone(),
             _ => vec![w.divisors[0]; n],
         };
-        Some(Self { n, k, panels, offset, divisors })
+        Some(Self { n, k, level, codes, offset, divisors })
     }
 
     /// Output channels.
@@ -122,7 +132,7 @@ impl InputCodes {
 
 /// Checks shapes and row indices; the rows to use (`rows`, or all of them).
 fn picked_rows(x: &InputCodes, rows: Option<&[u32]>, w: &PackedWeight) -> Option<Vec<usize>> {
-    if x.k != w.k || rows.is_some_and(|r| r.iter().any(|&i| i as usize >= x.m)) || !available() {
+    if x.k != w.k || rows.is_some_and(|r| r.iter().any(|&i| i as usize >= x.m)) {
         return None;
     }
     Some(match rows {
@@ -137,13 +147,14 @@ fn scales(x: &InputCodes, w: &PackedWeight) -> Vec<f32> {
 }
 
 /// One `MR × NR` tile of a product: the input rows (`a`, `rows` of them used), the weight
-/// panel with its `cols ≤ NR` channels' offsets and scales, and where it sits in the
-/// output (first picked row `r0`, first channel `c0`).
+/// codes of its `cols ≤ NR` channels (a VNNI panel, or `cols` rows of `kp` bytes) with their
+/// offsets and scales, and where it sits in the output (first picked row `r0`, first
+/// channel `c0`).
 struct Tile<'a> {
     a: [*const u8; MR],
     rows: usize,
-    groups: usize,
-    panel: &'a [i8],
+    kp: usize,
+    weights: &'a [i8],
     offset: &'a [i32],
     scale: &'a [f32],
     r0: usize,
@@ -151,26 +162,25 @@ struct Tile<'a> {
 }
 
 /// Runs `tile` on every `MR`-row tile of the picked rows and every panel of `w` (`scale`:
-/// [`scales`]), tiles split over the threads (a task's tiles in order), folding each task's
-/// results; returns them in task order.
-fn for_each_tile<R: Clone + Send + Sync>(
+/// [`scales`]), tiles split over the threads; returns the results in tile order (row tiles,
+/// and within one the panels), whatever the thread count.
+fn for_each_tile<R: Send>(
     x: &InputCodes,
     picked: &[usize],
     w: &PackedWeight,
     scale: &[f32],
     tile: impl Fn(&Tile) -> R + Sync,
-    fold: impl Fn(R, R) -> R + Sync,
-    zero: R,
 ) -> Vec<R> {
     let (m, kp) = (picked.len(), k4(x.k));
     // A row of codes 0 for the unused rows of a last, partial tile.
     let zero_row = vec![128u8; kp];
     let tiles = m.div_ceil(MR);
     let per_task = tiles.div_ceil(4 * rayon::current_num_threads()).max(1);
-    (0..tiles.div_ceil(per_task))
+    let vnni = w.level == Level::Avx512Vnni;
+    let per_task: Vec<Vec<R>> = (0..tiles.div_ceil(per_task))
         .into_par_iter()
         .map(|task| {
-            let mut acc = zero.clone();
+            let mut out = Vec::new();
             for t in task * per_task..((task + 1) * per_task).min(tiles) {
                 let r0 = t * MR;
                 let mr = MR.min(m - r0);
@@ -180,22 +190,28 @@ fn for_each_tile<R: Clone + Send + Sync>(
                 }
                 for p in 0..w.n.div_ceil(NR) {
                     let (c0, cols) = (p * NR, NR.min(w.n - p * NR));
+                    let weights = if vnni {
+                        &w.codes[p * kp * NR..(p + 1) * kp * NR]
+                    } else {
+                        &w.codes[c0 * kp..(c0 + cols) * kp]
+                    };
                     let t = Tile {
                         a,
                         rows: mr,
-                        groups: kp / 4,
-                        panel: &w.panels[p * kp * NR..(p + 1) * kp * NR],
+                        kp,
+                        weights,
                         offset: &w.offset[c0..c0 + cols],
                         scale: &scale[c0..c0 + cols],
                         r0,
                         c0,
                     };
-                    acc = fold(acc, tile(&t));
+                    out.push(tile(&t));
                 }
             }
-            acc
+            out
         })
-        .collect()
+        .collect();
+    per_task.into_iter().flatten().collect()
 }
 
 /// `x_q · w_qᵀ` as a row-major `[rows, n]` f32 vector, over the rows `rows` of `x` (all of
@@ -206,19 +222,23 @@ pub fn product(x: &InputCodes, rows: Option<&[u32]>, w: &PackedWeight) -> Option
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let op = SendPtr(out.as_mut_ptr());
     let op = &op;
-    for_each_tile(
-        x,
-        &picked,
-        w,
-        &scales(x, w),
-        // SAFETY: VNNI is available (`picked_rows`); each of the MR row pointers has `kp`
-        // readable bytes, the panel `kp·NR`; the tile writes its `cols` values of rows
-        // `r0 .. r0 + rows` of the `m·n` output, rows that only this tile's task writes, at
-        // columns `c0 ..` inside `n`.
-        |t| unsafe { kernel_store(t, op.0.add(t.r0 * n + t.c0), n) },
-        |_, _| (),
-        (),
-    );
+    for_each_tile(x, &picked, w, &scales(x, w), |t| {
+        let c = op.0.wrapping_add(t.r0 * n + t.c0);
+        #[cfg(target_arch = "x86_64")]
+        if w.level == Level::Avx512Vnni {
+            // SAFETY: the CPU has VNNI (`PackedWeight::new_at`); each of the MR row pointers
+            // has `kp` readable bytes, the panel `kp·NR`; the tile writes its `cols` values
+            // of rows `r0 .. r0 + rows` of the `m·n` output, rows that only this tile's task
+            // writes, at columns `c0 ..` inside `n`.
+            unsafe { kernel_store(t, c, n) };
+            return;
+        }
+        let out = tile_outputs_rows(t, w.level);
+        for (r, o) in out.iter().enumerate().take(t.rows) {
+            // SAFETY: as above: row `r0 + r`, columns `c0 .. c0 + cols` of the output.
+            unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), c.add(r * n), t.offset.len()) };
+        }
+    });
     // SAFETY: every one of the `m·n` values was written above (all tiles, all panels).
     unsafe { out.set_len(m * n) };
     Some(out)
@@ -227,7 +247,9 @@ pub fn product(x: &InputCodes, rows: Option<&[u32]>, w: &PackedWeight) -> Option
 /// The gradient score term `Σ clamp(g ⊙ (x_q·w_qᵀ − y), ±1e10)²` over the rows `rows` of
 /// `x` (all when `None`) — each term in f32, as ModelOpt's, summed in f64 — without
 /// forming the product: `g` and `y` are the full `[m, n]` row-major output gradient and
-/// unquantized output, read at the picked rows. `None` when shapes disagree.
+/// unquantized output, read at the picked rows. `None` when shapes disagree. The terms are
+/// combined in one order at every level and thread count: per tile as [`score_terms`]
+/// does, then the tiles' sums left to right.
 pub fn product_score(x: &InputCodes, rows: Option<&[u32]>, w: &PackedWeight, g: &[f32], y: &[f32]) -> Option<f64> {
     let picked = picked_rows(x, rows, w)?;
     let n = w.n;
@@ -235,25 +257,113 @@ pub fn product_score(x: &InputCodes, rows: Option<&[u32]>, w: &PackedWeight, g: 
         return None;
     }
     let zero = [0f32; NR];
-    let parts = for_each_tile(
-        x,
-        &picked,
-        w,
-        &scales(x, w),
-        |t| {
-            let (mut gr, mut yr) = ([zero.as_ptr(); MR], [zero.as_ptr(); MR]);
-            for r in 0..t.rows {
-                let at = picked[t.r0 + r] * n + t.c0;
-                (gr[r], yr[r]) = (g[at..].as_ptr(), y[at..].as_ptr());
-            }
+    let parts = for_each_tile(x, &picked, w, &scales(x, w), |t| {
+        let (mut gr, mut yr) = ([zero.as_ptr(); MR], [zero.as_ptr(); MR]);
+        for r in 0..t.rows {
+            let at = picked[t.r0 + r] * n + t.c0;
+            (gr[r], yr[r]) = (g[at..].as_ptr(), y[at..].as_ptr());
+        }
+        #[cfg(target_arch = "x86_64")]
+        if w.level == Level::Avx512Vnni {
             // SAFETY: as in `product`; besides, `gr`/`yr` point at `cols` readable values
             // (row `picked[..]` of `g`/`y` from column `c0`, inside `n`).
-            unsafe { kernel_score(t, &gr, &yr) }
-        },
-        |a, b| a + b,
-        0f64,
-    );
+            return unsafe { kernel_score(t, &gr, &yr) };
+        }
+        let out = tile_outputs_rows(t, w.level);
+        // SAFETY: as above.
+        unsafe { score_terms(&out, t.rows, t.offset.len(), &gr, &yr) }
+    });
     Some(parts.iter().sum())
+}
+
+/// The 8 f64 lanes of a tile's score combined in the fixed tree of `_mm512_reduce_add_pd`:
+/// `((v0+v4) + (v2+v6)) + ((v1+v5) + (v3+v7))`.
+fn reduce8(v: [f64; 8]) -> f64 {
+    ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
+}
+
+/// The score of one tile from its outputs `out` (`rows` × `cols` used), in the order of the
+/// AVX-512 kernel: per row, per 16-column half, the 16 squared terms (0 past `cols`) added
+/// pairwise (`l`, `l + 8`) into 8 f64 lanes, then [`reduce8`].
+///
+/// # Safety
+/// `g[r]` and `y[r]` must point at `cols` readable values for every `r < rows`.
+unsafe fn score_terms(
+    out: &[[f32; NR]; MR],
+    rows: usize,
+    cols: usize,
+    g: &[*const f32; MR],
+    y: &[*const f32; MR],
+) -> f64 {
+    let mut acc = [0f64; 8];
+    for r in 0..rows {
+        for h in 0..2 {
+            let mut sq = [0f32; 16];
+            for (l, sq) in sq.iter_mut().enumerate() {
+                let c = 16 * h + l;
+                if c < cols {
+                    let t = *g[r].add(c) * (out[r][c] - *y[r].add(c));
+                    // `_mm512_max_ps(lo, t)` then `_mm512_min_ps(hi, ·)`: NaN stays NaN.
+                    let t = if -1e10 > t { -1e10 } else { t };
+                    let t = if 1e10 < t { 1e10 } else { t };
+                    *sq = t * t;
+                }
+            }
+            for l in 0..8 {
+                acc[l] += f64::from(sq[l]) + f64::from(sq[l + 8]);
+            }
+        }
+    }
+    reduce8(acc)
+}
+
+/// The tile's outputs `(Σ − offset[c]) · scale[c]` below VNNI: exact i32 dot products of
+/// its rows with the weight rows, the epilogue as the VNNI kernel's.
+fn tile_outputs_rows(t: &Tile, level: Level) -> [[f32; NR]; MR] {
+    let mut out = [[0f32; NR]; MR];
+    let cols = t.offset.len();
+    for (r, out) in out.iter_mut().enumerate().take(t.rows) {
+        // SAFETY: each used row pointer has `kp` readable bytes (`for_each_tile`).
+        let a = unsafe { std::slice::from_raw_parts(t.a[r], t.kp) };
+        let mut sums = [0i32; NR];
+        dot_rows(level, a, &t.weights[..cols * t.kp], &mut sums[..cols]);
+        for c in 0..cols {
+            out[c] = (sums[c] - t.offset[c]) as f32 * t.scale[c];
+        }
+    }
+    out
+}
+
+/// `sums[c] = Σ_k a[k]·w[c][k]` (exact) for the rows `w[c]` of `a.len()` bytes, compiled
+/// for the level (the compiler vectorizes the i32 sums).
+fn dot_rows(level: Level, a: &[u8], w: &[i8], sums: &mut [i32]) {
+    #[inline(always)]
+    fn imp(a: &[u8], w: &[i8], sums: &mut [i32]) {
+        for (s, w) in sums.iter_mut().zip(w.chunks_exact(a.len().max(1))) {
+            *s = a.iter().zip(w).map(|(&a, &w)| i32::from(a as i16 * i16::from(w))).sum();
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn avx512(a: &[u8], w: &[i8], sums: &mut [i32]) {
+            imp(a, w, sums)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(a: &[u8], w: &[i8], sums: &mut [i32]) {
+            imp(a, w, sums)
+        }
+        if level >= Level::Avx512 {
+            // SAFETY: the CPU has AVX-512F/BW (`level` ≤ `detected`, checked in `new_at`).
+            return unsafe { avx512(a, w, sums) };
+        }
+        if level >= Level::Avx2 {
+            // SAFETY: the CPU has AVX2 and FMA (as above).
+            return unsafe { avx2(a, w, sums) };
+        }
+    }
+    let _ = level;
+    imp(a, w, sums)
 }
 
 /// The i32 sums of one `MR × NR` tile: `Σ_q dpbusd(a[r][4q..], panel[q][c])`.
@@ -261,9 +371,9 @@ pub fn product_score(x: &InputCodes, rows: Option<&[u32]>, w: &PackedWeight, g: 
 #[inline(always)]
 unsafe fn tile_sums(t: &Tile) -> [[std::arch::x86_64::__m512i; 2]; MR] {
     use std::arch::x86_64::*;
-    let panel = t.panel.as_ptr();
+    let panel = t.weights.as_ptr();
     let mut acc = [[_mm512_setzero_si512(); 2]; MR];
-    for q in 0..t.groups {
+    for q in 0..t.kp / 4 {
         let b0 = _mm512_loadu_si512(panel.add(q * NR * 4) as *const __m512i);
         let b1 = _mm512_loadu_si512(panel.add(q * NR * 4 + 64) as *const __m512i);
         for (acc, &ar) in acc.iter_mut().zip(&t.a) {
@@ -324,8 +434,8 @@ unsafe fn kernel_store(t: &Tile, c: *mut f32, ldc: usize) {
     }
 }
 
-/// One tile of [`product_score`]: `Σ clamp(g·(y_q − y), ±1e10)²` over its used rows, the
-/// `g`/`y` values of tile row `r` at `g[r]`/`y[r]`.
+/// One tile of [`product_score`] (the order of [`score_terms`]): `Σ clamp(g·(y_q − y),
+/// ±1e10)²` over its used rows, the `g`/`y` values of tile row `r` at `g[r]`/`y[r]`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn kernel_score(t: &Tile, g: &[*const f32; MR], y: &[*const f32; MR]) -> f64 {
@@ -346,17 +456,9 @@ unsafe fn kernel_score(t: &Tile, g: &[*const f32; MR], y: &[*const f32; MR]) -> 
             acc = _mm512_add_pd(acc, _mm512_add_pd(_mm512_cvtps_pd(s_lo), _mm512_cvtps_pd(s_hi)));
         }
     }
-    _mm512_reduce_add_pd(acc)
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel_store(_: &Tile, _: *mut f32, _: usize) {
-    unreachable!("available() is false off x86_64")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel_score(_: &Tile, _: &[*const f32; MR], _: &[*const f32; MR]) -> f64 {
-    unreachable!("available() is false off x86_64")
+    let mut lanes = [0f64; 8];
+    _mm512_storeu_pd(lanes.as_mut_ptr(), acc);
+    reduce8(lanes)
 }
 
 #[cfg(test)]
@@ -382,10 +484,6 @@ mod tests {
     /// panels, `k` not a multiple of 4, and a row subset.
     #[test]
     fn integer_products_equal_the_exact_sums() {
-        if !available() {
-            eprintln!("SKIP: this CPU has no AVX-512 VNNI; the scorer uses f32 products");
-            return;
-        }
         for &(m, k, n) in &[(1, 1, 1), (13, 7, 33), (37, 130, 45), (25, 512, 64), (12, 1537, 32)] {
             let xc =
                 IntCodes { rows: m, cols: k, codes: codes(m * k, 1), kind: AmaxKind::PerTensor, divisors: vec![3.5] };
@@ -457,15 +555,53 @@ mod tests {
         assert!(product(&x.unwrap(), None, &w.unwrap()).is_none());
     }
 
+    /// Every level the CPU has gives the same bits, at 1, 2 and 3 threads: the products and
+    /// the fused score (partial tiles and panels, `k` not a multiple of 4, a row subset,
+    /// clamped and large terms).
+    #[test]
+    fn every_level_and_thread_count_gives_the_same_bits() {
+        let levels: Vec<Level> = Level::ALL.into_iter().filter(|l| *l <= simd::detected()).collect();
+        eprintln!("levels compared: {levels:?}");
+        let pools: Vec<rayon::ThreadPool> =
+            [1, 2, 3].iter().map(|&t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap()).collect();
+        for &(m, k, n) in &[(1, 1, 1), (13, 7, 33), (40, 130, 45), (100, 515, 70)] {
+            let xc =
+                IntCodes { rows: m, cols: k, codes: codes(m * k, 5), kind: AmaxKind::PerTensor, divisors: vec![7.5] };
+            let wd: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 * 0.3).collect();
+            let wc = IntCodes { rows: n, cols: k, codes: codes(n * k, 6), kind: AmaxKind::PerRow, divisors: wd };
+            let xi = InputCodes::new(&xc).unwrap();
+            let mut g: Vec<f32> = (0..m * n).map(|i| ((i * 7919) % 101) as f32 / 5.0 - 10.0).collect();
+            let y: Vec<f32> = (0..m * n).map(|i| ((i * 104_729) % 97) as f32 - 48.0).collect();
+            g[0] = 3e9; // a clamped term
+            let subset: Vec<u32> = (0..m as u32).rev().step_by(3).collect();
+            let reference = PackedWeight::new_at(&wc, Level::Scalar).unwrap();
+            for rows in [None, Some(subset.as_slice())] {
+                let want_p: Vec<u32> = product(&xi, rows, &reference).unwrap().iter().map(|v| v.to_bits()).collect();
+                let want_s = product_score(&xi, rows, &reference, &g, &y).unwrap().to_bits();
+                for &level in &levels {
+                    let wp = PackedWeight::new_at(&wc, level).unwrap();
+                    for pool in &pools {
+                        let threads = pool.current_num_threads();
+                        let (p, sc) = pool.install(|| {
+                            (product(&xi, rows, &wp).unwrap(), product_score(&xi, rows, &wp, &g, &y).unwrap())
+                        });
+                        assert!(
+                            p.iter().zip(&want_p).all(|(a, b)| a.to_bits() == *b),
+                            "product {m}x{k}x{n} at {level:?} on {threads} threads"
+                        );
+                        assert_eq!(sc.to_bits(), want_s, "score {m}x{k}x{n} at {level:?} on {threads} threads");
+                    }
+                }
+            }
+        }
+    }
+
     /// `cargo test -p qpipe-quant --lib bench_int_products -- --ignored --nocapture`:
     /// multiply-adds per second on the mid-size model's shapes (compare `bench_gemm_gflops`).
     #[test]
     #[ignore]
     fn bench_int_products() {
-        if !available() {
-            eprintln!("SKIP: no AVX-512 VNNI");
-            return;
-        }
+        eprintln!("level: {:?} (QPIPE_SIMD picks a lower one)", simd::level());
         for &(m, k, n) in &[(1024, 512, 1536), (1024, 1536, 512), (1024, 512, 512), (1024, 512, 256)] {
             let xc =
                 IntCodes { rows: m, cols: k, codes: codes(m * k, 1), kind: AmaxKind::PerTensor, divisors: vec![1.0] };

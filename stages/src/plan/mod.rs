@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use crate::fetch_model::{self, CheckpointSource};
 use crate::score::{self, Method};
 use crate::{aggregate, build_calib, docs, render};
-use qpipe_contract::{Instance, Plan, PlanContext, Run};
+use qpipe_contract::{Instance, KeyError, Plan, PlanContext, Run};
 
 /// The domain's view of one composed run. Unknown keys are errors.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -188,10 +188,8 @@ pub struct RunnerCfg {
 impl RunConfig {
     /// Parse and check one composed run. Errors name the key.
     pub fn from_value(value: &Value) -> Result<Self> {
-        let cfg: RunConfig = serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            anyhow::anyhow!("key `{path}`: {}", e.inner())
-        })?;
+        let cfg: RunConfig = serde_path_to_error::deserialize(value)
+            .map_err(|e| anyhow::Error::new(KeyError::new(e.path().to_string(), e.inner().to_string())))?;
         cfg.check()?;
         Ok(cfg)
     }
@@ -199,45 +197,52 @@ impl RunConfig {
     fn check(&self) -> Result<()> {
         let m = &self.model;
         if m.path.is_none() && m.repo.is_none() {
-            bail!(
-                "key `model`: `{}` has neither `path` (a local checkpoint folder) nor `repo` (a hub model id)",
-                m.name
-            );
+            bail!(KeyError::new(
+                "model",
+                format!("`{}` has neither `path` (a local checkpoint folder) nor `repo` (a hub model id)", m.name)
+            ));
         }
         if m.path.is_none() {
             match &m.revision {
                 Some(rev) if is_commit_sha(rev) => {}
-                Some(rev) => bail!(
-                    "key `model.revision`: `{rev}` is not a commit sha; a branch or tag can move, so it cannot key a \
-                     reproducible build — pin the 40-hex commit (see the model's page on the hub, \"Files and versions\")"
-                ),
-                None => bail!("key `model.revision`: hub model `{}` needs a pinned revision (a 40-hex commit sha)", m.name),
+                Some(rev) => bail!(KeyError::new("model.revision", format!("`{rev}` is not a commit sha; a branch or tag can move, so it cannot key a \
+                     reproducible build — pin the 40-hex commit (see the model's page on the hub, \"Files and versions\")"))),
+                None => bail!(KeyError::new("model.revision", format!("hub model `{}` needs a pinned revision (a 40-hex commit sha)", m.name))),
             }
         }
         let d = &self.dataset;
         if d.max_calib_samples.is_none() && !d.size_to_max_samples.contains_key(&d.size) {
             let valid: Vec<_> = d.size_to_max_samples.keys().cloned().collect();
-            bail!("key `dataset.size`: unknown size `{}`; valid sizes: {}", d.size, valid.join(", "));
+            bail!(KeyError::new(
+                "dataset.size",
+                format!("unknown size `{}`; valid sizes: {}", d.size, valid.join(", "))
+            ));
         }
         if self.num_samples() == 0 {
-            bail!("key `dataset.max_calib_samples`: must be at least 1");
+            bail!(KeyError::new("dataset.max_calib_samples", "must be at least 1"));
         }
         if d.calib_seq_len < 2 {
-            bail!("key `dataset.calib_seq_len`: must be at least 2 (the loss predicts token t+1 from token t)");
+            bail!(KeyError::new(
+                "dataset.calib_seq_len",
+                "must be at least 2 (the loss predicts token t+1 from token t)"
+            ));
         }
         let a = &self.autoquant;
         if a.batch_size == 0 {
-            bail!("key `autoquant.batch_size`: must be at least 1");
+            bail!(KeyError::new("autoquant.batch_size", "must be at least 1"));
         }
         if a.score_size == 0 {
-            bail!("key `autoquant.score_size`: must be at least 1");
+            bail!(KeyError::new("autoquant.score_size", "must be at least 1"));
         }
         if !(a.effective_bits > 0.0 && a.effective_bits <= 16.0) {
-            bail!("key `autoquant.effective_bits`: {} is outside (0, 16]", a.effective_bits);
+            bail!(KeyError::new("autoquant.effective_bits", format!("{} is outside (0, 16]", a.effective_bits)));
         }
-        parse_device(&a.device).context("key `autoquant.device`")?;
+        parse_device(&a.device).map_err(|e| KeyError::new("autoquant.device", format!("{e:#}")))?;
         if !matches!(a.dtype.as_str(), "auto" | "f32" | "bf16" | "f16") {
-            bail!("key `autoquant.dtype`: unknown dtype `{}`; valid: auto, f32, bf16, f16", a.dtype);
+            bail!(KeyError::new(
+                "autoquant.dtype",
+                format!("unknown dtype `{}`; valid: auto, f32, bf16, f16", a.dtype)
+            ));
         }
         for (key, value) in [
             ("quant_pair.name", &self.quant_pair.name),
@@ -403,8 +408,13 @@ pub fn plan(ctx: &PlanContext, runs: &[Run]) -> Result<Plan> {
     // Reasons a sweep's runs were skipped (one per pair × granularity), with their runs.
     let mut skipped: Vec<(String, Vec<String>)> = Vec::new();
     let mut experimental = BTreeSet::new();
-    for run in runs {
-        let cfg = RunConfig::from_value(&run.config).with_context(|| format!("in run {}", describe_run(run)))?;
+    for (run_index, run) in runs.iter().enumerate() {
+        let cfg = RunConfig::from_value(&run.config)
+            .map_err(|e| match e.downcast::<KeyError>() {
+                Ok(k) => anyhow::Error::new(KeyError { run: run_index, ..k }),
+                Err(e) => e,
+            })
+            .with_context(|| format!("in run {}", describe_run(run)))?;
         if let Err(e) = check_format(ctx, &cfg, &mut shapes)? {
             if runs.len() == 1 {
                 return Err(e.context(format!("in run {}", describe_run(run))));

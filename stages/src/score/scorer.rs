@@ -304,7 +304,7 @@ pub fn gradient_scores(
 ) -> Result<Vec<f64>> {
     let score_steps = score_steps.min(batches.len());
     let half = matches!(model.dtype_name(), "bf16" | "f16");
-    let int_products = !half && format.quantizes_input() && int_product::available();
+    let int_products = !half && format.quantizes_input();
     let prepared: HashMap<String, Prepared> = prepare_weights(model, recipes, |m, w| {
         if int_products {
             if let Some(int_w) = format.quant_weight_codes(m, &w)?.and_then(|c| int_product::PackedWeight::new(&c)) {
