@@ -39,7 +39,11 @@ fn the_whole_grid_dry_runs_and_skips_only_what_cannot_be_built() {
         let line = format!("skipping 3 runs: quant_pair `wfp4_afp8` × quant_granularity `{g}`");
         assert!(err.contains(&line), "{line}\n{err}");
     }
-    assert_eq!(err.matches("Would run score@").count(), 384, "{err}");
+    assert_eq!(err.matches("Would run search@").count(), 384, "{err}");
+    // The scores of the 6 published runs are shared with their tmp-layout twins: fresh
+    // where this checkout has built them (their scores are git-ignored intermediates).
+    let scores = err.matches("Would run score@").count();
+    assert!((378..=384).contains(&scores), "{scores} scores would run:\n{err}");
     assert!(err.contains("weight-fp4-act-fp8/w_group64/"), "{err}");
     assert!(err.contains("quant pair `wint4_aint4` (INT4_WEIGHT_INT4_ACT_CFG) is marked experimental"), "{err}");
     // Asked for alone, the same cell is an error naming pair, overlay and reason.

@@ -117,8 +117,113 @@ fn the_compute_dtype_is_in_the_key_and_a_bf16_build_scores_in_bf16() {
     assert_eq!(states.len(), 1, "{states:?}");
     let state: serde_json::Value = serde_json::from_slice(&fs::read(&states[0]).unwrap()).unwrap();
     assert_eq!((state["device"].as_str(), state["dtype"].as_str()), (Some("cpu"), Some("bf16")));
-    // Back to f32 (what `auto` is on the CPU): the bf16 run overwrote the run folder, so
-    // it scores again, in f32.
+    // Back to f32 (what `auto` is on the CPU): the scores are named by what they depend
+    // on, the dtype included, so the f32 scores of the first build are still there and only
+    // the search (and what reads it) re-runs, rewriting the run folder from them.
     let err = run("autoquant.dtype=f32");
-    assert!(err.contains("(f32 on cpu)"), "{err}");
+    assert!(!err.contains("Running score@") && err.contains("Running search@"), "{err}");
+    let state: serde_json::Value = serde_json::from_slice(&fs::read(&states[0]).unwrap()).unwrap();
+    assert_eq!(state["dtype"].as_str(), Some("f32"));
+}
+
+/// A new bit budget re-runs the search (and what reads it), never the scoring: the scores
+/// are named by what they depend on, so an ad-hoc run that differs from a published one
+/// only in `autoquant.effective_bits` (and its output folder) reuses the published run's.
+#[test]
+fn a_new_bit_budget_searches_the_saved_scores_without_scoring() {
+    let dir = workspace_copy();
+    copy_into(dir.path(), &["qpipe.lock", "models/tiny_qwen3_vl/layer-analysis"]);
+    let run = "models/tiny_qwen3_vl/layer-analysis/weight-int8-act-int8/tiny_qwen3_vl_autoquant_int8_lm_small";
+    // The scores are git-ignored intermediates: make them (a clone has none).
+    let o = qpipe(dir.path(), &["build", "--force", run]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let adhoc = ["quant_pair=wint8_aint8", "dataset.size=small", "output_layout=tmp", "-v"];
+    for bits in ["12.0", "10.0"] {
+        let budget = format!("autoquant.effective_bits={bits}");
+        let mut args = vec!["build", budget.as_str()];
+        args.extend(adhoc);
+        let t0 = std::time::Instant::now();
+        let o = qpipe(dir.path(), &args);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{out}{err}");
+        eprintln!("effective_bits={bits}: {:.2} s for the whole command", t0.elapsed().as_secs_f64());
+        assert!(err.contains("Fresh score@") && !err.contains("Running score@"), "scoring re-ran:\n{err}");
+        for kind in ["search", "aggregate", "render"] {
+            assert!(err.contains(&format!("Running {kind}@tmp/runs/")), "{kind} did not run:\n{err}");
+        }
+        let states = files_named(&dir.path().join("tmp/runs"), "_autoquant_state.json");
+        assert_eq!(states.len(), 1, "{states:?}");
+        let state: serde_json::Value = serde_json::from_slice(&fs::read(&states[0]).unwrap()).unwrap();
+        assert_eq!(state["constraints"]["effective_bits"].as_f64(), Some(bits.parse().unwrap()));
+        // The same scores as the published run's.
+        let published = files_named(&dir.path().join(run), "_autoquant_state.json");
+        let published: serde_json::Value = serde_json::from_slice(&fs::read(&published[0]).unwrap()).unwrap();
+        assert_eq!(state["candidate_stats"], published["candidate_stats"]);
+    }
+}
+
+/// The shared cache across clones: one workspace scores a run, another with the same
+/// sources (no analyses, no lock) builds it with nothing run — every stage restored.
+#[test]
+fn a_second_clone_restores_a_run_from_the_shared_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let with_cache = |dir: &Path, args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_qpipe"))
+            .current_dir(dir)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .env("QPIPE_CACHE_DIR", cache.path())
+            .output()
+            .unwrap();
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{out}{err}");
+        err
+    };
+    let run = [
+        "build",
+        "output_layout=tmp",
+        "quant_pair=wint8_aint8",
+        "dataset.max_calib_samples=8",
+        "dataset.calib_seq_len=32",
+    ];
+    let (a, b) = (workspace_copy(), workspace_copy());
+    let err = with_cache(a.path(), &run);
+    assert!(err.contains("Running score@"), "{err}");
+    let err = with_cache(b.path(), &run);
+    assert!(err.contains("(0 ran, 6 restored from the cache, 0 fresh)") && !err.contains("Running"), "{err}");
+    for f in files_named(&a.path().join("tmp/runs"), ".json") {
+        let rel = f.strip_prefix(a.path()).unwrap();
+        assert_eq!(fs::read(&f).unwrap(), fs::read(b.path().join(rel)).unwrap(), "{}", rel.display());
+    }
+}
+
+/// Four pairs built in one command share one scoring pass (one calibration forward, one
+/// forward and backward per batch) and write, byte for byte, what each pair built alone
+/// writes.
+#[test]
+fn fused_scoring_writes_the_bytes_of_each_pair_scored_alone() {
+    let pairs = ["wint8_aint8", "wint8_afp16", "wfp8_afp8", "wfp8_afp16"];
+    let small =
+        ["output_layout=tmp", "dataset.max_calib_samples=8", "dataset.calib_seq_len=32", "autoquant.batch_size=4"];
+    let build = |dir: &Path, pair: &str| {
+        let mut args = vec!["build", "-v", pair];
+        args.extend(small);
+        let o = qpipe(dir, &args);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{out}{err}");
+        err
+    };
+    let (fused, alone) = (workspace_copy(), workspace_copy());
+    let err = build(fused.path(), &format!("quant_pair={}", pairs.join(",")));
+    assert!(err.contains("score: 4 formats in one pass"), "{err}");
+    for p in pairs {
+        let err = build(alone.path(), &format!("quant_pair={p}"));
+        assert!(!err.contains("formats in one pass"), "{err}");
+    }
+    let files = files_named(&alone.path().join("tmp/runs"), "");
+    assert!(files.len() >= 4 * 5, "{files:?}");
+    for f in files {
+        let rel = f.strip_prefix(alone.path()).unwrap();
+        assert!(fs::read(&f).unwrap() == fs::read(fused.path().join(rel)).unwrap(), "{} differs", rel.display());
+    }
 }

@@ -126,13 +126,7 @@ fn score_run(dir: &Path, format: &str, method: &str) -> Result<()> {
         granularity: None,
         quant_cfg_overrides: json!({}),
     })?;
-    let settings = Settings {
-        method: Method::parse(method)?,
-        batch_size: bs,
-        score_size: 128,
-        effective_bits: 8.0,
-        device: "cpu".into(),
-    };
+    let settings = Settings { method: Method::parse(method)?, batch_size: bs, score_size: 128, device: "cpu".into() };
     let load_s = t0.elapsed().as_secs_f64();
     let (t1, c1) = (Instant::now(), cpu_s());
     let state = score::run_scoring(
@@ -143,6 +137,7 @@ fn score_run(dir: &Path, format: &str, method: &str) -> Result<()> {
         &Bar(std::sync::Mutex::new((String::new(), 0, None, Instant::now()))),
     )?;
     let (score_s, score_cpu_s) = (t1.elapsed().as_secs_f64(), cpu_s() - c1);
+    let state = qpipe_stages::search::complete(&state, settings.method, 8.0)?;
     std::fs::write(dir.join(format!("qpipe_state_{method}.json")), serde_json::to_string_pretty(&state)?)?;
     println!(
         "{}",

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::{aggregate, build_calib, docs, fetch_model, parity, plan, render, score};
+use crate::{aggregate, build_calib, docs, fetch_model, parity, plan, render, score, search};
 use qpipe_contract::{Domain, ParityReport, Plan, PlanContext, Run, Stage, Tolerance};
 
 /// The domain: its stage kinds, its planner, its parity comparison.
@@ -14,6 +14,7 @@ impl Domain for Qwen3Vl {
             &fetch_model::FetchModel,
             &build_calib::BuildCalib,
             &score::Score,
+            &search::Search,
             &aggregate::Aggregate,
             &render::Render,
             &docs::Docs,

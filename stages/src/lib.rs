@@ -10,7 +10,8 @@
 //! |---------------|-------------------|-------------------------------|---------------------------------|
 //! | `fetch-model` | [`fetch_model`]   | a local checkpoint or the hub | checkpoint identity (`.json`)   |
 //! | `build-calib` | [`build_calib`]   | captions, tokenizer           | calibration tokens (`.pt`)      |
-//! | `score`       | [`score`]         | checkpoint, calibration       | AutoQuant state (`.pt`, `.json`)|
+//! | `score`       | [`score`]         | checkpoint, calibration       | scores per recipe and format (`.json`, ignored) |
+//! | `search`      | [`search`]        | scores, the bit budget        | AutoQuant state (`.pt`, `.json`)|
 //! | `aggregate`   | [`aggregate`]     | state                         | `<scheme>_quant_manifest.json`  |
 //! | `render`      | [`render`]        | manifest                      | `per-layer-sensitivity.{md,json,svg}` |
 //! | `docs`        | [`docs`]          | manifests of a pair / model   | folder `README.md`s             |
@@ -33,6 +34,7 @@ pub mod docs;
 pub mod fetch_model;
 pub mod render;
 pub mod score;
+pub mod search;
 
 pub mod io;
 pub mod parity;

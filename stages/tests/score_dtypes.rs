@@ -47,7 +47,6 @@ fn scores(ckpt: &std::path::Path, dtype: DType, device: &candle_core::Device, fo
         method: Method::Gradient,
         batch_size,
         score_size: doc["score_size"].as_u64().unwrap() as usize,
-        effective_bits: 8.0,
         device: if device.is_cpu() { "cpu".into() } else { "cuda:0".into() },
     };
     assert_eq!(doc["checkpoint"], "models/tiny_qwen3_vl/checkpoint");

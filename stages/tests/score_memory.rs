@@ -81,8 +81,7 @@ fn run(format: &str, available: Option<u64>) -> anyhow::Result<(Vec<f64>, Vec<St
     let (batches, batch_size) = oracle_batches(&common::fixture("oracle_modelopt.json"));
     assert_eq!(batch_size, 8);
     let root = root();
-    let settings =
-        Settings { method: Method::Gradient, batch_size: 8, score_size: 64, effective_bits: 8.0, device: "cpu".into() };
+    let settings = Settings { method: Method::Gradient, batch_size: 8, score_size: 64, device: "cpu".into() };
     let model = Tight { inner: adapters::load_model(&root.join("models/tiny_qwen3_vl/checkpoint"))?, available };
     let params =
         FormatParams { name: format.into(), granularity: None, quant_cfg_overrides: Value::Object(Default::default()) };

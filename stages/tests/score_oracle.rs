@@ -34,7 +34,6 @@ fn check_case(doc: &Value, case: &str, format_name: &str) -> (f64, f64) {
         method: Method::parse(c["method"].as_str().unwrap()).unwrap(),
         batch_size,
         score_size: doc["score_size"].as_u64().unwrap() as usize,
-        effective_bits: c["effective_bits"].as_f64().unwrap(),
         device: "cpu".into(),
     };
     let model = adapters::load_model(&root().join(doc["checkpoint"].as_str().unwrap())).unwrap();
@@ -44,7 +43,9 @@ fn check_case(doc: &Value, case: &str, format_name: &str) -> (f64, f64) {
         quant_cfg_overrides: Value::Object(Default::default()),
     })
     .unwrap();
-    let ours = score::run_scoring(model.as_ref(), format.as_ref(), &batches, &settings, &Silent).unwrap();
+    let scores = score::run_scoring(model.as_ref(), format.as_ref(), &batches, &settings, &Silent).unwrap();
+    let bits = c["effective_bits"].as_f64().unwrap();
+    let ours = qpipe_stages::search::complete(&scores, settings.method, bits).unwrap();
     assert_eq!(ours["num_calib_steps"], doc["num_calib_steps"]);
     let mut amax_worst: f64 = 0.0;
     for (linear, a) in c["input_amax"].as_object().unwrap() {
@@ -178,7 +179,6 @@ fn reference_int8_weight_only_gradient_and_kl_div() {
             method: Method::parse(c["method"].as_str().unwrap()).unwrap(),
             batch_size: 8,
             score_size: 128,
-            effective_bits: 8.0,
             device: "cpu".into(),
         };
         let model = adapters::load_model(&root().join(doc["checkpoint"].as_str().unwrap())).unwrap();

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use qpipe_contract::{Job, JobFile, Silent, Stage};
 use qpipe_stages::io::calib::CalibSet;
 use qpipe_stages::score::Score;
+use qpipe_stages::search::Search;
 use serde_json::{json, Value};
 
 fn root() -> PathBuf {
@@ -40,16 +41,11 @@ fn score_stage_writes_the_state_modelopt_writes() {
     let params = json!({
         "method": "gradient",
         "format": {"name": "INT8_WEIGHT_ONLY_CFG", "granularity": "default", "quant_cfg_overrides": {}},
-        "batch_size": oracle["batch_size"], "score_size": oracle["score_size"],
-        "effective_bits": case["effective_bits"], "device": "auto",
+        "batch_size": oracle["batch_size"], "score_size": oracle["score_size"], "device": "auto",
     });
     let locators = json!({"checkpoint": {"source": "local", "path": "models/tiny_qwen3_vl/checkpoint"}});
     let deps = vec![JobFile::new("identity", identity), JobFile::new("calib", calib), JobFile::new("checkpoint", ckpt)];
-    let outs = vec![
-        JobFile::new("state_pt", dir.path().join("s.pt.tmp")),
-        JobFile::new("state_json", dir.path().join("s.json.tmp")),
-    ];
-    let finals = vec![JobFile::new("state_pt", "s.pt"), JobFile::new("state_json", "s.json")];
+    let scores = vec![JobFile::new("scores", dir.path().join("scores.json.tmp"))];
     let root = root();
     let job = Job {
         id: "score@test",
@@ -57,11 +53,29 @@ fn score_stage_writes_the_state_modelopt_writes() {
         params: &params,
         locators: &locators,
         deps: &deps,
+        outs: &scores,
+        final_outs: &[JobFile::new("scores", "scores.json")],
+        progress: &Silent,
+    };
+    Score.run(&job).unwrap();
+    // The search stage applies the budget to the saved scores.
+    let search_params = json!({"method": "gradient", "effective_bits": case["effective_bits"]});
+    let outs = vec![
+        JobFile::new("state_pt", dir.path().join("s.pt.tmp")),
+        JobFile::new("state_json", dir.path().join("s.json.tmp")),
+    ];
+    let finals = vec![JobFile::new("state_pt", "s.pt"), JobFile::new("state_json", "s.json")];
+    let job = Job {
+        id: "search@test",
+        root: &root,
+        params: &search_params,
+        locators: &json!({}),
+        deps: &[JobFile::new("scores", &scores[0].path)],
         outs: &outs,
         final_outs: &finals,
         progress: &Silent,
     };
-    Score.run(&job).unwrap();
+    Search.run(&job).unwrap();
     let state: Value = serde_json::from_str(&std::fs::read_to_string(&outs[1].path).unwrap()).unwrap();
     assert_eq!(state["format"], "qpipe.autoquant_state/1");
     assert_eq!(state["method"], "gradient");
@@ -98,7 +112,7 @@ fn score_stage_writes_the_state_modelopt_writes() {
 fn score_stage_rejects_a_cuda_device() {
     let params = json!({
         "method": "gradient", "format": {"name": "INT8_DEFAULT_CFG"},
-        "batch_size": 8, "score_size": 128, "effective_bits": 8.0, "device": "cuda:0",
+        "batch_size": 8, "score_size": 128, "device": "cuda:0",
     });
     let root = root();
     let (deps, outs, finals) = (vec![], vec![], vec![]);

@@ -7,7 +7,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use qpipe_contract::{Domain, Tolerance};
 
@@ -51,6 +51,20 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Delete git-ignored intermediates (*.pt, …) the pipeline declares; never a tracked file.
     Clean(CleanArgs),
+    /// The shared output cache (`QPIPE_CACHE_DIR` or `cache.dir` in pipeline.yaml): builds
+    /// restore an instance's outputs from it instead of running the stage when its key is there.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheCommand {
+    /// Remove cache entries stored more than DAYS days ago (and leftovers of interrupted stores).
+    Gc {
+        /// Age in days (0: everything).
+        #[arg(long, value_name = "DAYS", default_value_t = 30.0)]
+        older_than: f64,
+    },
 }
 
 /// `-j N`: a whole number of at least 1 (`-j 0` would run nothing).
@@ -239,8 +253,13 @@ fn dispatch(cli: Cli, domain: &dyn Domain, cwd: &Path, ui: &Ui) -> Result<i32> {
             ui.status(
                 "Finished",
                 &format!(
-                    "{selected} instances ({} {verb}, {} fresh) in {:.2}s",
+                    "{selected} instances ({} {verb}, {}{} fresh) in {:.2}s",
                     report.ran.len(),
+                    if report.restored.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{} restored from the cache, ", report.restored.len())
+                    },
                     report.fresh,
                     report.elapsed.as_secs_f64()
                 ),
@@ -295,6 +314,20 @@ fn dispatch(cli: Cli, domain: &dyn Domain, cwd: &Path, ui: &Ui) -> Result<i32> {
                 ui.out(&outcome.to_text());
             }
             Ok(outcome.exit_code())
+        }
+        Command::Cache(CacheCommand::Gc { older_than }) => {
+            let Some(store) = ws.store() else {
+                bail!("no cache is configured: set `cache.dir` in the pipeline file or {}", crate::store::ENV);
+            };
+            if !(older_than >= 0.0 && older_than.is_finite()) {
+                bail!("--older-than {older_than}: give a number of days, 0 or more");
+            }
+            let (entries, bytes) = store.gc(std::time::Duration::from_secs_f64(older_than * 86400.0))?;
+            ui.status(
+                "Removed",
+                &format!("{entries} cache entries, {} total, from `{}`", human_bytes(bytes), store.dir().display()),
+            );
+            Ok(0)
         }
         Command::Clean(a) => {
             let _lock = if a.dry_run { None } else { Some(BuildLock::acquire(&ws.root)?) };

@@ -31,6 +31,8 @@ pub struct Pipeline {
     pub groups: Map<String, Value>,
     /// The publish matrix: each entry maps a key (group or dotted) to a value or a list.
     pub publish: Vec<Map<String, Value>>,
+    /// `cache.dir`: the shared output cache's folder ([`crate::store`]), if set.
+    pub cache_dir: Option<String>,
     /// The file's text, to point at where a value is set ([`Pipeline::locate`]).
     text: String,
 }
@@ -47,6 +49,15 @@ struct RawPipeline {
     groups: serde_yaml::Value,
     #[serde(default)]
     publish: serde_yaml::Value,
+    #[serde(default)]
+    cache: Option<RawCache>,
+}
+
+/// `cache:` — where the shared output cache lives (see [`crate::store`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    dir: String,
 }
 
 /// One `key=value` assignment of a single composed run.
@@ -184,7 +195,17 @@ impl Pipeline {
         }
         let root = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let root = if root.as_os_str().is_empty() { PathBuf::from(".") } else { root };
-        Ok(Pipeline { file: file.to_path_buf(), root, defaults, config, groups, publish, text: text.to_string() })
+        let cache_dir = raw.cache.map(|c| c.dir);
+        Ok(Pipeline {
+            file: file.to_path_buf(),
+            root,
+            defaults,
+            config,
+            groups,
+            publish,
+            cache_dir,
+            text: text.to_string(),
+        })
     }
 
     /// The runs of the `publish` matrix (`published: true`).

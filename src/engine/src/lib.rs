@@ -16,6 +16,7 @@ pub mod hashing;
 pub mod lock;
 pub mod scheduler;
 pub mod status;
+pub mod store;
 pub mod suggest;
 pub mod ui;
 pub mod verify;

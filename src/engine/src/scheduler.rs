@@ -36,6 +36,8 @@ pub struct BuildOptions {
 pub struct BuildReport {
     /// Ids of the instances that ran (or would run, with `--dry-run`), in completion order.
     pub ran: Vec<String>,
+    /// Ids of the instances whose outputs came from the shared cache instead.
+    pub restored: Vec<String>,
     pub fresh: usize,
     pub elapsed: Duration,
 }
@@ -54,6 +56,11 @@ struct Finished {
     result: Result<()>,
     temps: Vec<TempPath>,
     elapsed: Duration,
+    /// The outputs came from the shared cache.
+    restored: bool,
+    /// The last message of its execution (a fused execution sends one per instance): the
+    /// worker slot (and the exclusive one) is free again.
+    slot_free: bool,
 }
 
 /// Build the selected instances.
@@ -73,6 +80,7 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
     let mut report = BuildReport::default();
     let mut failure: Option<anyhow::Error> = None;
     let jobs = opts.jobs.max(1);
+    let store = if opts.dry_run { None } else { ws.store() };
 
     let result = std::thread::scope(|s| -> Result<()> {
         let (tx, rx) = mpsc::channel::<Finished>();
@@ -155,6 +163,50 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
                 let i = queue[k];
                 let inst = &dag.instances[i];
                 let stage = ws.stage(&inst.kind)?;
+                // In the shared cache (and not forced to run): restore instead of running.
+                let hit = match (&store, &evals[i]) {
+                    (Some(st), Some(Eval { key: Some(key), .. })) if !force[i] => {
+                        st.lookup(key).map(|e| (st, key.clone(), e))
+                    }
+                    _ => None,
+                };
+                if let Some((st, key, entry)) = hit {
+                    queue.remove(k);
+                    let temps = match temp_outputs(ws, dag, i) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            failure = Some(e.context(format!("cannot prepare the outputs of `{}`", inst.id)));
+                            state[i] = State::Failed;
+                            break;
+                        }
+                    };
+                    let t0 = Instant::now();
+                    let dests: Vec<PathBuf> = temps.iter().map(|t| t.to_path_buf()).collect();
+                    match st.restore(&key, &entry, &dests) {
+                        Ok(()) => {
+                            ui.status("Restoring", &inst.id);
+                            running += 1;
+                            state[i] = State::Running;
+                            let _ = tx.send(Finished {
+                                node: i,
+                                result: Ok(()),
+                                temps,
+                                elapsed: t0.elapsed(),
+                                restored: true,
+                                slot_free: true,
+                            });
+                        }
+                        Err(e) => {
+                            // Run it instead; the run stores a good entry (the damaged one stays
+                            // until `qpipe cache gc`).
+                            ui.warn(&format!("{e:#}; running `{}` instead", inst.id));
+                            drop(temps);
+                            force[i] = true;
+                            queue.insert(k, i);
+                        }
+                    }
+                    continue;
+                }
                 if stage.exclusive() && exclusive_running {
                     k += 1;
                     continue;
@@ -170,62 +222,133 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
                     dry_progress = true;
                     continue;
                 }
-                ui.status("Running", &inst.id);
-                if ui.verbose {
-                    ui.note(&format!("             because {why}"));
-                }
-                let temps = match temp_outputs(ws, dag, i) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        failure = Some(e.context(format!("cannot prepare the outputs of `{}`", inst.id)));
-                        state[i] = State::Failed;
-                        break;
+                // Queued instances of the same kind and fusion key run with this one, as one
+                // execution (those the cache has are left to be restored).
+                let mut group = vec![i];
+                if let Some(fk) = stage.fusion_key(inst).filter(|_| fusion_enabled()) {
+                    let mut j = k;
+                    while j < queue.len() {
+                        let o = queue[j];
+                        let other = &dag.instances[o];
+                        let cached = match (&store, &evals[o]) {
+                            (Some(st), Some(Eval { key: Some(key), .. })) if !force[o] => st.lookup(key).is_some(),
+                            _ => false,
+                        };
+                        if other.kind == inst.kind && !cached && stage.fusion_key(other).as_deref() == Some(fk.as_str())
+                        {
+                            group.push(queue.remove(j).expect("index in range"));
+                        } else {
+                            j += 1;
+                        }
                     }
-                };
+                }
+                let mut group_temps = Vec::new();
+                for &g in &group {
+                    let ev = evals[g].as_ref().expect("queued instances are evaluated");
+                    let why = ev.reasons.iter().map(Reason::describe).collect::<Vec<_>>().join("; ");
+                    ui.status("Running", &dag.instances[g].id);
+                    if ui.verbose {
+                        ui.note(&format!("             because {why}"));
+                    }
+                    match temp_outputs(ws, dag, g) {
+                        Ok(t) => group_temps.push(t),
+                        Err(e) => {
+                            failure =
+                                Some(e.context(format!("cannot prepare the outputs of `{}`", dag.instances[g].id)));
+                            break;
+                        }
+                    }
+                }
+                if failure.is_some() {
+                    for &g in &group {
+                        state[g] = State::Failed;
+                    }
+                    break;
+                }
+                if group.len() > 1 && ui.verbose {
+                    ui.note(&format!("             {} `{}` instances run as one execution", group.len(), inst.kind));
+                }
                 let tx = tx.clone();
                 let exclusive = stage.exclusive();
                 exclusive_running |= exclusive;
                 running += 1;
-                state[i] = State::Running;
+                for &g in &group {
+                    state[g] = State::Running;
+                }
                 let root = ws.root.clone();
-                let deps: Vec<JobFile> = dag.dep_paths[i]
-                    .iter()
-                    .zip(&inst.deps)
-                    .map(|(p, d)| JobFile { name: d.name.clone(), path: ws.abs(p) })
-                    .collect();
-                let finals: Vec<JobFile> =
-                    inst.outs.iter().map(|o| JobFile { name: o.name.clone(), path: o.path.clone() }).collect();
+                let files = |g: usize| -> (Vec<JobFile>, Vec<JobFile>) {
+                    let inst = &dag.instances[g];
+                    let deps = dag.dep_paths[g]
+                        .iter()
+                        .zip(&inst.deps)
+                        .map(|(p, d)| JobFile { name: d.name.clone(), path: ws.abs(p) })
+                        .collect();
+                    let finals =
+                        inst.outs.iter().map(|o| JobFile { name: o.name.clone(), path: o.path.clone() }).collect();
+                    (deps, finals)
+                };
+                let files: Vec<(Vec<JobFile>, Vec<JobFile>)> = group.iter().map(|&g| files(g)).collect();
                 s.spawn(move || {
                     let t0 = Instant::now();
-                    let outs: Vec<JobFile> = temps
+                    let outs: Vec<Vec<JobFile>> = group
                         .iter()
-                        .zip(&inst.outs)
-                        .map(|(t, o)| JobFile { name: o.name.clone(), path: t.to_path_buf() })
+                        .zip(&group_temps)
+                        .map(|(&g, temps)| {
+                            temps
+                                .iter()
+                                .zip(&dag.instances[g].outs)
+                                .map(|(t, o)| JobFile { name: o.name.clone(), path: t.to_path_buf() })
+                                .collect()
+                        })
                         .collect();
                     let progress = ui.stage_progress(&inst.id);
-                    let job = Job {
-                        id: &inst.id,
-                        root: &root,
-                        params: &inst.params,
-                        locators: &inst.locators,
-                        deps: &deps,
-                        outs: &outs,
-                        final_outs: &finals,
-                        progress: &progress,
-                    };
-                    let result = match catch_unwind(AssertUnwindSafe(|| stage.run(&job))) {
-                        Ok(r) => r,
+                    let jobs: Vec<Job> = group
+                        .iter()
+                        .zip(&files)
+                        .zip(&outs)
+                        .map(|((&g, (deps, finals)), outs)| {
+                            let inst = &dag.instances[g];
+                            Job {
+                                id: &inst.id,
+                                root: &root,
+                                params: &inst.params,
+                                locators: &inst.locators,
+                                deps,
+                                outs,
+                                final_outs: finals,
+                                progress: &progress,
+                            }
+                        })
+                        .collect();
+                    let run = || if jobs.len() == 1 { vec![stage.run(&jobs[0])] } else { stage.run_fused(&jobs) };
+                    let results = match catch_unwind(AssertUnwindSafe(run)) {
+                        Ok(r) if r.len() == jobs.len() => r,
+                        Ok(r) => {
+                            let msg = format!("the stage returned {} results for {} instances", r.len(), jobs.len());
+                            jobs.iter().map(|_| Err(anyhow!("{msg}"))).collect()
+                        }
                         Err(panic) => {
                             let msg = panic
                                 .downcast_ref::<String>()
                                 .cloned()
                                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                                 .unwrap_or_else(|| "unknown panic".into());
-                            Err(anyhow!("the stage panicked: {msg}"))
+                            jobs.iter().map(|_| Err(anyhow!("the stage panicked: {msg}"))).collect()
                         }
                     };
+                    drop(jobs);
                     drop(progress);
-                    let _ = tx.send(Finished { node: i, result, temps, elapsed: t0.elapsed() });
+                    let n = group.len();
+                    for (m, ((g, result), temps)) in group.into_iter().zip(results).zip(group_temps).enumerate() {
+                        let _ = tx.send(Finished {
+                            node: g,
+                            result,
+                            temps,
+                            elapsed: t0.elapsed(),
+                            restored: false,
+                            slot_free: m + 1 == n,
+                        });
+                    }
                 });
             }
 
@@ -254,19 +377,45 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
                     Err(mpsc::RecvTimeoutError::Disconnected) => bail!("a worker thread vanished"),
                 }
             };
-            running -= 1;
             let inst = &dag.instances[f.node];
-            if ws.stage(&inst.kind)?.exclusive() {
-                exclusive_running = false;
+            if f.slot_free {
+                running -= 1;
+                if ws.stage(&inst.kind)?.exclusive() && !f.restored {
+                    exclusive_running = false;
+                }
             }
             let ev = evals[f.node].take().expect("running instances are evaluated");
             let outcome = f.result.and_then(|()| commit(ws, planned, f.node, &ev, f.temps, &mut locks, &mut cache, ui));
+            if let (Ok(()), Some(st), Some(key), false) = (&outcome, &store, &ev.key, f.restored) {
+                // Share what ran. A cache that cannot be written is worth a warning, not a
+                // failed build.
+                let files: Vec<(String, PathBuf, String)> = locks
+                    .get(&inst.id)
+                    .map(|e| {
+                        inst.outs
+                            .iter()
+                            .zip(&dag.out_paths[f.node])
+                            .filter_map(|(o, p)| Some((o.name.clone(), ws.abs(p), e.out(p)?.hash.clone())))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if files.len() == inst.outs.len() {
+                    if let Err(e) = st.store(key, &inst.id, &inst.kind, &files) {
+                        ui.warn(&format!("cannot store `{}` in the cache `{}`: {e:#}", inst.id, st.dir().display()));
+                    }
+                }
+            }
             // The entry of a stage that took a while is written at once.
             if outcome.is_ok() && (f.elapsed >= LOCK_BATCH || last_lock_write.elapsed() >= LOCK_BATCH) {
                 locks.save()?;
                 last_lock_write = Instant::now();
             }
             match outcome {
+                Ok(()) if f.restored => {
+                    state[f.node] = State::Done;
+                    ran[f.node] = true;
+                    report.restored.push(inst.id.clone());
+                }
                 Ok(()) => {
                     state[f.node] = State::Done;
                     ran[f.node] = true;
@@ -301,6 +450,13 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
         )));
     }
     Ok(report)
+}
+
+/// `QPIPE_FUSE=0` runs every instance alone, even where its stage could share work
+/// between instances (to compare, or to bound memory: a fused execution holds each
+/// instance's working set at once).
+fn fusion_enabled() -> bool {
+    std::env::var("QPIPE_FUSE").map_or(true, |v| v != "0")
 }
 
 /// Removes what killed builds left of the state files' atomic writes (`qpipe.lock`,

@@ -80,6 +80,11 @@ impl<'d> Workspace<'d> {
         Ok(Workspace { domain, pipeline, root, overwrite_published: false, stages })
     }
 
+    /// The shared output cache, when `QPIPE_CACHE_DIR` or `cache.dir` names one.
+    pub fn store(&self) -> Option<crate::store::Store> {
+        crate::store::Store::locate(&self.root, self.pipeline.cache_dir.as_deref())
+    }
+
     pub fn stage(&self, kind: &str) -> Result<&'d dyn Stage> {
         self.stages.get(kind).copied().ok_or_else(|| {
             let kinds: Vec<&str> = self.stages.keys().copied().collect();

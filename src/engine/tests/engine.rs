@@ -596,3 +596,83 @@ fn leftovers_of_a_fresh_instances_output_are_swept() {
     assert!(env.ok(&["build", "out/a/small"]).is_empty(), "everything is fresh");
     assert!(env.temp_leftovers().is_empty(), "{:?}", env.temp_leftovers());
 }
+
+/// Two workspaces share a cache folder: what one built, the other restores instead of
+/// running (same bytes, same lock), `--force` still runs, a damaged entry is reported and
+/// the stage runs instead, and `qpipe cache gc` empties it.
+#[test]
+fn a_shared_cache_restores_what_another_workspace_built() {
+    let cache = tempfile::tempdir().unwrap();
+    let pipeline = format!("{PIPELINE}cache:\n  dir: {}\n", cache.path().display());
+    let envs = [Env::new(), Env::new(), Env::new()];
+    for env in &envs {
+        fs::write(env.path("pipeline.yaml"), &pipeline).unwrap();
+    }
+    let [a, b, c] = &envs;
+    let ran = a.ok(&["build"]);
+    assert!(ran.len() >= 8, "{ran:?}");
+
+    let r = b.qp(&["build"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(b.fake.log.take().is_empty(), "a stage ran where the cache had it:\n{}", r.err);
+    assert!(r.err.contains(&format!("(0 ran, {} restored from the cache, 0 fresh)", ran.len())), "{}", r.err);
+    for f in ["qpipe.lock", "out/a/small/result.txt", "out/b/large/report.md", "tmp/prep/a.txt"] {
+        assert_eq!(a.read(f), b.read(f), "{f}");
+    }
+    assert_eq!(b.qp(&["status"]).code, 0);
+    assert!(b.temp_leftovers().is_empty(), "{:?}", b.temp_leftovers());
+    // --force runs, whatever the cache holds.
+    assert_eq!(b.ok(&["build", "--force", "out/a/small"]).len(), 3);
+
+    // A damaged entry: reported, and the stage runs instead.
+    for e in walkdir::WalkDir::new(cache.path()).into_iter().flatten() {
+        if e.file_type().is_file() && e.file_name() == "0" {
+            fs::write(e.path(), "damaged").unwrap();
+        }
+    }
+    let r = c.qp(&["build", "out/a/small"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.err.contains("a damaged cache") && r.err.contains("running `"), "{}", r.err);
+    assert_eq!(c.fake.log.take().len(), 3, "{}", r.err);
+    assert_eq!(a.read("out/a/small/result.txt"), c.read("out/a/small/result.txt"));
+
+    let r = a.qp(&["cache", "gc", "--older-than", "0"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.err.contains(&format!("Removed {} cache entries", ran.len())), "{}", r.err);
+    let left: Vec<_> =
+        walkdir::WalkDir::new(cache.path()).into_iter().flatten().filter(|e| e.file_type().is_file()).collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// Instances with one fusion key run as one execution (the stage's `run_fused`), each with
+/// its own outputs and lock entry: the same bytes as run alone; one going stale runs alone.
+#[test]
+fn instances_with_one_fusion_key_run_as_one_execution() {
+    let (fused, alone) = (Env::new(), Env::new());
+    for (env, fuse) in [(&fused, "true"), (&alone, "false")] {
+        fs::write(
+            env.path("pipeline.yaml"),
+            PIPELINE.replace("  size: small\n", &format!("  size: small\n  fuse: {fuse}\n")),
+        )
+        .unwrap();
+        env.ok(&["build", "-j", "1"]);
+    }
+    let groups = fused.fake.log.fused.lock().unwrap().clone();
+    assert!(alone.fake.log.fused.lock().unwrap().is_empty());
+    // 4 runs: a and b at sizes small and large; each source's two become ready together.
+    assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 4, "{groups:?}");
+    assert!(groups.iter().all(|g| g.len() >= 2), "{groups:?}");
+    for f in ["qpipe.lock", "out/a/small/result.txt", "out/b/large/result.txt", "out/a/large/report.md"] {
+        assert_eq!(fused.read(f), alone.read(f), "{f}");
+    }
+    let lock: serde_json::Value = serde_json::from_str(&fused.read("qpipe.lock")).unwrap();
+    let entries = lock["instances"].as_object().unwrap();
+    assert_eq!(entries.keys().filter(|k| k.starts_with("score@")).count(), 4, "{entries:?}");
+    assert_eq!(fused.qp(&["status"]).code, 0);
+    // One instance stale: it runs alone (and writes what render read before: render is fresh).
+    fs::write(fused.path("out/a/small/result.txt"), "edited").unwrap();
+    fused.fake.log.fused.lock().unwrap().clear();
+    let ran = fused.ok(&["build", "-j", "1"]);
+    assert_eq!(ran, ["score@out/a/small"]);
+    assert!(fused.fake.log.fused.lock().unwrap().is_empty(), "a group of one is an ordinary run");
+}

@@ -238,6 +238,20 @@ pub trait Stage: Send + Sync {
     }
     /// Run one instance.
     fn run(&self, job: &Job<'_>) -> anyhow::Result<()>;
+    /// Instances of this kind that are due to run at the same time and have the same fusion
+    /// key run as one execution ([`Stage::run_fused`]), so that the work they share is done
+    /// once (one model load and forward/backward for several quantization formats). Each
+    /// still has its own key, outputs and lock entry, and is committed on its own. `None`
+    /// (the default): each instance runs alone.
+    fn fusion_key(&self, _inst: &Instance) -> Option<String> {
+        None
+    }
+    /// Runs several instances with one fusion key at once: one result per job, in order.
+    /// The outputs of each job must be the bytes that job would get run alone. The default
+    /// runs them one after another.
+    fn run_fused(&self, jobs: &[Job<'_>]) -> Vec<anyhow::Result<()>> {
+        jobs.iter().map(|j| self.run(j)).collect()
+    }
 }
 
 /// Tolerances for `qpipe verify --parity`.

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use crate::fetch_model::{self, CheckpointSource};
 use crate::score::{self, Method};
-use crate::{aggregate, build_calib, docs, render};
+use crate::{aggregate, build_calib, docs, render, search};
 use qpipe_contract::{Instance, KeyError, Plan, PlanContext, Run};
 
 /// The domain's view of one composed run. Unknown keys are errors.
@@ -565,20 +565,22 @@ fn run_instances(ctx: &PlanContext, cfg: &RunConfig) -> Result<(Vec<Instance>, P
         },
         batch_size: a.batch_size,
         score_size: a.score_size,
-        effective_bits: a.effective_bits,
         device: compute.device,
         dtype: compute.dtype,
     };
+    // The scores are named by what they depend on — not by the run folder, nor by the bit
+    // budget — so runs that differ only in those share one `score` instance (and one
+    // scoring): `autoquant.effective_bits=6 output_layout=tmp` re-runs the search alone.
+    let scores = PathBuf::from(format!(
+        "tmp/qpipe/scores/{src_tag}/{}-{}-{n}x{t}-{}.json",
+        slug(&cfg.quant_pair.name),
+        slug(&cfg.quant_granularity.name),
+        short_hash(&format!("{}\n{}", serde_json::to_string(&score_params)?, rel(&calib_out))),
+    ));
     let score = score::instance(
-        format!("score@{run_id}"),
+        format!("score@{}", rel(&scores)),
         &score_params,
-        &score::ScoreFiles {
-            identity: &identity,
-            calib: &calib_out,
-            checkpoint: local.as_deref(),
-            state_pt: &state_pt,
-            state_json: &state_json,
-        },
+        &score::ScoreFiles { identity: &identity, calib: &calib_out, checkpoint: local.as_deref(), scores: &scores },
         json!({
             "checkpoint": locator,
             "quant_pair": cfg.quant_pair.name,
@@ -596,9 +598,11 @@ fn run_instances(ctx: &PlanContext, cfg: &RunConfig) -> Result<(Vec<Instance>, P
         "coverage_fraction": cfg.quant_pair.coverage_fraction.unwrap_or(1.0),
         "quant_formats": [cfg.quant_pair.format_name],
     });
+    let search_params = search::SearchParams { method: a.method, effective_bits: a.effective_bits };
+    let search = search::instance(&run_id, &search_params, &scores, &state_pt, &state_json);
     let aggregate = aggregate::instance(&run_id, scheme_block, &cfg.model_id(), &state_json, &manifest);
     let render = render::instance(&run_id, &manifest, &run_dir);
-    Ok((vec![fetch, calib, score, aggregate, render], run_dir, manifest))
+    Ok((vec![fetch, calib, score, search, aggregate, render], run_dir, manifest))
 }
 
 /// One README per published pair folder and one per model's `layer-analysis/` folder.
@@ -926,13 +930,25 @@ pub(crate) mod tests {
         let kinds: Vec<_> = inst.iter().map(|i| i.kind.as_str()).collect();
         assert_eq!(
             kinds,
-            ["fetch-model", "build-calib", "score", "aggregate", "render", "score", "aggregate", "render"]
+            [
+                "fetch-model",
+                "build-calib",
+                "score",
+                "search",
+                "aggregate",
+                "render",
+                "score",
+                "search",
+                "aggregate",
+                "render"
+            ]
         );
         let calib = &inst[1];
         assert_eq!(calib.params["max_samples"], json!(16));
         assert_eq!(inst[2].deps[1].name, "calib");
         assert_eq!(inst[2].deps[1].path, calib.outs[0].path);
-        assert!(inst[2].outs[1].path.ends_with("wfp8_afp16_autoquant_lm_autoquant_state.json"));
+        assert_eq!(inst[3].deps[0].path, inst[2].outs[0].path, "search reads the scores");
+        assert!(inst[3].outs[1].path.ends_with("wfp8_afp16_autoquant_lm_autoquant_state.json"));
     }
 
     #[test]

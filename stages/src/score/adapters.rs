@@ -290,9 +290,3 @@ pub fn load_batches(path: &Path, batch_size: usize) -> Result<Vec<Batch>> {
     let rows = |v: &[u32]| -> Vec<Vec<u32>> { v.chunks(set.t).map(<[u32]>::to_vec).collect() };
     Ok(super::make_batches(&rows(&set.input_ids), &rows(&set.attention_mask), set.pad_token_id, batch_size.max(1)))
 }
-
-/// The state tree as a torch-loadable `.pt` (the same dict `json.load` of the JSON gives).
-pub fn write_state_pt(path: &Path, state: &Value) -> Result<()> {
-    crate::io::torch_pt::write(path, &crate::io::torch_pt::Value::from(state))
-        .with_context(|| format!("writing the AutoQuant state {}", path.display()))
-}

@@ -1,19 +1,19 @@
 //! `score`: per-layer quantize-and-score (ModelOpt `auto_quantize` semantics).
 //!
-//! Reads (deps, in plan order) the fetch-model identity JSON, the calibration `.pt` and,
-//! for local checkpoints, the checkpoint folder; writes the AutoQuant state as a
-//! git-ignored `.pt` and a tracked `.json` (same tree).
+//! Reads the fetch-model identity JSON (dep `identity`), the calibration `.pt` (`calib`)
+//! and, for local checkpoints, the checkpoint folder (`checkpoint`); writes every recipe's
+//! scores and costs per format (out `scores`, a git-ignored JSON). Its key holds only what
+//! changes them — not the effective-bits budget, which the `search` stage applies.
 //!
 //! Parts: [`recipes`] (grouping, names, costs), [`backend`] (what the scorer needs from a
-//! model and a format), [`scorer`] (calibration, `gradient`, `kl_div`), [`search`] (the
-//! effective-bits search filling `best`), [`state`] (the output tree), [`adapters`] (the
-//! glue to the `model`, `quant`, `build_calib`, `checkpoint` and `torch_pt` modules).
+//! model and a format), [`scorer`] (calibration, `gradient`, `kl_div`), [`state`] (the
+//! output tree), [`adapters`] (the glue to the `model`, `quant`, `build_calib`,
+//! `checkpoint` and `torch_pt` modules).
 
 pub mod adapters;
 pub mod backend;
 pub mod recipes;
 pub mod scorer;
-pub mod search;
 pub mod state;
 
 use std::path::Path;
@@ -35,7 +35,6 @@ pub struct ScoreParams {
     pub format: FormatParams,
     pub batch_size: usize,
     pub score_size: usize,
-    pub effective_bits: f64,
     /// Resolved at plan time: `cpu` or `cuda:N` ([`qpipe_compute::device`]).
     pub device: String,
     /// Resolved at plan time: `f32`, `bf16` or `f16`.
@@ -87,7 +86,6 @@ pub struct Settings {
     pub method: Method,
     pub batch_size: usize,
     pub score_size: usize,
-    pub effective_bits: f64,
     pub device: String,
 }
 
@@ -105,7 +103,8 @@ pub fn make_batches(input_ids: &[Vec<u32>], attention_mask: &[Vec<u32>], pad: u3
         .collect()
 }
 
-/// Calibrate, score, search: the whole state for one format.
+/// Calibrate and score: every recipe's scores for one format (and NONE), as the scores
+/// file (`search::complete` adds what a budget selects).
 pub fn run_scoring(
     model: &dyn ScoreModel,
     format: &dyn ScoreFormat,
@@ -113,6 +112,19 @@ pub fn run_scoring(
     settings: &Settings,
     progress: &dyn Progress,
 ) -> Result<Value> {
+    Ok(run_scoring_fused(model, &[format], batches, settings, progress)?.remove(0))
+}
+
+/// [`run_scoring`] of several formats at once: for `gradient`, one pass for all of them
+/// (formats of one [`scorer::pass_class`]); for `kl_div`, one after another. Each format's
+/// scores file is the one [`run_scoring`] gives it alone, byte for byte.
+pub fn run_scoring_fused(
+    model: &dyn ScoreModel,
+    formats: &[&dyn ScoreFormat],
+    batches: &[Batch],
+    settings: &Settings,
+    progress: &dyn Progress,
+) -> Result<Vec<Value>> {
     if batches.is_empty() {
         bail!("the calibration set is empty: nothing to calibrate or score with");
     }
@@ -120,25 +132,20 @@ pub fn run_scoring(
     let linears = model.linears();
     let recipes = recipes::group(&linears);
     let score_steps = num_score_steps(settings.score_size, settings.batch_size, batches.len());
-    let scores = match settings.method {
+    let scores: Vec<Vec<f64>> = match settings.method {
         Method::Gradient => {
             let budget = scorer::keep_budget_bytes(model.available_memory());
-            scorer::gradient_scores(model, format, &recipes, batches, score_steps, budget, progress)?
+            scorer::gradient_scores_fused(model, formats, &recipes, batches, score_steps, budget, progress)?
         }
-        Method::KlDiv => {
-            if format.input_needs_calibration() {
-                scorer::calibrate_inputs(model, format, batches, progress)?;
-            }
-            scorer::kl_div_scores(model, format, &recipes, &batches[..score_steps], progress)?
-        }
-    };
-    let stats = state::candidate_stats(&recipes, &format.display_name(), format.effective_bits(), &scores);
-    let cands = state::to_candidates(&stats);
-    let total: f64 = recipes.iter().map(|r| r.cost(16.0)).sum();
-    let max_cost = total * settings.effective_bits / 16.0;
-    let sel = match settings.method {
-        Method::Gradient => search::knapsack(&cands, max_cost)?,
-        Method::KlDiv => search::threshold(&cands, max_cost),
+        Method::KlDiv => formats
+            .iter()
+            .map(|&format| {
+                if format.input_needs_calibration() {
+                    scorer::calibrate_inputs(model, format, batches, progress)?;
+                }
+                scorer::kl_div_scores(model, format, &recipes, &batches[..score_steps], progress)
+            })
+            .collect::<Result<_>>()?,
     };
     let info = state::RunInfo {
         method: settings.method.as_str().into(),
@@ -149,7 +156,14 @@ pub fn run_scoring(
         dtype: model.dtype_name().into(),
         quantized_layers: linears.iter().map(|l| l.name.clone()).collect(),
     };
-    Ok(state::to_json(&info, &stats, &sel, settings.effective_bits))
+    Ok(formats
+        .iter()
+        .zip(&scores)
+        .map(|(format, scores)| {
+            let stats = state::candidate_stats(&recipes, &format.display_name(), format.effective_bits(), scores);
+            state::to_json(&info, &stats)
+        })
+        .collect())
 }
 
 /// Errors, before loading anything, when the scorer's weights cannot fit on `device`: it
@@ -187,10 +201,8 @@ pub struct ScoreFiles<'a> {
     /// A local checkpoint folder (dep `checkpoint`); a hub checkpoint is keyed through its
     /// identity and found through the `checkpoint` locator.
     pub checkpoint: Option<&'a Path>,
-    /// The AutoQuant state as `torch.load`-able `.pt` (out `state_pt`, intermediate) and as
-    /// JSON (out `state_json`, tracked).
-    pub state_pt: &'a Path,
-    pub state_json: &'a Path,
+    /// The scores (out `scores`, intermediate).
+    pub scores: &'a Path,
 }
 
 /// The `score` instance `id`.
@@ -209,7 +221,7 @@ pub fn instance(
         params: serde_json::to_value(params)?,
         locators,
         deps,
-        outs: vec![OutSpec::intermediate("state_pt", files.state_pt), OutSpec::tracked("state_json", files.state_json)],
+        outs: vec![OutSpec::intermediate("scores", files.scores)],
         description,
     })
 }
@@ -225,34 +237,81 @@ impl Stage for Score {
         true
     }
     fn run(&self, job: &Job<'_>) -> Result<()> {
-        let p: ScoreParams = serde_json::from_value(job.params.clone()).context("reading the `score` parameters")?;
-        // Already resolved by the plan; resolving again checks the device is still there.
-        let compute = qpipe_compute::device::resolve(&p.device, &p.dtype)?;
-        let settings = Settings {
-            method: p.method,
-            batch_size: p.batch_size,
-            score_size: p.score_size,
-            effective_bits: p.effective_bits,
-            device: compute.device.clone(),
-        };
-        let device = qpipe_compute::device::candle_device(&compute.device)?;
-        let dtype = qpipe_compute::device::candle_dtype(&compute.dtype)?;
-        let progress: &dyn Progress = job.progress;
-        qpipe_compute::malloc::keep_freed_memory();
-        let ckpt = adapters::checkpoint_dir(job)?;
-        check_weights_fit(&ckpt, dtype, &compute.device, qpipe_compute::device::available_bytes(&device))?;
-        progress.note(&format!("score: loading {} ({} on {})", ckpt.display(), compute.dtype, compute.device));
-        let model = adapters::load_model_on(&ckpt, dtype, &device)?;
-        let format = adapters::load_format(&p.format)?;
-        let batches = adapters::load_batches(job.dep("calib")?, settings.batch_size)?;
-        let state = run_scoring(model.as_ref(), format.as_ref(), &batches, &settings, progress)
-            .with_context(|| format!("scoring {} with {}", ckpt.display(), p.format.name))?;
-        adapters::write_state_pt(job.out("state_pt")?, &state)?;
-        let text = serde_json::to_string_pretty(&state)? + "\n";
-        let state_json = job.out("state_json")?;
-        std::fs::write(state_json, text).with_context(|| format!("writing {}", state_json.display()))?;
-        Ok(())
+        run_group(std::slice::from_ref(job))
     }
+    /// `gradient` instances that share the checkpoint, calibration tokens, batch and score
+    /// sizes, device, dtype and the way inputs are quantized ([`scorer::pass_class`]) are
+    /// scored in one pass.
+    fn fusion_key(&self, inst: &Instance) -> Option<String> {
+        let p: ScoreParams = serde_json::from_value(inst.params.clone()).ok()?;
+        if p.method != Method::Gradient {
+            return None;
+        }
+        let class = scorer::pass_class(adapters::load_format(&p.format).ok()?.as_ref());
+        let deps: Vec<String> = inst.deps.iter().map(|d| format!("{}={}", d.name, d.path.display())).collect();
+        Some(format!(
+            "{}|{}|{}|{}|{}|{class:?}|{}",
+            deps.join(","),
+            p.batch_size,
+            p.score_size,
+            p.device,
+            p.dtype,
+            inst.locators["checkpoint"]
+        ))
+    }
+    fn run_fused(&self, jobs: &[Job<'_>]) -> Vec<Result<()>> {
+        match run_group(jobs) {
+            Ok(()) => jobs.iter().map(|_| Ok(())).collect(),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                jobs.iter().map(|_| Err(anyhow::anyhow!("{msg}"))).collect()
+            }
+        }
+    }
+}
+
+/// Runs `jobs` (one, or several of one fusion key) in one scoring pass.
+fn run_group(jobs: &[Job<'_>]) -> Result<()> {
+    let Some(job) = jobs.first() else { return Ok(()) };
+    let params: Vec<ScoreParams> = jobs
+        .iter()
+        .map(|j| {
+            serde_json::from_value(j.params.clone()).with_context(|| format!("reading the parameters of `{}`", j.id))
+        })
+        .collect::<Result<_>>()?;
+    let p = &params[0];
+    // Already resolved by the plan; resolving again checks the device is still there.
+    let compute = qpipe_compute::device::resolve(&p.device, &p.dtype)?;
+    let settings = Settings {
+        method: p.method,
+        batch_size: p.batch_size,
+        score_size: p.score_size,
+        device: compute.device.clone(),
+    };
+    let device = qpipe_compute::device::candle_device(&compute.device)?;
+    let dtype = qpipe_compute::device::candle_dtype(&compute.dtype)?;
+    let progress: &dyn Progress = job.progress;
+    qpipe_compute::malloc::keep_freed_memory();
+    let ckpt = adapters::checkpoint_dir(job)?;
+    check_weights_fit(&ckpt, dtype, &compute.device, qpipe_compute::device::available_bytes(&device))?;
+    progress.note(&format!("score: loading {} ({} on {})", ckpt.display(), compute.dtype, compute.device));
+    let model = adapters::load_model_on(&ckpt, dtype, &device)?;
+    let formats: Vec<Box<dyn ScoreFormat>> =
+        params.iter().map(|p| adapters::load_format(&p.format)).collect::<Result<_>>()?;
+    let names: Vec<&str> = params.iter().map(|p| p.format.name.as_str()).collect();
+    if jobs.len() > 1 {
+        progress.note(&format!("score: {} formats in one pass: {}", jobs.len(), names.join(", ")));
+    }
+    let batches = adapters::load_batches(job.dep("calib")?, settings.batch_size)?;
+    let refs: Vec<&dyn ScoreFormat> = formats.iter().map(|f| f.as_ref()).collect();
+    let all = run_scoring_fused(model.as_ref(), &refs, &batches, &settings, progress)
+        .with_context(|| format!("scoring {} with {}", ckpt.display(), names.join(", ")))?;
+    for (j, scores) in jobs.iter().zip(all) {
+        let text = serde_json::to_string_pretty(&scores)? + "\n";
+        let out = j.out("scores")?;
+        std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

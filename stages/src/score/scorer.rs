@@ -302,25 +302,67 @@ pub fn gradient_scores(
     keep_budget: u64,
     progress: &dyn Progress,
 ) -> Result<Vec<f64>> {
+    let mut scores = gradient_scores_fused(model, &[format], recipes, batches, score_steps, keep_budget, progress)?;
+    Ok(scores.remove(0))
+}
+
+/// What decides how the `gradient` scorer walks the batches for a format — whether the
+/// input quantizer treats token rows independently (inputs unquantized, or a static
+/// range), so that a batch may be scored in slices of its rows and rows with zero gradient
+/// skipped: formats that agree on it can share one pass ([`gradient_scores_fused`]) and get
+/// the scores each gets alone, bit for bit.
+pub fn pass_class(format: &dyn ScoreFormat) -> bool {
+    !format.quantizes_input() || format.input_needs_calibration()
+}
+
+/// [`gradient_scores`] of several formats of one [`pass_class`] in one pass: one
+/// calibration forward (every format's input ranges observed on it), one forward and one
+/// backward per score batch, then per linear each format's `Y_q` and score. Each format's
+/// scores are the bits [`gradient_scores`] gives it alone: the unquantized passes do not
+/// depend on the format, and each format's arithmetic and summation order are its own.
+/// Memory: each format's prepared weights are held at once.
+pub fn gradient_scores_fused(
+    model: &dyn ScoreModel,
+    formats: &[&dyn ScoreFormat],
+    recipes: &[Recipe],
+    batches: &[Batch],
+    score_steps: usize,
+    keep_budget: u64,
+    progress: &dyn Progress,
+) -> Result<Vec<Vec<f64>>> {
+    let Some(&format) = formats.first() else { return Ok(Vec::new()) };
+    if let Some(f) = formats.iter().find(|f| pass_class(**f) != pass_class(format)) {
+        bail!(
+            "internal error: `{}` and `{}` cannot share a scoring pass (one quantizes inputs with a dynamic range)",
+            format.display_name(),
+            f.display_name()
+        );
+    }
     let score_steps = score_steps.min(batches.len());
     let half = matches!(model.dtype_name(), "bf16" | "f16");
-    let int_products = !half && format.quantizes_input();
-    let prepared: HashMap<String, Prepared> = prepare_weights(model, recipes, |m, w| {
-        if int_products {
-            if let Some(int_w) = format.quant_weight_codes(m, &w)?.and_then(|c| int_product::PackedWeight::new(&c)) {
-                return Ok(Prepared { wq: None, dw: None, int_w: Some(int_w) });
-            }
-        }
-        let wq = format.quant_weight(m, &w)?;
-        // From the exact f32 `Wq`: rounding it to half precision first would add that
-        // rounding to every quantization error.
-        let dw = if half { Some(diff_in(&wq, &w, w.dtype())?.contiguous()?) } else { None };
-        Ok(Prepared { wq: Some(wq.to_dtype(w.dtype())?.contiguous()?), dw, int_w: None })
-    })?;
-    let quant_input = format.quantizes_input();
-    // Whether the input quantizer treats token rows independently (off or a static range):
-    // then a batch may be scored in slices of its rows, and rows with zero gradient skipped.
-    let rows_independent = !quant_input || format.input_needs_calibration();
+    let prepared: Vec<HashMap<String, Prepared>> = formats
+        .iter()
+        .map(|&format| {
+            let int_products = !half && format.quantizes_input();
+            prepare_weights(model, recipes, |m, w| {
+                if int_products {
+                    if let Some(int_w) =
+                        format.quant_weight_codes(m, &w)?.and_then(|c| int_product::PackedWeight::new(&c))
+                    {
+                        return Ok(Prepared { wq: None, dw: None, int_w: Some(int_w) });
+                    }
+                }
+                let wq = format.quant_weight(m, &w)?;
+                // From the exact f32 `Wq`: rounding it to half precision first would add that
+                // rounding to every quantization error.
+                let dw = if half { Some(diff_in(&wq, &w, w.dtype())?.contiguous()?) } else { None };
+                Ok(Prepared { wq: Some(wq.to_dtype(w.dtype())?.contiguous()?), dw, int_w: None })
+            })
+        })
+        .collect::<Result<_>>()?;
+    let rows_independent = pass_class(format);
+    // The formats whose static input ranges are calibrated first (on one forward for all).
+    let calibrated: Vec<&dyn ScoreFormat> = formats.iter().copied().filter(|f| f.input_needs_calibration()).collect();
     let available = model.available_memory();
     let batch_rows = batches.first().map_or(1, |b| b.input_ids.len());
     let rows = rows_per_piece(model, &batches[0], available, rows_independent)?;
@@ -337,7 +379,7 @@ pub fn gradient_scores(
     let n_score = pieces.iter().filter(|p| p.batch < score_steps).count();
     let mut kept: Vec<Option<KeptForward>> = (0..n_score).map(|_| None).collect();
     let per_piece = model.kept_bytes(&pieces[0].rows);
-    if format.input_needs_calibration() {
+    if !calibrated.is_empty() {
         // The plan: the score pieces whose calibration forward is kept, in order, while
         // their total stays within the budget.
         let mut held = 0u64;
@@ -361,7 +403,7 @@ pub fn gradient_scores(
         progress.phase("calibrate", Some(pieces.len() as u64));
         for (pi, p) in pieces.iter().enumerate() {
             let bi = p.batch;
-            let mut sink = |name: &str, x: &Tensor| observe(format, name, x, bi);
+            let mut sink = |name: &str, x: &Tensor| calibrated.iter().try_for_each(|f| observe(*f, name, x, bi));
             if keep.get(pi).copied().unwrap_or(false) {
                 kept[pi] = Some(
                     model
@@ -378,7 +420,7 @@ pub fn gradient_scores(
     // score: the difference is computed on the other rows only (left pads whose next label
     // is a pad — most rows of short captions padded to 512).
     let row_subset = rows_independent;
-    let mut per_linear: HashMap<String, f64> = HashMap::new();
+    let mut per_linear: Vec<HashMap<String, f64>> = vec![HashMap::new(); formats.len()];
     progress.phase("score (gradient)", Some(n_score as u64));
     for (pi, piece) in pieces[..n_score].iter().enumerate() {
         let (bi, b) = (piece.batch, &piece.rows);
@@ -386,89 +428,121 @@ pub fn gradient_scores(
             Some(fw) => fw,
             None => model.forward_keep(b, &mut |_, _| Ok(())).with_context(|| format!("score forward, batch {bi}"))?,
         };
-        // Fake-quantized inputs (f32) and input codes (integer products), each made once per input.
-        let mut xq_cache = LastInput::default();
-        let mut codes_cache = LastInput::default();
-        let mut add = |name: &str, s: f64| -> Result<()> {
-            if !s.is_finite() {
-                bail!("the score of linear `{name}` is not finite (batch {bi}): its input or gradient has NaN/Inf");
-            }
-            *per_linear.entry(name.to_string()).or_insert(0.0) += s;
-            Ok(())
-        };
+        // Fake-quantized inputs (f32) and input codes (integer products), each made once per
+        // input and format.
+        let mut xq_cache: Vec<LastInput<Tensor>> = formats.iter().map(|_| LastInput::default()).collect();
+        let mut codes_cache: Vec<LastInput<Option<std::rc::Rc<int_product::InputCodes>>>> =
+            formats.iter().map(|_| LastInput::default()).collect();
         let mut on_linear = |name: &str, x: &Tensor, y: &Tensor, g: &Tensor| -> Result<()> {
-            let Some(p) = prepared.get(name) else { return Ok(()) };
-            let rows = if row_subset { nonzero_rows(g)? } else { None };
-            // Both operands on 8-bit integer grids: the score from the codes (exact integer
-            // sums), without forming Y_q or copying the picked rows.
-            if let Some(pw) = &p.int_w {
-                let codes = codes_cache.get(x, format.input_amax(name), || {
-                    Ok(format
-                        .quant_input_codes(name, x)
-                        .with_context(|| format!("fake-quantizing the input of `{name}`"))?
-                        .and_then(|c| int_product::InputCodes::new(&c))
-                        .map(std::rc::Rc::new))
-                })?;
-                let score = codes.and_then(|c| {
-                    f32_data::borrow2(g, y, |gs, ys| int_product::product_score(&c, rows.as_deref(), pw, gs, ys))
-                        .flatten()
-                });
-                if let Some(s) = score {
-                    return add(name, s);
-                }
+            if !prepared[0].contains_key(name) {
+                return Ok(());
             }
-            let rows_t = rows.as_ref().map(|r| Tensor::from_slice(r, r.len(), g.device())).transpose()?;
-            let pick = |t: &Tensor| -> Result<Tensor> {
-                Ok(match &rows_t {
-                    Some(r) => t.index_select(r, 0)?,
-                    None => t.clone(),
-                })
-            };
-            let g = pick(g)?;
-            let x_in = x;
-            let x = if quant_input {
-                // f32, exact (see `dw` above).
-                let xq = xq_cache.get(x, format.input_amax(name), || {
-                    format.quant_input(name, x).with_context(|| format!("fake-quantizing the input of `{name}`"))
-                })?;
-                pick(&xq)?
-            } else {
-                pick(x)?
-            };
-            let wq = match &p.wq {
-                Some(wq) => wq.clone(),
-                // Only when the integer product above did not apply.
-                None => format.quant_weight(name, &model.weight(name)?)?.contiguous()?,
-            };
-            let s = match &p.dw {
-                Some(dw) => {
-                    let x0 = pick(x_in)?;
-                    let dx = if quant_input { Some(diff_in(&x, &x0, x0.dtype())?) } else { None };
-                    grad_score(&g, &half_precision_diff(&x0, dx.as_ref(), &wq, dw)?)?
+            let rows = if row_subset { nonzero_rows(g)? } else { None };
+            for (fi, &format) in formats.iter().enumerate() {
+                let p = &prepared[fi][name];
+                let s = linear_score(
+                    model,
+                    format,
+                    name,
+                    p,
+                    (x, y, g),
+                    rows.as_deref(),
+                    format.quantizes_input(),
+                    (&mut xq_cache[fi], &mut codes_cache[fi]),
+                )?;
+                if !s.is_finite() {
+                    bail!("the score of linear `{name}` is not finite (batch {bi}): its input or gradient has NaN/Inf");
                 }
-                None => {
-                    // Y_q with the same kernel the model computed Y with, as ModelOpt runs
-                    // F.linear twice.
-                    let y_q = qpipe_model::matmul_xwt(&x.to_dtype(wq.dtype())?, &wq)?;
-                    gradient_score(&g, &y_q, &pick(y)?)?
-                }
-            };
-            add(name, s)
+                *per_linear[fi].entry(name.to_string()).or_insert(0.0) += s;
+            }
+            Ok(())
         };
         model
             .backward_linears(b, fw, piece.loss_scale, &mut on_linear)
             .with_context(|| format!("score backward, batch {bi}"))?;
         progress.advance(1);
     }
-    recipes
+    per_linear
         .iter()
-        .map(|r| {
-            r.members
+        .map(|per_linear| {
+            recipes
                 .iter()
-                .map(|m| per_linear.get(m).copied().with_context(|| format!("linear `{m}` got no gradient")))
-                .sum()
+                .map(|r| {
+                    r.members
+                        .iter()
+                        .map(|m| per_linear.get(m).copied().with_context(|| format!("linear `{m}` got no gradient")))
+                        .sum()
+                })
+                .collect()
         })
         .collect()
+}
+
+/// One format's score of one linear on one batch: `(x, y, g)` are its input, unquantized
+/// output and `dL/dY`; `rows` the rows to score (all when `None`).
+#[allow(clippy::too_many_arguments)]
+fn linear_score(
+    model: &dyn ScoreModel,
+    format: &dyn ScoreFormat,
+    name: &str,
+    p: &Prepared,
+    (x, y, g): (&Tensor, &Tensor, &Tensor),
+    rows: Option<&[u32]>,
+    quant_input: bool,
+    (xq_cache, codes_cache): (&mut LastInput<Tensor>, &mut LastInput<Option<std::rc::Rc<int_product::InputCodes>>>),
+) -> Result<f64> {
+    // Both operands on 8-bit integer grids: the score from the codes (exact integer
+    // sums), without forming Y_q or copying the picked rows.
+    if let Some(pw) = &p.int_w {
+        let codes = codes_cache.get(x, format.input_amax(name), || {
+            Ok(format
+                .quant_input_codes(name, x)
+                .with_context(|| format!("fake-quantizing the input of `{name}`"))?
+                .and_then(|c| int_product::InputCodes::new(&c))
+                .map(std::rc::Rc::new))
+        })?;
+        let score = codes
+            .and_then(|c| f32_data::borrow2(g, y, |gs, ys| int_product::product_score(&c, rows, pw, gs, ys)).flatten());
+        if let Some(s) = score {
+            return Ok(s);
+        }
+    }
+    let rows_t = rows.map(|r| Tensor::from_slice(r, r.len(), g.device())).transpose()?;
+    let pick = |t: &Tensor| -> Result<Tensor> {
+        Ok(match &rows_t {
+            Some(r) => t.index_select(r, 0)?,
+            None => t.clone(),
+        })
+    };
+    let g = pick(g)?;
+    let x_in = x;
+    let x = if quant_input {
+        // f32, exact (see `dw` in `gradient_scores_fused`).
+        let xq = xq_cache.get(x, format.input_amax(name), || {
+            format.quant_input(name, x).with_context(|| format!("fake-quantizing the input of `{name}`"))
+        })?;
+        pick(&xq)?
+    } else {
+        pick(x)?
+    };
+    let wq = match &p.wq {
+        Some(wq) => wq.clone(),
+        // Only when the integer product above did not apply.
+        None => format.quant_weight(name, &model.weight(name)?)?.contiguous()?,
+    };
+    Ok(match &p.dw {
+        Some(dw) => {
+            let x0 = pick(x_in)?;
+            let dx = if quant_input { Some(diff_in(&x, &x0, x0.dtype())?) } else { None };
+            grad_score(&g, &half_precision_diff(&x0, dx.as_ref(), &wq, dw)?)?
+        }
+        None => {
+            // Y_q with the same kernel the model computed Y with, as ModelOpt runs
+            // F.linear twice.
+            let y_q = qpipe_model::matmul_xwt(&x.to_dtype(wq.dtype())?, &wq)?;
+            gradient_score(&g, &y_q, &pick(y)?)?
+        }
+    })
 }
 
 /// The unquantized side of a KL divergence: per position, the log-probabilities and

@@ -1,11 +1,10 @@
-//! The AutoQuant state `score` writes: `candidate_stats` per recipe, `best`, `constraints`
-//! (schema `qpipe.autoquant_state/1`, see the PREAMBLE / DESIGN), as JSON and as the same
-//! tree in a torch-loadable `.pt`.
+//! The scores `score` writes: the run's facts and `candidate_stats` per recipe (schema
+//! `qpipe.autoquant_scores/1`): the AutoQuant state (`qpipe.autoquant_state/1`, see the
+//! DESIGN) without what the budget decides, which the `search` stage adds.
 
 use serde_json::{json, Map, Value};
 
 use super::recipes::{none_display, Recipe};
-use super::search::{Candidates, Selection};
 
 /// Per recipe, what ModelOpt's `initialize_candidate_stats` records.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,11 +53,6 @@ pub fn candidate_stats(
         .collect()
 }
 
-/// The search input.
-pub fn to_candidates(stats: &[CandidateStats]) -> Vec<Candidates> {
-    stats.iter().map(|c| Candidates { scores: c.scores.clone(), costs: c.costs.clone() }).collect()
-}
-
 /// The run facts recorded beside the numbers.
 #[derive(Debug, Clone)]
 pub struct RunInfo {
@@ -71,8 +65,8 @@ pub struct RunInfo {
     pub quantized_layers: Vec<String>,
 }
 
-/// The whole state as JSON (key order as the schema lists it).
-pub fn to_json(info: &RunInfo, stats: &[CandidateStats], sel: &Selection, effective_bits: f64) -> Value {
+/// The scores file (key order as the state's schema lists them).
+pub fn to_json(info: &RunInfo, stats: &[CandidateStats]) -> Value {
     let mut cs = Map::new();
     for c in stats {
         cs.insert(
@@ -80,14 +74,8 @@ pub fn to_json(info: &RunInfo, stats: &[CandidateStats], sel: &Selection, effect
             json!({"formats": c.formats, "scores": c.scores, "costs": c.costs, "module_names": c.module_names}),
         );
     }
-    let mut recipe = Map::new();
-    for (c, &i) in stats.iter().zip(&sel.choice) {
-        recipe.insert(c.recipe.clone(), Value::String(c.formats[i].clone()));
-    }
-    let total: f64 = stats.iter().map(|c| c.costs.iter().cloned().fold(f64::NEG_INFINITY, f64::max)).sum();
-    let achieved_bits = if total > 0.0 { sel.cost / total * 16.0 } else { 0.0 };
     json!({
-        "format": "qpipe.autoquant_state/1",
+        "format": "qpipe.autoquant_scores/1",
         "method": info.method,
         "batch_size": info.batch_size,
         "num_calib_steps": info.num_calib_steps,
@@ -96,13 +84,6 @@ pub fn to_json(info: &RunInfo, stats: &[CandidateStats], sel: &Selection, effect
         "dtype": info.dtype,
         "quantized_layers": info.quantized_layers,
         "candidate_stats": cs,
-        "best": {
-            "recipe": recipe,
-            "constraints": {"effective_bits": achieved_bits},
-            "score": sel.score,
-            "is_satisfied": sel.is_satisfied,
-        },
-        "constraints": {"effective_bits": effective_bits},
     })
 }
 
@@ -110,7 +91,6 @@ pub fn to_json(info: &RunInfo, stats: &[CandidateStats], sel: &Selection, effect
 mod tests {
     use super::*;
     use crate::score::recipes::display_name;
-    use crate::score::search;
 
     #[test]
     fn state_has_the_schema() {
@@ -132,7 +112,6 @@ mod tests {
         assert_eq!(stats[0].scores, [0.5, 0.0]);
         // ModelOpt's running minimum: a (tiny negative) quantized score carries into NONE.
         assert_eq!(stats[1].scores, [-1e-9, -1e-9]);
-        let sel = search::knapsack(&to_candidates(&stats), 48.0).unwrap();
         let info = RunInfo {
             method: "gradient".into(),
             batch_size: 8,
@@ -142,15 +121,19 @@ mod tests {
             dtype: "f32".into(),
             quantized_layers: vec!["layers.0.self_attn.q_proj".into(), "layers.0.self_attn.o_proj".into()],
         };
-        let v = to_json(&info, &stats, &sel, 8.0);
+        let v = to_json(&info, &stats);
         let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
         assert_eq!(keys[0], "format");
+        assert_eq!(v["format"], "qpipe.autoquant_scores/1");
+        assert_eq!(v["candidate_stats"]["layers.0.self_attn.o_proj.quant_recipe"]["costs"], json!([16.0, 32.0]));
+        // The search stage completes it into the state.
+        let state = crate::search::complete(&v, crate::score::Method::Gradient, 8.0).unwrap();
         assert_eq!(
-            v["best"]["recipe"]["layers.0.self_attn.q_proj.quant_recipe"],
+            state["best"]["recipe"]["layers.0.self_attn.q_proj.quant_recipe"],
             "FP8_DEFAULT_CFG(effective-bits: 8.0)"
         );
-        assert_eq!(v["best"]["constraints"]["effective_bits"], 8.0);
-        assert_eq!(v["best"]["is_satisfied"], true);
-        assert_eq!(v["constraints"]["effective_bits"], 8.0);
+        assert_eq!(state["best"]["constraints"]["effective_bits"], 8.0);
+        assert_eq!(state["best"]["is_satisfied"], true);
+        assert_eq!(state["constraints"]["effective_bits"], 8.0);
     }
 }

@@ -43,6 +43,8 @@ pub struct Log {
     pub max_running: AtomicUsize,
     pub exclusive_running: AtomicUsize,
     pub max_exclusive: AtomicUsize,
+    /// The instance ids of each fused execution.
+    pub fused: Mutex<Vec<Vec<String>>>,
 }
 
 impl Log {
@@ -104,6 +106,14 @@ impl Stage for FakeStage {
         let r = self.work(job);
         self.log.leave(job.id, self.exclusive);
         r
+    }
+    /// `+fuse=true` (a locator, so not in the key): score instances of one `scale` fuse.
+    fn fusion_key(&self, inst: &Instance) -> Option<String> {
+        (self.kind == "score" && inst.locators["fuse"] == json!(true)).then(|| inst.params["scale"].to_string())
+    }
+    fn run_fused(&self, jobs: &[Job<'_>]) -> Vec<Result<()>> {
+        self.log.fused.lock().unwrap().push(jobs.iter().map(|j| j.id.to_string()).collect());
+        jobs.iter().map(|j| self.run(j)).collect()
     }
 }
 
@@ -235,7 +245,7 @@ impl Domain for Fake {
                 kind: "score".into(),
                 params: json!({"size": c["size"], "scale": c["scale"], "fail": c["fail"], "panic": c["panic"],
                                "sleep_ms": c["sleep_ms"], "stall_ms": c["stall_ms"]}),
-                locators: json!({}),
+                locators: if c.get("fuse").is_some() { json!({"fuse": c["fuse"]}) } else { json!({}) },
                 deps: vec![DepSpec::new("prepared", prep_out.clone())],
                 outs: score_outs,
                 description: format!("score {name} ({})", c["size"]),
