@@ -197,33 +197,48 @@ fn a_second_clone_restores_a_run_from_the_shared_cache() {
     }
 }
 
-/// Four pairs built in one command share one scoring pass (one calibration forward, one
-/// forward and backward per batch) and write, byte for byte, what each pair built alone
-/// writes.
+/// Pairs built in one command share one scoring pass (one calibration forward; for
+/// `gradient` one forward and backward per batch, for `kl_div` one unquantized forward per
+/// batch) and write, byte for byte, what each pair built alone writes.
 #[test]
 fn fused_scoring_writes_the_bytes_of_each_pair_scored_alone() {
-    let pairs = ["wint8_aint8", "wint8_afp16", "wfp8_afp8", "wfp8_afp16"];
-    let small =
-        ["output_layout=tmp", "dataset.max_calib_samples=8", "dataset.calib_seq_len=32", "autoquant.batch_size=4"];
-    let build = |dir: &Path, pair: &str| {
-        let mut args = vec!["build", "-v", pair];
-        args.extend(small);
-        let o = qpipe(dir, &args);
-        let (out, err) = text(&o);
-        assert!(o.status.success(), "{out}{err}");
-        err
-    };
-    let (fused, alone) = (workspace_copy(), workspace_copy());
-    let err = build(fused.path(), &format!("quant_pair={}", pairs.join(",")));
-    assert!(err.contains("score: 4 formats in one pass"), "{err}");
-    for p in pairs {
-        let err = build(alone.path(), &format!("quant_pair={p}"));
-        assert!(!err.contains("formats in one pass"), "{err}");
-    }
-    let files = files_named(&alone.path().join("tmp/runs"), "");
-    assert!(files.len() >= 4 * 5, "{files:?}");
-    for f in files {
-        let rel = f.strip_prefix(alone.path()).unwrap();
-        assert!(fs::read(&f).unwrap() == fs::read(fused.path().join(rel)).unwrap(), "{} differs", rel.display());
+    let cases: [(&str, &[&str]); 2] = [
+        ("gradient", &["wint8_aint8", "wint8_afp16", "wfp8_afp8", "wfp8_afp16"]),
+        ("kl_div", &["wint8_aint8", "wfp8_afp16"]),
+    ];
+    for (method, pairs) in cases {
+        let method_arg = format!("autoquant.method={method}");
+        let small = [
+            "output_layout=tmp",
+            "dataset.max_calib_samples=8",
+            "dataset.calib_seq_len=32",
+            "autoquant.batch_size=4",
+            method_arg.as_str(),
+        ];
+        let build = |dir: &Path, pair: &str| {
+            let mut args = vec!["build", "-v", pair];
+            args.extend(small);
+            let o = qpipe(dir, &args);
+            let (out, err) = text(&o);
+            assert!(o.status.success(), "{out}{err}");
+            err
+        };
+        let (fused, alone) = (workspace_copy(), workspace_copy());
+        let err = build(fused.path(), &format!("quant_pair={}", pairs.join(",")));
+        assert!(err.contains(&format!("score: {} formats in one pass", pairs.len())), "{method}: {err}");
+        for p in pairs {
+            let err = build(alone.path(), &format!("quant_pair={p}"));
+            assert!(!err.contains("formats in one pass"), "{err}");
+        }
+        let files = files_named(&alone.path().join("tmp/runs"), "");
+        assert!(files.len() >= pairs.len() * 5, "{files:?}");
+        for f in files {
+            let rel = f.strip_prefix(alone.path()).unwrap();
+            assert!(
+                fs::read(&f).unwrap() == fs::read(fused.path().join(rel)).unwrap(),
+                "{method}: {} differs",
+                rel.display()
+            );
+        }
     }
 }

@@ -2,13 +2,16 @@
 //! weights (see `qpipe_stages::synth`), for timing and memory runs of the score stage.
 //!
 //!     cargo run --release -p qpipe-stages --features synth --example synth_checkpoint -- <dir> \
-//!         [--shape qwen3-vl-4b|mid] [--dtype bf16|f32] [--shard-gib 4] [--seed 0] \
-//!         [--tokenizer-from models/tiny_qwen3_vl/checkpoint]
+//!         [--preset 4b|2b|mid] [--layers N --hidden H --intermediate I --heads Q \
+//!          --kv-heads K --head-dim D --vocab V] [--dtype bf16|f32] [--shard-gib 4] \
+//!         [--seed 0] [--tokenizer-from models/tiny_qwen3_vl/checkpoint]
 //!
-//! Defaults: the Qwen3-VL-4B-Instruct shape (36 layers, hidden 2560, intermediate 9728,
-//! 32 heads, 8 KV heads, head dim 128, vocab 151936, tied embeddings), bf16, 4 GiB shards
-//! with an index, the embedded tiny model's tokenizer (so `qpipe build model.path=<dir>`
-//! can tokenize captions for it).
+//! Presets: `4b` (the default) is Qwen3-VL-4B-Instruct's language model (36 layers, hidden
+//! 2560, intermediate 9728, 32 heads, 8 KV heads, head dim 128, vocab 151936, tied
+//! embeddings); `2b` Qwen3-VL-2B's (28 layers, hidden 2048, intermediate 6144, 16/8 heads,
+//! head dim 128, vocab 151936, tied); `mid` the score benchmark's. The size options change
+//! the preset's. bf16, 4 GiB shards with an index, the embedded tiny model's tokenizer (so
+//! `qpipe build model.path=<dir>` can tokenize captions for it). Prints the parameter count.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,14 +28,25 @@ fn main() -> Result<()> {
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("`{a}` needs a value"));
         match a.as_str() {
-            "--shape" => shape = Shape::by_name(&value()?)?,
+            "--shape" | "--preset" => shape = Shape::by_name(&value()?)?,
+            "--layers" => shape.layers = value()?.parse().context("--layers: a whole number")?,
+            "--hidden" => shape.hidden = value()?.parse().context("--hidden: a whole number")?,
+            "--intermediate" => shape.intermediate = value()?.parse().context("--intermediate: a whole number")?,
+            "--heads" => shape.heads = value()?.parse().context("--heads: a whole number")?,
+            "--kv-heads" => shape.kv_heads = value()?.parse().context("--kv-heads: a whole number")?,
+            "--head-dim" => shape.head_dim = value()?.parse().context("--head-dim: a whole number")?,
+            "--vocab" => shape.vocab = value()?.parse().context("--vocab: a whole number")?,
             "--dtype" => dtype = Dtype::parse(&value()?)?,
             "--shard-gib" => shard_gib = value()?.parse().context("--shard-gib: a number of GiB")?,
             "--seed" => seed = value()?.parse().context("--seed: an integer")?,
             "--tokenizer-from" => tokenizer = Some(PathBuf::from(value()?)),
             "--no-tokenizer" => tokenizer = None,
             "-h" | "--help" => {
-                eprintln!("usage: synth_checkpoint <dir> [--shape qwen3-vl-4b|mid] [--dtype bf16|f32] [--shard-gib N] [--seed N] [--tokenizer-from DIR | --no-tokenizer]");
+                eprintln!(
+                    "usage: synth_checkpoint <dir> [--preset 4b|2b|mid] [--layers N] [--hidden H] [--intermediate I] \
+                     [--heads Q] [--kv-heads K] [--head-dim D] [--vocab V] [--dtype bf16|f32] [--shard-gib N] \
+                     [--seed N] [--tokenizer-from DIR | --no-tokenizer]"
+                );
                 return Ok(());
             }
             s if s.starts_with('-') => bail!("unknown option `{s}` (see --help)"),
@@ -40,10 +54,16 @@ fn main() -> Result<()> {
         }
     }
     let dir = dir.context("give the folder to write the checkpoint into (see --help)")?;
+    shape.check()?;
+    println!("{} parameters", shape.params());
     let total = shape.params() * if dtype == Dtype::Bf16 { 2 } else { 4 };
     eprintln!(
         "writing {} ({:.2} B parameters, {:.2} GiB {dtype:?}) into {}",
-        if shape == Shape::QWEN3_VL_4B { "a Qwen3-VL-4B-shaped language model" } else { "a synthetic model" },
+        match shape {
+            Shape::QWEN3_VL_4B => "a Qwen3-VL-4B-shaped language model",
+            Shape::QWEN3_VL_2B => "a Qwen3-VL-2B-shaped language model",
+            _ => "a synthetic model",
+        },
         shape.params() as f64 / 1e9,
         total as f64 / (1u64 << 30) as f64,
         dir.display()

@@ -61,13 +61,51 @@ impl Shape {
         max_positions: 4096,
     };
 
-    /// A shape by name: `qwen3-vl-4b` or `mid`.
+    /// Qwen3-VL-2B-Instruct's language model (28 layers, hidden 2048, tied embeddings).
+    pub const QWEN3_VL_2B: Shape = Shape {
+        hidden: 2048,
+        layers: 28,
+        intermediate: 6144,
+        heads: 16,
+        kv_heads: 8,
+        head_dim: 128,
+        vocab: 151_936,
+        max_positions: 262_144,
+    };
+
+    /// A shape by name: `4b` (also `qwen3-vl-4b`), `2b` (`qwen3-vl-2b`) or `mid`.
     pub fn by_name(name: &str) -> Result<Shape> {
         match name {
-            "qwen3-vl-4b" => Ok(Self::QWEN3_VL_4B),
+            "4b" | "qwen3-vl-4b" => Ok(Self::QWEN3_VL_4B),
+            "2b" | "qwen3-vl-2b" => Ok(Self::QWEN3_VL_2B),
             "mid" => Ok(Self::MID),
-            other => bail!("unknown synthetic shape `{other}`; use `qwen3-vl-4b` or `mid`"),
+            other => bail!("unknown synthetic shape `{other}`; use `4b`, `2b` or `mid`"),
         }
+    }
+
+    /// Checks that the shape can be built: every size at least 1, the heads a multiple of
+    /// the KV heads (grouped attention), an even head dim (rotary halves).
+    pub fn check(&self) -> Result<()> {
+        for (name, v) in [
+            ("--layers", self.layers),
+            ("--hidden", self.hidden),
+            ("--intermediate", self.intermediate),
+            ("--heads", self.heads),
+            ("--kv-heads", self.kv_heads),
+            ("--head-dim", self.head_dim),
+            ("--vocab", self.vocab),
+        ] {
+            if v == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            bail!("--heads {} is not a multiple of --kv-heads {}", self.heads, self.kv_heads);
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            bail!("--head-dim {} must be even (rotary embeddings rotate halves)", self.head_dim);
+        }
+        Ok(())
     }
 
     /// Every tensor, in the order the files hold them: name and shape.
@@ -334,6 +372,20 @@ pub fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn presets_by_name_and_shapes_that_cannot_be_built() {
+        let two = Shape::by_name("2b").unwrap();
+        // 28 × (q, k, v, o, gate, up, down, 4 norms) + tied embeddings + final norm.
+        assert_eq!(two.params(), 1_720_574_976);
+        assert_eq!(Shape::by_name("qwen3-vl-4b").unwrap(), Shape::by_name("4b").unwrap());
+        assert!(Shape::by_name("7b").unwrap_err().to_string().contains("`4b`, `2b` or `mid`"));
+        assert!(two.check().is_ok());
+        let e = Shape { kv_heads: 3, ..two }.check().unwrap_err().to_string();
+        assert!(e.contains("--heads 16 is not a multiple of --kv-heads 3"), "{e}");
+        assert!(Shape { layers: 0, ..two }.check().unwrap_err().to_string().contains("--layers"));
+        assert!(Shape { head_dim: 63, ..two }.check().is_err());
+    }
+
     use super::*;
 
     const TINY: Shape = Shape {
@@ -356,7 +408,7 @@ mod tests {
             Shape::QWEN3_VL_4B.config(Dtype::Bf16)["text_config"]["rope_scaling"]["mrope_section"],
             json!([24, 20, 20])
         );
-        assert!(Shape::by_name("qwen3-vl-9b").unwrap_err().to_string().contains("qwen3-vl-4b"));
+        assert!(Shape::by_name("qwen3-vl-9b").unwrap_err().to_string().contains("`4b`"));
     }
 
     #[test]

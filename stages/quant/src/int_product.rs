@@ -87,6 +87,9 @@ impl PackedWeight {
             AmaxKind::PerRow => w.divisors.clone(),
             _ => vec![w.divisors[0]; n],
         };
+        // The AVX2 sign trick cannot negate the code −128: such a weight takes the scalar
+        // loop (the same integers, so the same outputs).
+        let level = if level < Level::Avx512Vnni && w.codes.contains(&i8::MIN) { Level::Scalar } else { level };
         Some(Self { n, k, level, codes, offset, divisors })
     }
 
@@ -317,8 +320,9 @@ unsafe fn score_terms(
     reduce8(acc)
 }
 
-/// The tile's outputs `(Σ − offset[c]) · scale[c]` below VNNI: exact i32 dot products of
-/// its rows with the weight rows, the epilogue as the VNNI kernel's.
+/// The tile's outputs `Σ_k c_x·c_w · scale[c]` below VNNI: exact i32 dot products of its
+/// rows with the weight rows (the same integers as the VNNI kernel's `Σ − offset[c]`, so the
+/// same f32 outputs).
 fn tile_outputs_rows(t: &Tile, level: Level) -> [[f32; NR]; MR] {
     let mut out = [[0f32; NR]; MR];
     let cols = t.offset.len();
@@ -328,42 +332,84 @@ fn tile_outputs_rows(t: &Tile, level: Level) -> [[f32; NR]; MR] {
         let mut sums = [0i32; NR];
         dot_rows(level, a, &t.weights[..cols * t.kp], &mut sums[..cols]);
         for c in 0..cols {
-            out[c] = (sums[c] - t.offset[c]) as f32 * t.scale[c];
+            out[c] = sums[c] as f32 * t.scale[c];
         }
     }
     out
 }
 
-/// `sums[c] = Σ_k a[k]·w[c][k]` (exact) for the rows `w[c]` of `a.len()` bytes, compiled
-/// for the level (the compiler vectorizes the i32 sums).
+/// `sums[c] = Σ_k (a[k] − 128)·w[c][k]` (exact: the codes' product) for the rows `w[c]` of
+/// `a.len()` bytes. AVX2 (also below VNNI on AVX-512 CPUs): 32 products per step with the
+/// sign trick — `maddubs(|x|, sign(w, x))` — whose pair sums cannot saturate because
+/// `|x| ≤ 128` and `|w| ≤ 127` (weights holding the code −128 get the scalar loop, see
+/// [`PackedWeight::new_at`]). Scalar: a plain loop.
 fn dot_rows(level: Level, a: &[u8], w: &[i8], sums: &mut [i32]) {
-    #[inline(always)]
-    fn imp(a: &[u8], w: &[i8], sums: &mut [i32]) {
-        for (s, w) in sums.iter_mut().zip(w.chunks_exact(a.len().max(1))) {
-            *s = a.iter().zip(w).map(|(&a, &w)| i32::from(a as i16 * i16::from(w))).sum();
-        }
-    }
     #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512bw")]
-        unsafe fn avx512(a: &[u8], w: &[i8], sums: &mut [i32]) {
-            imp(a, w, sums)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(a: &[u8], w: &[i8], sums: &mut [i32]) {
-            imp(a, w, sums)
-        }
-        if level >= Level::Avx512 {
-            // SAFETY: the CPU has AVX-512F/BW (`level` ≤ `detected`, checked in `new_at`).
-            return unsafe { avx512(a, w, sums) };
-        }
-        if level >= Level::Avx2 {
-            // SAFETY: the CPU has AVX2 and FMA (as above).
-            return unsafe { avx2(a, w, sums) };
-        }
+    if level >= Level::Avx2 {
+        // SAFETY: the CPU has AVX2 (`level` ≤ `detected`, checked in `new_at`); `w` holds
+        // `sums.len()` rows of `a.len()` bytes.
+        return unsafe { dot_rows_avx2(a, w, sums) };
     }
     let _ = level;
-    imp(a, w, sums)
+    dot_rows_scalar(a, w, sums)
+}
+
+fn dot_rows_scalar(a: &[u8], w: &[i8], sums: &mut [i32]) {
+    for (s, w) in sums.iter_mut().zip(w.chunks_exact(a.len().max(1))) {
+        *s = a.iter().zip(w).map(|(&a, &w)| (i32::from(a) - 128) * i32::from(w)).sum();
+    }
+}
+
+/// [`dot_rows`] with AVX2: four weight rows per pass over `a`.
+///
+/// # Safety
+/// AVX2 must be available; `w.len() ≥ sums.len() · a.len()`; no weight code is −128.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_rows_avx2(a: &[u8], w: &[i8], sums: &mut [i32]) {
+    use std::arch::x86_64::*;
+    let k = a.len();
+    debug_assert!(w.len() >= sums.len() * k);
+    let k32 = k / 32 * 32;
+    let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(-128);
+    let (ap, wp) = (a.as_ptr(), w.as_ptr());
+    let mut c = 0;
+    while c < sums.len() {
+        let n = (sums.len() - c).min(4);
+        let mut acc = [_mm256_setzero_si256(); 4];
+        let mut kk = 0;
+        while kk < k32 {
+            // the codes c_x = a − 128, as signed bytes
+            let x = _mm256_xor_si256(_mm256_loadu_si256(ap.add(kk) as *const __m256i), flip);
+            let ax = _mm256_abs_epi8(x);
+            for (j, acc) in acc.iter_mut().enumerate().take(n) {
+                let wv = _mm256_loadu_si256(wp.add((c + j) * k + kk) as *const __m256i);
+                let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, x));
+                *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(pairs, ones));
+            }
+            kk += 32;
+        }
+        for (j, acc) in acc.iter().enumerate().take(n) {
+            let mut s = hsum_avx2(*acc);
+            for t in k32..k {
+                s += (i32::from(*ap.add(t)) - 128) * i32::from(*wp.add((c + j) * k + t));
+            }
+            sums[c + j] = s;
+        }
+        c += n;
+    }
+}
+
+/// The sum of the 8 i32 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum_avx2(v: std::arch::x86_64::__m256i) -> i32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
 }
 
 /// The i32 sums of one `MR × NR` tile: `Σ_q dpbusd(a[r][4q..], panel[q][c])`.
@@ -564,11 +610,21 @@ mod tests {
         eprintln!("levels compared: {levels:?}");
         let pools: Vec<rayon::ThreadPool> =
             [1, 2, 3].iter().map(|&t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap()).collect();
-        for &(m, k, n) in &[(1, 1, 1), (13, 7, 33), (40, 130, 45), (100, 515, 70)] {
-            let xc =
-                IntCodes { rows: m, cols: k, codes: codes(m * k, 5), kind: AmaxKind::PerTensor, divisors: vec![7.5] };
+        // The last two cases hold the code −128 in the inputs, then in the weights.
+        for (case, &(m, k, n)) in
+            [(1, 1, 1), (13, 7, 33), (40, 130, 45), (100, 515, 70), (9, 77, 40), (9, 77, 40)].iter().enumerate()
+        {
+            let mut x_codes = codes(m * k, 5);
+            let mut w_codes = codes(n * k, 6);
+            if case == 4 {
+                x_codes.iter_mut().step_by(5).for_each(|c| *c = i8::MIN);
+            }
+            if case == 5 {
+                w_codes.iter_mut().step_by(7).for_each(|c| *c = i8::MIN);
+            }
+            let xc = IntCodes { rows: m, cols: k, codes: x_codes, kind: AmaxKind::PerTensor, divisors: vec![7.5] };
             let wd: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 * 0.3).collect();
-            let wc = IntCodes { rows: n, cols: k, codes: codes(n * k, 6), kind: AmaxKind::PerRow, divisors: wd };
+            let wc = IntCodes { rows: n, cols: k, codes: w_codes, kind: AmaxKind::PerRow, divisors: wd };
             let xi = InputCodes::new(&xc).unwrap();
             let mut g: Vec<f32> = (0..m * n).map(|i| ((i * 7919) % 101) as f32 / 5.0 - 10.0).collect();
             let y: Vec<f32> = (0..m * n).map(|i| ((i * 104_729) % 97) as f32 - 48.0).collect();

@@ -115,9 +115,11 @@ pub fn run_scoring(
     Ok(run_scoring_fused(model, &[format], batches, settings, progress)?.remove(0))
 }
 
-/// [`run_scoring`] of several formats at once: for `gradient`, one pass for all of them
-/// (formats of one [`scorer::pass_class`]); for `kl_div`, one after another. Each format's
-/// scores file is the one [`run_scoring`] gives it alone, byte for byte.
+/// [`run_scoring`] of several formats at once: one calibration forward per batch for all
+/// formats with static input ranges; for `gradient` one forward and backward per batch
+/// (formats of one [`scorer::pass_class`]), for `kl_div` one unquantized forward and its
+/// log-probabilities per batch. Each format's scores file is the one [`run_scoring`] gives
+/// it alone, byte for byte.
 pub fn run_scoring_fused(
     model: &dyn ScoreModel,
     formats: &[&dyn ScoreFormat],
@@ -137,15 +139,14 @@ pub fn run_scoring_fused(
             let budget = scorer::keep_budget_bytes(model.available_memory());
             scorer::gradient_scores_fused(model, formats, &recipes, batches, score_steps, budget, progress)?
         }
-        Method::KlDiv => formats
-            .iter()
-            .map(|&format| {
-                if format.input_needs_calibration() {
-                    scorer::calibrate_inputs(model, format, batches, progress)?;
-                }
-                scorer::kl_div_scores(model, format, &recipes, &batches[..score_steps], progress)
-            })
-            .collect::<Result<_>>()?,
+        Method::KlDiv => {
+            let calibrated: Vec<&dyn ScoreFormat> =
+                formats.iter().copied().filter(|f| f.input_needs_calibration()).collect();
+            if !calibrated.is_empty() {
+                scorer::calibrate_inputs_fused(model, &calibrated, batches, progress)?;
+            }
+            scorer::kl_div_scores_fused(model, formats, &recipes, &batches[..score_steps], progress)?
+        }
     };
     let info = state::RunInfo {
         method: settings.method.as_str().into(),
@@ -239,18 +240,20 @@ impl Stage for Score {
     fn run(&self, job: &Job<'_>) -> Result<()> {
         run_group(std::slice::from_ref(job))
     }
-    /// `gradient` instances that share the checkpoint, calibration tokens, batch and score
-    /// sizes, device, dtype and the way inputs are quantized ([`scorer::pass_class`]) are
-    /// scored in one pass.
+    /// Instances that share the method, checkpoint, calibration tokens, batch and score
+    /// sizes, device and dtype (and for `gradient` the way inputs are quantized,
+    /// [`scorer::pass_class`]) are scored in one pass.
     fn fusion_key(&self, inst: &Instance) -> Option<String> {
         let p: ScoreParams = serde_json::from_value(inst.params.clone()).ok()?;
-        if p.method != Method::Gradient {
-            return None;
-        }
-        let class = scorer::pass_class(adapters::load_format(&p.format).ok()?.as_ref());
+        // `gradient` walks the batches by the format's pass class; `kl_div` the same for all.
+        let class = match p.method {
+            Method::Gradient => Some(scorer::pass_class(adapters::load_format(&p.format).ok()?.as_ref())),
+            Method::KlDiv => None,
+        };
         let deps: Vec<String> = inst.deps.iter().map(|d| format!("{}={}", d.name, d.path.display())).collect();
         Some(format!(
-            "{}|{}|{}|{}|{}|{class:?}|{}",
+            "{}|{}|{}|{}|{}|{}|{class:?}|{}",
+            p.method.as_str(),
             deps.join(","),
             p.batch_size,
             p.score_size,

@@ -51,10 +51,20 @@ pub fn calibrate_inputs(
     batches: &[Batch],
     progress: &dyn Progress,
 ) -> Result<()> {
+    calibrate_inputs_fused(model, &[format], batches, progress)
+}
+
+/// [`calibrate_inputs`] of several formats on one forward per batch.
+pub fn calibrate_inputs_fused(
+    model: &dyn ScoreModel,
+    formats: &[&dyn ScoreFormat],
+    batches: &[Batch],
+    progress: &dyn Progress,
+) -> Result<()> {
     progress.phase("calibrate", Some(batches.len() as u64));
     for (bi, b) in batches.iter().enumerate() {
         model
-            .forward_inputs(b, &mut |name, x| observe(format, name, x, bi))
+            .forward_inputs(b, &mut |name, x| formats.iter().try_for_each(|f| observe(*f, name, x, bi)))
             .with_context(|| format!("calibration forward, batch {bi}"))?;
         progress.advance(1);
     }
@@ -615,44 +625,67 @@ pub fn kl_div_scores(
     batches: &[Batch],
     progress: &dyn Progress,
 ) -> Result<Vec<f64>> {
-    let qweights = prepare_weights(model, recipes, |m, w| Ok(format.quant_weight(m, &w)?.to_dtype(w.dtype())?))?;
+    Ok(kl_div_scores_fused(model, &[format], recipes, batches, progress)?.remove(0))
+}
+
+/// [`kl_div_scores`] of several formats: the unquantized forward and its log-probabilities
+/// once per batch for all of them, then each format's forwards with one recipe quantized.
+/// Each format's scores are the bits it gets alone.
+pub fn kl_div_scores_fused(
+    model: &dyn ScoreModel,
+    formats: &[&dyn ScoreFormat],
+    recipes: &[Recipe],
+    batches: &[Batch],
+    progress: &dyn Progress,
+) -> Result<Vec<Vec<f64>>> {
     // One closure per linear that fake-quantizes its input with its calibrated range.
     type InputFn<'f> = Box<dyn Fn(&Tensor) -> Result<Tensor> + Sync + 'f>;
-    let mut input_fns: HashMap<String, InputFn<'_>> = HashMap::new();
-    if format.quantizes_input() {
-        for r in recipes {
-            for m in &r.members {
-                let name = m.clone();
-                input_fns.insert(
-                    m.clone(),
-                    Box::new(move |x: &Tensor| Ok(format.quant_input(&name, x)?.to_dtype(x.dtype())?)),
-                );
+    let mut qweights = Vec::new();
+    let mut input_fns: Vec<HashMap<String, InputFn<'_>>> = Vec::new();
+    for &format in formats {
+        qweights.push(prepare_weights(model, recipes, |m, w| Ok(format.quant_weight(m, &w)?.to_dtype(w.dtype())?))?);
+        let mut fns: HashMap<String, InputFn<'_>> = HashMap::new();
+        if format.quantizes_input() {
+            for r in recipes {
+                for m in &r.members {
+                    let name = m.clone();
+                    fns.insert(
+                        m.clone(),
+                        Box::new(move |x: &Tensor| Ok(format.quant_input(&name, x)?.to_dtype(x.dtype())?)),
+                    );
+                }
             }
         }
+        input_fns.push(fns);
     }
-    let mut scores = vec![0.0; recipes.len()];
-    progress.phase("score (kl_div)", Some((batches.len() * recipes.len()) as u64));
+    let mut scores = vec![vec![0.0; recipes.len()]; formats.len()];
+    progress.phase("score (kl_div)", Some((batches.len() * recipes.len() * formats.len()) as u64));
     for (bi, b) in batches.iter().enumerate() {
         let (logits, kept) = model.forward_resumable(b).with_context(|| format!("unquantized forward, batch {bi}"))?;
         check_finite(&logits, &format!("the unquantized logits of batch {bi}"))?;
         let log_p = LogProbs::new(&logits)?;
-        for (ri, r) in recipes.iter().enumerate() {
-            let mut ov: HashMap<String, LinearOverride<'_>> = HashMap::new();
-            for m in &r.members {
-                ov.insert(
-                    m.clone(),
-                    LinearOverride { weight: qweights[m].clone(), input: input_fns.get(m).map(|f| f.as_ref()) },
-                );
+        for fi in 0..formats.len() {
+            for (ri, r) in recipes.iter().enumerate() {
+                let mut ov: HashMap<String, LinearOverride<'_>> = HashMap::new();
+                for m in &r.members {
+                    ov.insert(
+                        m.clone(),
+                        LinearOverride {
+                            weight: qweights[fi][m].clone(),
+                            input: input_fns[fi].get(m).map(|f| f.as_ref()),
+                        },
+                    );
+                }
+                let lq = model
+                    .logits_resumed(b, &kept, &ov)
+                    .with_context(|| format!("forward with `{}` quantized, batch {bi}", r.name))?;
+                let s = log_p.kl_from_logits(&lq)?;
+                if !s.is_finite() {
+                    bail!("the KL divergence with `{}` quantized is not finite (batch {bi})", r.name);
+                }
+                scores[fi][ri] += s;
+                progress.advance(1);
             }
-            let lq = model
-                .logits_resumed(b, &kept, &ov)
-                .with_context(|| format!("forward with `{}` quantized, batch {bi}", r.name))?;
-            let s = log_p.kl_from_logits(&lq)?;
-            if !s.is_finite() {
-                bail!("the KL divergence with `{}` quantized is not finite (batch {bi})", r.name);
-            }
-            scores[ri] += s;
-            progress.advance(1);
         }
     }
     Ok(scores)
