@@ -242,3 +242,21 @@ fn fused_scoring_writes_the_bytes_of_each_pair_scored_alone() {
         }
     }
 }
+
+/// `qpipe status` with a new budget for the published run (the user's "what if") says what
+/// would re-run — the search and what reads it, not the scoring — and that a build would
+/// refuse to overwrite the published run without `--overwrite-published`.
+#[test]
+fn status_of_a_new_budget_shows_the_search_stale_and_the_scores_fresh() {
+    let dir = workspace_copy();
+    copy_into(dir.path(), &["qpipe.lock", "models/tiny_qwen3_vl/layer-analysis"]);
+    let o = qpipe(dir.path(), &["status", "autoquant.effective_bits=12.0"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(out.contains("stale search@") && out.contains("`effective_bits`: 8.0 → 12.0"), "{out}");
+    assert!(!out.contains("stale score@"), "{out}");
+    assert!(err.contains("`qpipe build` would refuse these overrides"), "{err}");
+    let o = qpipe(dir.path(), &["build", "autoquant.effective_bits=12.0"]);
+    let err = text(&o).1;
+    assert!(!o.status.success() && err.contains("would overwrite the published"), "{err}");
+}

@@ -223,8 +223,12 @@ fn plan(ws: &Workspace<'_>, overrides: &[String], ui: &Ui) -> Result<crate::work
 
 fn dispatch(cli: Cli, domain: &dyn Domain, cwd: &Path, ui: &Ui) -> Result<i32> {
     let mut ws = open(domain, cwd, cli.pipeline.as_deref())?;
-    if let Command::Build(a) = &cli.command {
-        ws.overwrite_published = a.overwrite_published;
+    match &cli.command {
+        Command::Build(a) => ws.overwrite_published = a.overwrite_published,
+        // They write nothing: show what such a run would mean, and warn that a build would
+        // refuse it.
+        Command::Status(_) | Command::Dag(_) => ws.published_guard_warns = true,
+        _ => {}
     }
     match cli.command {
         Command::Build(a) => {

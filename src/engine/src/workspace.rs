@@ -25,6 +25,9 @@ pub struct Workspace<'d> {
     /// Let ad-hoc runs replace published artifacts (`--overwrite-published`); otherwise an
     /// ad-hoc run that would write a published run's files differently is refused.
     pub overwrite_published: bool,
+    /// Read-only commands (`status`, `dag`): an ad-hoc run that a build would refuse to let
+    /// replace a published one is planned anyway, with a warning saying so.
+    pub published_guard_warns: bool,
     stages: HashMap<&'static str, &'d dyn Stage>,
 }
 
@@ -77,7 +80,7 @@ impl<'d> Workspace<'d> {
         for s in domain.stages() {
             stages.insert(s.kind(), s);
         }
-        Ok(Workspace { domain, pipeline, root, overwrite_published: false, stages })
+        Ok(Workspace { domain, pipeline, root, overwrite_published: false, published_guard_warns: false, stages })
     }
 
     /// The shared output cache, when `QPIPE_CACHE_DIR` or `cache.dir` names one.
@@ -127,14 +130,19 @@ impl<'d> Workspace<'d> {
                 e
             })
             .context("cannot plan the pipeline's runs")?;
-        let (instances, warnings) = (plan.instances, plan.warnings);
+        let (instances, mut warnings) = (plan.instances, plan.warnings);
         let ids = match published_ids {
             Some(ids) => ids,
             None if runs.iter().all(|r| r.published) => instances.iter().map(|i| i.id.clone()).collect(),
             None => {
                 let matrix = self.publish_instances().unwrap_or_default();
                 if !self.overwrite_published {
-                    refuse_overwriting_published(&instances, &matrix, runs)?;
+                    match refuse_overwriting_published(&instances, &matrix, runs) {
+                        Err(e) if self.published_guard_warns => {
+                            warnings.push(format!("`qpipe build` would refuse these overrides: {e:#}"))
+                        }
+                        r => r?,
+                    }
                 }
                 matrix.into_iter().map(|i| i.id).collect()
             }
