@@ -21,7 +21,16 @@ use crate::workspace::{find_pipeline, BuildLock, Workspace};
 /// qpipe builds per-layer quantization-sensitivity analyses as a content-hashed,
 /// make-like DAG declared in one pipeline.yaml.
 #[derive(Parser, Debug)]
-#[command(name = "qpipe", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "qpipe",
+    version,
+    about,
+    long_about = None,
+    propagate_version = true,
+    after_help = "Environment:\n  QPIPE_CACHE_DIR  a shared output cache folder (see `qpipe cache --help`)\n  \
+                  QPIPE_FUSE=0     run every instance alone, even where a stage could share work between them\n  \
+                  NO_COLOR         plain output\nThe stages' own settings (vector level, memory) are in the README."
+)]
 pub struct Cli {
     /// The pipeline file (default: pipeline.yaml in this directory or the nearest parent).
     #[arg(long, global = true, value_name = "FILE")]
