@@ -15,7 +15,8 @@ const RUNS: [&str; 2] = [
     "models/tiny_qwen3_vl/layer-analysis/weight-fp8-act-fp16/tiny_qwen3_vl_autoquant_wfp8_afp16_lm_small",
 ];
 
-/// The levels this CPU supports, as `QPIPE_SIMD` names them.
+/// The levels this CPU supports, as `QPIPE_SIMD` names them (the conditions of
+/// `qpipe_compute::simd::detected`, which this binary-only package does not link).
 fn levels() -> Vec<&'static str> {
     let mut out = vec!["scalar"];
     #[cfg(target_arch = "x86_64")]

@@ -53,6 +53,13 @@ impl Level {
     }
 }
 
+impl Level {
+    /// Every level this CPU supports, lowest first (what the same-bits tests compare).
+    pub fn supported() -> Vec<Level> {
+        Level::ALL.into_iter().filter(|l| *l <= detected()).collect()
+    }
+}
+
 /// The highest level this CPU supports.
 pub fn detected() -> Level {
     #[cfg(target_arch = "x86_64")]
@@ -169,7 +176,6 @@ mod tests {
             s
         };
         let special = [0.0, -0.0, 1.0, -1.0, f32::MAX, f32::MIN_POSITIVE, 1e-45, f32::INFINITY, f32::NAN, 0.5, 3.0];
-        let mut checked = 0u64;
         for i in 0..3_000_000u64 {
             let r = next();
             let pick = |k: u64| -> f32 {
@@ -188,9 +194,7 @@ mod tests {
                 want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()),
                 "fma({a:e}, {b:e}, {c:e}) = {want:e}, emulated {got:e}"
             );
-            checked += 1;
         }
-        assert_eq!(checked, 3_000_000);
     }
 
     #[test]
@@ -202,5 +206,7 @@ mod tests {
         assert_eq!(Level::parse("sse4"), None);
         assert!(Level::Scalar < Level::Avx2 && Level::Avx2 < Level::Avx512 && Level::Avx512 < Level::Avx512Vnni);
         assert!(level() <= detected());
+        assert_eq!(Level::supported().first(), Some(&Level::Scalar));
+        assert_eq!(Level::supported().last(), Some(&detected()));
     }
 }

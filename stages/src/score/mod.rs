@@ -137,15 +137,15 @@ pub fn run_scoring_fused(
     let scores: Vec<Vec<f64>> = match settings.method {
         Method::Gradient => {
             let budget = scorer::keep_budget_bytes(model.available_memory());
-            scorer::gradient_scores_fused(model, formats, &recipes, batches, score_steps, budget, progress)?
+            scorer::gradient_scores(model, formats, &recipes, batches, score_steps, budget, progress)?
         }
         Method::KlDiv => {
             let calibrated: Vec<&dyn ScoreFormat> =
                 formats.iter().copied().filter(|f| f.input_needs_calibration()).collect();
             if !calibrated.is_empty() {
-                scorer::calibrate_inputs_fused(model, &calibrated, batches, progress)?;
+                scorer::calibrate_inputs(model, &calibrated, batches, progress)?;
             }
-            scorer::kl_div_scores_fused(model, formats, &recipes, &batches[..score_steps], progress)?
+            scorer::kl_div_scores(model, formats, &recipes, &batches[..score_steps], progress)?
         }
     };
     let info = state::RunInfo {

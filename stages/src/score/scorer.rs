@@ -43,19 +43,9 @@ fn observe(format: &dyn ScoreFormat, name: &str, x: &Tensor, batch: usize) -> Re
         .with_context(|| format!("calibrating the input range of linear `{name}` (calibration batch {batch})"))
 }
 
-/// Max calibration: every calibration batch through the unquantized model, each linear's
-/// input folded into the format's range observer. Errors name the linear on NaN/Inf.
+/// Max calibration: every calibration batch through the unquantized model once, each
+/// linear's input folded into the range observer of each format. Errors name the linear on NaN/Inf.
 pub fn calibrate_inputs(
-    model: &dyn ScoreModel,
-    format: &dyn ScoreFormat,
-    batches: &[Batch],
-    progress: &dyn Progress,
-) -> Result<()> {
-    calibrate_inputs_fused(model, &[format], batches, progress)
-}
-
-/// [`calibrate_inputs`] of several formats on one forward per batch.
-pub fn calibrate_inputs_fused(
     model: &dyn ScoreModel,
     formats: &[&dyn ScoreFormat],
     batches: &[Batch],
@@ -290,8 +280,18 @@ fn rows_per_piece(model: &dyn ScoreModel, b: &Batch, available: Option<u64>, row
     }
 }
 
-/// The `gradient` scores of one format: per recipe, Σ over members and the first
-/// `score_steps` batches. Calibrates first when the format has static input ranges.
+/// What decides how the `gradient` scorer walks the batches for a format — whether the
+/// input quantizer treats token rows independently (inputs unquantized, or a static
+/// range), so that a batch may be scored in slices of its rows and rows with zero gradient
+/// skipped: formats that agree on it can share one pass ([`gradient_scores`]) and get
+/// the scores each gets alone, bit for bit.
+pub fn pass_class(format: &dyn ScoreFormat) -> bool {
+    !format.quantizes_input() || format.input_needs_calibration()
+}
+
+/// The `gradient` scores of each format of `formats` (all of one [`pass_class`]): per
+/// recipe, Σ over members and the first `score_steps` batches. Calibrates first when a
+/// format has static input ranges.
 ///
 /// Work: per score batch one unquantized forward and one backward, then per linear
 /// `Y_q = q(X)·q(W)ᵀ` on the rows whose gradient is not all zero. With static input ranges,
@@ -303,35 +303,13 @@ fn rows_per_piece(model: &dyn ScoreModel, b: &Batch, available: Option<u64>, row
 ///
 /// Memory: the kept forwards (up to `keep_budget`), plus, for the batch being scored, every
 /// linear's `dL/dY` and one decoder layer's recomputed inputs at a time.
+///
+/// Several formats share the pass: one calibration forward (every static-range format's
+/// input ranges observed on it), one forward and one backward per score batch, then per
+/// linear each format's `Y_q` and score. Each format gets the bits it gets scored alone:
+/// the unquantized passes do not depend on the format, and each format's arithmetic and
+/// summation order are its own. Each format's prepared weights are held at once.
 pub fn gradient_scores(
-    model: &dyn ScoreModel,
-    format: &dyn ScoreFormat,
-    recipes: &[Recipe],
-    batches: &[Batch],
-    score_steps: usize,
-    keep_budget: u64,
-    progress: &dyn Progress,
-) -> Result<Vec<f64>> {
-    let mut scores = gradient_scores_fused(model, &[format], recipes, batches, score_steps, keep_budget, progress)?;
-    Ok(scores.remove(0))
-}
-
-/// What decides how the `gradient` scorer walks the batches for a format — whether the
-/// input quantizer treats token rows independently (inputs unquantized, or a static
-/// range), so that a batch may be scored in slices of its rows and rows with zero gradient
-/// skipped: formats that agree on it can share one pass ([`gradient_scores_fused`]) and get
-/// the scores each gets alone, bit for bit.
-pub fn pass_class(format: &dyn ScoreFormat) -> bool {
-    !format.quantizes_input() || format.input_needs_calibration()
-}
-
-/// [`gradient_scores`] of several formats of one [`pass_class`] in one pass: one
-/// calibration forward (every format's input ranges observed on it), one forward and one
-/// backward per score batch, then per linear each format's `Y_q` and score. Each format's
-/// scores are the bits [`gradient_scores`] gives it alone: the unquantized passes do not
-/// depend on the format, and each format's arithmetic and summation order are its own.
-/// Memory: each format's prepared weights are held at once.
-pub fn gradient_scores_fused(
     model: &dyn ScoreModel,
     formats: &[&dyn ScoreFormat],
     recipes: &[Recipe],
@@ -527,7 +505,7 @@ fn linear_score(
     let g = pick(g)?;
     let x_in = x;
     let x = if quant_input {
-        // f32, exact (see `dw` in `gradient_scores_fused`).
+        // f32, exact (see `dw` in `gradient_scores`).
         let xq = xq_cache.get(x, format.input_amax(name), || {
             format.quant_input(name, x).with_context(|| format!("fake-quantizing the input of `{name}`"))
         })?;
@@ -612,26 +590,14 @@ impl LogProbs {
     }
 }
 
-/// The `kl_div` scores of one format: per recipe, Σ over score batches.
+/// The `kl_div` scores of each format of `formats`: per recipe, Σ over score batches.
 ///
 /// Per batch one unquantized forward, then one forward per recipe with the recipe's linears
 /// replaced, resumed at the first decoder layer the recipe touches
 /// ([`ScoreModel::logits_resumed`]): the same logits as a whole forward, with the layers
-/// before the recipe taken from the unquantized pass.
+/// before the recipe taken from the unquantized pass. The unquantized forward and its
+/// log-probabilities serve every format; each format's scores are the bits it gets alone.
 pub fn kl_div_scores(
-    model: &dyn ScoreModel,
-    format: &dyn ScoreFormat,
-    recipes: &[Recipe],
-    batches: &[Batch],
-    progress: &dyn Progress,
-) -> Result<Vec<f64>> {
-    Ok(kl_div_scores_fused(model, &[format], recipes, batches, progress)?.remove(0))
-}
-
-/// [`kl_div_scores`] of several formats: the unquantized forward and its log-probabilities
-/// once per batch for all of them, then each format's forwards with one recipe quantized.
-/// Each format's scores are the bits it gets alone.
-pub fn kl_div_scores_fused(
     model: &dyn ScoreModel,
     formats: &[&dyn ScoreFormat],
     recipes: &[Recipe],
@@ -803,12 +769,14 @@ mod tests {
         // Kept forwards (budget 16 bytes: both batches), one kept (8), none: same scores.
         for budget in [16, 8, 0] {
             let fmt = Halves { amax: std::sync::Mutex::new(0.0) };
-            let s = gradient_scores(&toy, &fmt, &recipes, &[batch(), batch(), batch()], 2, budget, &Silent).unwrap();
+            let s = gradient_scores(&toy, &[&fmt], &recipes, &[batch(), batch(), batch()], 2, budget, &Silent)
+                .unwrap()
+                .remove(0);
             assert_eq!(fmt.input_amax("").unwrap(), 2.0);
             // y = 1.2·0.3 − 0.4·0.9 = 0; y_q = 1·0.5 + 0·1.0 = 0.5; (2 · 0.5)² = 1 per batch.
             assert!((s[0] - 2.0).abs() < 1e-6, "{s:?}");
         }
-        calibrate_inputs(&toy, &fmt, &[batch()], &Silent).unwrap();
+        calibrate_inputs(&toy, &[&fmt], &[batch()], &Silent).unwrap();
         assert_eq!(fmt.input_amax("").unwrap(), 2.0);
     }
 
@@ -821,7 +789,7 @@ mod tests {
             g: Tensor::new(&[[1.0f32]], &dev).unwrap(),
         };
         let fmt = Halves { amax: std::sync::Mutex::new(0.0) };
-        let e = format!("{:#}", calibrate_inputs(&toy, &fmt, &[batch()], &Silent).unwrap_err());
+        let e = format!("{:#}", calibrate_inputs(&toy, &[&fmt], &[batch()], &Silent).unwrap_err());
         assert!(e.contains("layers.0.mlp.down_proj") && e.contains("NaN"), "{e}");
     }
 
