@@ -4,7 +4,12 @@
 use std::path::Path;
 
 fn main() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // At run time, not `env!` at compile time: cargo may reuse this build script's binary
+    // for another checkout of the same crate (a clone building into a shared target
+    // directory), which must read its own sources, not those of the checkout it was
+    // compiled in.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let dir = Path::new(&manifest_dir);
     let root = dir.parent().expect("stages/ sits in the workspace root");
     let ws = qpipe_codeversion::Workspace::read(root).expect("reading the workspace Cargo.toml");
     let version = std::env::var("CARGO_PKG_VERSION").expect("cargo sets CARGO_PKG_VERSION");

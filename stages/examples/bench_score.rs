@@ -126,7 +126,13 @@ fn score_run(dir: &Path, format: &str, method: &str) -> Result<()> {
         granularity: None,
         quant_cfg_overrides: json!({}),
     })?;
-    let settings = Settings { method: Method::parse(method)?, batch_size: bs, score_size: 128, device: "cpu".into() };
+    let settings = Settings {
+        method: Method::parse(method)?,
+        batch_size: bs,
+        score_size: 128,
+        device: "cpu".into(),
+        memory_limit: None,
+    };
     let load_s = t0.elapsed().as_secs_f64();
     let (t1, c1) = (Instant::now(), cpu_s());
     let state = score::run_scoring(

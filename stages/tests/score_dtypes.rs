@@ -48,6 +48,7 @@ fn scores(ckpt: &std::path::Path, dtype: DType, device: &candle_core::Device, fo
         batch_size,
         score_size: doc["score_size"].as_u64().unwrap() as usize,
         device: if device.is_cpu() { "cpu".into() } else { "cuda:0".into() },
+        memory_limit: None,
     };
     assert_eq!(doc["checkpoint"], "models/tiny_qwen3_vl/checkpoint");
     let model = adapters::load_model_on(ckpt, dtype, device).unwrap();

@@ -35,6 +35,7 @@ fn check_case(doc: &Value, case: &str, format_name: &str) -> (f64, f64) {
         batch_size,
         score_size: doc["score_size"].as_u64().unwrap() as usize,
         device: "cpu".into(),
+        memory_limit: None,
     };
     let model = adapters::load_model(&root().join(doc["checkpoint"].as_str().unwrap())).unwrap();
     let format = adapters::load_format(&FormatParams {
@@ -180,6 +181,7 @@ fn reference_int8_weight_only_gradient_and_kl_div() {
             batch_size: 8,
             score_size: 128,
             device: "cpu".into(),
+            memory_limit: None,
         };
         let model = adapters::load_model(&root().join(doc["checkpoint"].as_str().unwrap())).unwrap();
         let ours = score::run_scoring(model.as_ref(), &RefInt8WeightOnly, &batches, &settings, &Silent).unwrap();

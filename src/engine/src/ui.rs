@@ -187,6 +187,9 @@ impl Progress for StageProgress<'_> {
     fn advance(&self, n: u64) {
         self.bar.inc(n);
     }
+    fn detail(&self, msg: &str) {
+        self.bar.set_message(msg.to_string());
+    }
     fn note(&self, msg: &str) {
         match msg.strip_prefix("warning: ") {
             Some(w) => self.ui.warn(w),

@@ -141,6 +141,9 @@ pub trait Progress: Sync {
     fn phase(&self, name: &str, total: Option<u64>);
     /// `n` more units of the current phase are done.
     fn advance(&self, n: u64);
+    /// What the current phase is doing now (`score: batch 2/4: layers.17.mlp.up_proj`),
+    /// shown beside the bar in place of the phase's name.
+    fn detail(&self, _msg: &str) {}
     /// A line for the user (printed above any bar). Warnings start with `warning: `.
     fn note(&self, msg: &str);
 }

@@ -51,8 +51,75 @@ pub fn matmul(a: &Tensor, b: &Tensor, layout: RhsLayout) -> Option<Tensor> {
         RhsLayout::Normal if b0 == k => b1,
         _ => return None,
     };
-    let out = crate::fused::with_f32(a, |a| crate::fused::with_f32(b, |b| sgemm(a, m, k, b, n, layout)))??;
+    let out = crate::fused::with_f32(a, |a| with_rhs(b, |b| sgemm_rhs(simd::level(), a, m, k, b, n, layout)))??;
+    count(m, k, n);
     Tensor::from_vec(out, (m, n), a.device()).ok()
+}
+
+/// Floating-point operations (2·m·k·n per product) of every product this module has
+/// computed in the process: what a run's achieved GFLOP/s is measured with.
+static FLOPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn count(m: usize, k: usize, n: usize) {
+    FLOPS.fetch_add(2 * (m * k * n) as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The floating-point operations of every product of this module so far (see `FLOPS`).
+pub fn flops_done() -> u64 {
+    FLOPS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A right-hand operand's values: f32, or half precision (a checkpoint's bf16/f16 weights,
+/// held as loaded) widened to f32 — exactly — as it is packed, so that a product with a
+/// half-precision weight is the product with its f32 copy, bit for bit, without the copy.
+#[derive(Clone, Copy)]
+enum Rhs<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
+}
+
+/// Runs `f` on the values of `t` in place when `t` is a contiguous untracked f32, bf16 or
+/// f16 CPU tensor; `None` otherwise.
+fn with_rhs<R>(t: &Tensor, f: impl FnOnce(Rhs<'_>) -> R) -> Option<R> {
+    use candle_core::{CpuStorage, Storage};
+    if t.track_op() || !t.is_contiguous() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (o1, o2) = layout.contiguous_offsets()?;
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Some(f(Rhs::F32(&v[o1..o2]))),
+        Storage::Cpu(CpuStorage::BF16(v)) => Some(f(Rhs::Bf16(&v[o1..o2]))),
+        Storage::Cpu(CpuStorage::F16(v)) => Some(f(Rhs::F16(&v[o1..o2]))),
+        _ => None,
+    }
+}
+
+/// A value type the right-hand side can be packed from.
+trait Widen: Copy + Send + Sync {
+    fn widen(self) -> f32;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Widen for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
 }
 
 /// Batched product over the leading dims: `a: [.., m, k]` times `b: [.., n, k]`
@@ -99,7 +166,7 @@ fn batched(a: &Tensor, b: &Tensor, layout: RhsLayout, a_t: bool) -> Option<Tenso
                         &a[i * m * k..(i + 1) * m * k],
                         m,
                         k,
-                        &b[i * k * n..(i + 1) * k * n],
+                        Rhs::F32(&b[i * k * n..(i + 1) * k * n]),
                         n,
                         layout,
                         a_t,
@@ -112,13 +179,23 @@ fn batched(a: &Tensor, b: &Tensor, layout: RhsLayout, a_t: bool) -> Option<Tenso
             out
         })
     })??;
+    count(batch * m, k, n);
     let mut shape = lead_a.to_vec();
     shape.extend([m, n]);
     Tensor::from_vec(out, shape, a.device()).ok()
 }
 
-/// Packs `b` into `ceil(n/NR)` panels of `[k][NR]` (zero-padded columns).
-fn pack_rhs(b: &[f32], k: usize, n: usize, layout: RhsLayout) -> Vec<f32> {
+/// [`pack_rhs_of`] of any [`Rhs`].
+fn pack_rhs(b: Rhs<'_>, k: usize, n: usize, layout: RhsLayout) -> Vec<f32> {
+    match b {
+        Rhs::F32(b) => pack_rhs_of(b, k, n, layout),
+        Rhs::Bf16(b) => pack_rhs_of(b, k, n, layout),
+        Rhs::F16(b) => pack_rhs_of(b, k, n, layout),
+    }
+}
+
+/// Packs `b` into `ceil(n/NR)` panels of `[k][NR]` (zero-padded columns), widened to f32.
+fn pack_rhs_of<T: Widen>(b: &[T], k: usize, n: usize, layout: RhsLayout) -> Vec<f32> {
     let np = n.div_ceil(NR);
     let mut packed = vec![0f32; np * k * NR];
     packed.par_chunks_mut(k * NR).enumerate().for_each(|(p, panel)| {
@@ -128,13 +205,15 @@ fn pack_rhs(b: &[f32], k: usize, n: usize, layout: RhsLayout) -> Vec<f32> {
             RhsLayout::Transposed => {
                 for (kk, d) in panel.chunks_exact_mut(NR).enumerate() {
                     for (c, d) in d[..cols].iter_mut().enumerate() {
-                        *d = b[(j0 + c) * k + kk];
+                        *d = b[(j0 + c) * k + kk].widen();
                     }
                 }
             }
             RhsLayout::Normal => {
                 for kk in 0..k {
-                    panel[kk * NR..kk * NR + cols].copy_from_slice(&b[kk * n + j0..kk * n + j0 + cols]);
+                    for (d, s) in panel[kk * NR..kk * NR + cols].iter_mut().zip(&b[kk * n + j0..kk * n + j0 + cols]) {
+                        *d = s.widen();
+                    }
                 }
             }
         }
@@ -143,12 +222,19 @@ fn pack_rhs(b: &[f32], k: usize, n: usize, layout: RhsLayout) -> Vec<f32> {
 }
 
 /// `a · b` (see [`RhsLayout`]) as a new row-major `[m, n]` vector.
+#[cfg(test)]
 fn sgemm(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: RhsLayout) -> Vec<f32> {
     sgemm_at(simd::level(), a, m, k, b, n, layout)
 }
 
 /// [`sgemm`] with the kernels of `level` (at most [`simd::detected`]).
+#[cfg(test)]
 fn sgemm_at(level: Level, a: &[f32], m: usize, k: usize, b: &[f32], n: usize, layout: RhsLayout) -> Vec<f32> {
+    sgemm_rhs(level, a, m, k, Rhs::F32(b), n, layout)
+}
+
+/// [`sgemm_at`] of any [`Rhs`].
+fn sgemm_rhs(level: Level, a: &[f32], m: usize, k: usize, b: Rhs<'_>, n: usize, layout: RhsLayout) -> Vec<f32> {
     assert!(level <= simd::detected(), "{level:?} kernels on a CPU without them");
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: `sgemm_raw` writes all `m·n` values at `c` (no zero-fill needed first).
@@ -170,7 +256,7 @@ unsafe fn sgemm_raw(
     a: &[f32],
     m: usize,
     k: usize,
-    b: &[f32],
+    b: Rhs<'_>,
     n: usize,
     layout: RhsLayout,
     a_t: bool,
@@ -525,7 +611,7 @@ mod same_bits {
                 for &level in &levels {
                     let mut got = vec![0f32; m * n];
                     // SAFETY: `got` holds `m·n` values; `level` is at most the CPU's.
-                    unsafe { sgemm_raw(level, &at, m, k, &b, n, layout, true, got.as_mut_ptr()) };
+                    unsafe { sgemm_raw(level, &at, m, k, Rhs::F32(&b), n, layout, true, got.as_mut_ptr()) };
                     assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == *w), "aᵀ {m}x{k}x{n} at {level:?}");
                 }
             }
@@ -545,7 +631,7 @@ mod bench {
             let mut s = f64::MAX;
             for _ in 0..20 {
                 let t0 = std::time::Instant::now();
-                std::hint::black_box(pack_rhs(&b, 512, 1536, layout));
+                std::hint::black_box(pack_rhs(Rhs::F32(&b), 512, 1536, layout));
                 s = s.min(t0.elapsed().as_secs_f64());
             }
             eprintln!("pack {layout:?} 1536x512: {:.2} ms", s * 1e3);
@@ -591,6 +677,29 @@ mod bench {
                     2.0 * (m * k * n) as f64 / s / 1e9
                 );
             }
+        }
+    }
+
+    /// The single-GEMM rate at Qwen3-VL-4B's MLP shapes for a batch of 8 × 512 (the
+    /// reference `scripts/bench_4b.sh` compares a whole scoring run's rate with):
+    /// `cargo test -p qpipe-model --lib bench_gemm_4b_shapes -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_gemm_4b_shapes() {
+        for &(m, k, n, layout) in &[
+            (4096, 2560, 9728, RhsLayout::Transposed),
+            (4096, 9728, 2560, RhsLayout::Transposed),
+            (4096, 9728, 2560, RhsLayout::Normal),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let b: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
+            let mut s = f64::MAX;
+            for _ in 0..3 {
+                let t0 = std::time::Instant::now();
+                std::hint::black_box(sgemm(&a, m, k, &b, n, layout));
+                s = s.min(t0.elapsed().as_secs_f64());
+            }
+            eprintln!("{m}x{k}x{n} {layout:?}: {:.0} ms {:.1} GFLOP/s", s * 1e3, 2.0 * (m * k * n) as f64 / s / 1e9);
         }
     }
 }

@@ -62,6 +62,7 @@ pub mod config;
 mod fused;
 pub mod gemm;
 pub mod loss;
+pub mod memory;
 pub mod names;
 pub mod ops;
 pub mod weights;
@@ -162,6 +163,24 @@ impl Batch {
 /// probabilities and dL/dy of its seven Linears (module order).
 type LayerSink<'a> = dyn FnMut(usize, &LayerActs, &Tensor, [Tensor; LINEARS_PER_LAYER]) -> Result<()> + 'a;
 
+/// What a forward keeps for a backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Nothing,
+    /// Every layer's activations, and the logits.
+    All,
+    /// Each layer's input and the final hidden states; no logits.
+    Inputs,
+}
+
+/// What every decoder layer of one batch shares: RoPE tables, masks, `(B, T)`.
+struct LayerCtx<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    masks: &'a AttnMasks,
+    dims: (usize, usize),
+}
+
 /// Activations of one decoder layer kept for the backward pass.
 #[derive(Clone)]
 struct LayerActs {
@@ -185,13 +204,29 @@ struct LayerActs {
     mlp_out: Tensor,
 }
 
+/// What a forward keeps of one decoder layer for the backward.
+#[derive(Clone)]
+enum LayerSlot {
+    /// Every activation the layer's backward reads.
+    Kept(LayerActs),
+    /// Only the residual stream entering the layer `[N, H]`: the backward recomputes the
+    /// rest with the forward's own kernels (the same bits) when it reaches the layer.
+    Input(Tensor),
+}
+
 /// A forward pass with everything [`TextModel::backward`] and
-/// [`TextModel::backward_linears`] need ([`TextModel::forward_cache_bytes`] says how much).
-/// Cloning it clones reference counts, not activations.
+/// [`TextModel::backward_linears`] need: every layer's activations
+/// ([`TextModel::forward_for_backward`], [`TextModel::forward_cache_bytes`] says how much),
+/// or only each layer's input ([`TextModel::forward_checkpointed`],
+/// [`TextModel::checkpoint_bytes`]). Cloning it clones reference counts, not activations.
 #[derive(Clone)]
 pub struct ForwardCache {
-    logits: Tensor,
-    layers: Vec<LayerActs>,
+    /// `[B, T, V]`; `None` for a checkpointed forward, which never forms the whole batch's
+    /// logits (see [`TextModel::backward_linears_ce`]).
+    logits: Option<Tensor>,
+    /// The final norm's output `[N, H]` (the head's input).
+    hidden: Tensor,
+    layers: Vec<LayerSlot>,
     /// Residual stream before the final norm `[N, H]`.
     h_last: Tensor,
     cos: Tensor,
@@ -201,9 +236,14 @@ pub struct ForwardCache {
 }
 
 impl ForwardCache {
-    /// `[B, T, V]`.
+    /// `[B, T, V]`. Panics for a checkpointed forward (it has none).
     pub fn logits(&self) -> &Tensor {
-        &self.logits
+        self.logits.as_ref().expect("a checkpointed forward keeps no logits")
+    }
+
+    /// The final norm's output `[N, H]`.
+    pub fn hidden(&self) -> &Tensor {
+        &self.hidden
     }
 }
 
@@ -290,7 +330,7 @@ impl TextModel {
 
     /// Logits `[B, T, V]`.
     pub fn forward(&self, batch: &Batch, tap: &mut dyn LinearTap) -> Result<Tensor> {
-        Ok(self.run(batch, tap, false)?.0)
+        Ok(self.run(batch, tap, false)?.0.expect("not checkpointed"))
     }
 
     /// Final hidden states (after the last norm) `[B, T, H]`.
@@ -304,6 +344,21 @@ impl TextModel {
         Ok(self.run(batch, tap, true)?.2.expect("kept"))
     }
 
+    /// Forward for a memory-bounded backward: keeps only each decoder layer's input
+    /// residual stream and the final hidden states ([`Self::checkpoint_bytes`]), not the
+    /// logits; the backward recomputes one layer's activations at a time from its input.
+    /// `tap` may observe the Linears but not replace their outputs (the recomputation
+    /// would not see the replacement): a replacement is an error.
+    pub fn forward_checkpointed(&self, batch: &Batch, tap: &mut dyn LinearTap) -> Result<ForwardCache> {
+        let mut observe = |idx: usize, name: &str, x: &Tensor, w: &Tensor, y: &Tensor| -> Result<Option<Tensor>> {
+            if tap.on_linear(idx, name, x, w, y)?.is_some() {
+                bail!("a checkpointed forward cannot take replaced Linear outputs (`{name}`)");
+            }
+            Ok(None)
+        };
+        Ok(self.run_from(batch, &mut observe, Keep::Inputs, None, None)?.2.expect("kept"))
+    }
+
     /// Forward, shifted cross-entropy with `ignore_index`, backward: the loss, logits and
     /// dL/dy of every Linear. `tap` sees the forward.
     pub fn linear_output_grads(
@@ -315,7 +370,7 @@ impl TextModel {
         let fw = self.forward_for_backward(batch, tap)?;
         let ce = loss::shifted_cross_entropy(fw.logits(), &batch.input_ids, ignore_index)?;
         let grads = self.backward(&fw, &ce.dlogits)?;
-        Ok(LinearGrads { loss: ce.loss, logits: fw.logits, grads })
+        Ok(LinearGrads { loss: ce.loss, logits: fw.logits().clone(), grads })
     }
 
     fn linear(&self, idx: usize, x: &Tensor, tap: &mut dyn LinearTap) -> Result<Tensor> {
@@ -336,8 +391,8 @@ impl TextModel {
     /// layer order (for [`Self::forward_from`]).
     pub fn forward_layer_inputs(&self, batch: &Batch, tap: &mut dyn LinearTap) -> Result<(Tensor, Vec<Tensor>)> {
         let mut inputs = Vec::with_capacity(self.cfg.num_hidden_layers);
-        let (logits, ..) = self.run_from(batch, tap, false, None, Some(&mut inputs))?;
-        Ok((logits, inputs))
+        let (logits, ..) = self.run_from(batch, tap, Keep::Nothing, None, Some(&mut inputs))?;
+        Ok((logits.expect("not checkpointed"), inputs))
     }
 
     /// Logits `[B, T, V]` of a forward that starts at decoder layer `layer` with the
@@ -348,30 +403,63 @@ impl TextModel {
         ensure!(layer < self.cfg.num_hidden_layers, "layer {layer} out of range");
         let (b, t) = batch.dims();
         ensure!(h.dims() == [b * t, self.cfg.hidden_size], "residual stream {:?} for a [{b}, {t}] batch", h.dims());
-        Ok(self.run_from(batch, tap, false, Some((layer, h.clone())), None)?.0)
+        Ok(self.run_from(batch, tap, Keep::Nothing, Some((layer, h.clone())), None)?.0.expect("not checkpointed"))
+    }
+
+    /// The final hidden states `[N, H]` (the head's input) of a forward that starts at
+    /// decoder layer `layer` with the residual stream `h` entering it, as
+    /// [`Self::forward_from`] (whose logits are `self.head_logits` of these).
+    pub fn hidden_from(&self, batch: &Batch, layer: usize, h: &Tensor, tap: &mut dyn LinearTap) -> Result<Tensor> {
+        ensure!(layer < self.cfg.num_hidden_layers, "layer {layer} out of range");
+        let (b, t) = batch.dims();
+        ensure!(h.dims() == [b * t, self.cfg.hidden_size], "residual stream {:?} for a [{b}, {t}] batch", h.dims());
+        Ok(self.run_from(batch, tap, Keep::Inputs, Some((layer, h.clone())), None)?.1)
+    }
+
+    /// The final hidden states `[N, H]` and each decoder layer's input residual stream of
+    /// an unquantized forward, without the logits (for [`Self::hidden_from`]).
+    pub fn hidden_and_layer_inputs(&self, batch: &Batch, tap: &mut dyn LinearTap) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut inputs = Vec::with_capacity(self.cfg.num_hidden_layers);
+        let (_, hidden, _) = self.run_from(batch, tap, Keep::Nothing, None, Some(&mut inputs))?;
+        Ok((hidden, inputs))
+    }
+
+    /// Logits `[rows, V]` of the rows `rows` of final hidden states `hidden: [N, H]` — the
+    /// head on a slice of positions, with the kernel a whole forward uses (the same bits
+    /// per row).
+    pub fn head_logits(&self, hidden: &Tensor, rows: std::ops::Range<usize>) -> Result<Tensor> {
+        let h = hidden.narrow(0, rows.start, rows.len())?;
+        matmul_xwt(&h, self.w.output_weight())
     }
 
     /// Logits `[B, T, V]`, final hidden states `[N, H]`, and the cache when `keep`.
+    #[allow(clippy::type_complexity)]
     fn run(
         &self,
         batch: &Batch,
         tap: &mut dyn LinearTap,
         keep: bool,
-    ) -> Result<(Tensor, Tensor, Option<ForwardCache>)> {
-        self.run_from(batch, tap, keep, None, None)
+    ) -> Result<(Option<Tensor>, Tensor, Option<ForwardCache>)> {
+        self.run_from(batch, tap, if keep { Keep::All } else { Keep::Nothing }, None, None)
     }
 
     /// [`Self::run`] starting at decoder layer `from.0` with residual stream `from.1`
-    /// (not with `keep`), recording each layer's input residual stream into `record`.
+    /// (keeping nothing), recording each layer's input residual stream into `record`.
+    /// Logits only when the whole batch's are wanted: not with [`Keep::Inputs`].
+    #[allow(clippy::type_complexity)]
     fn run_from(
         &self,
         batch: &Batch,
         tap: &mut dyn LinearTap,
-        keep: bool,
+        keep: Keep,
         from: Option<(usize, Tensor)>,
         mut record: Option<&mut Vec<Tensor>>,
-    ) -> Result<(Tensor, Tensor, Option<ForwardCache>)> {
-        debug_assert!(!(keep && from.is_some()), "a kept forward starts at layer 0");
+    ) -> Result<(Option<Tensor>, Tensor, Option<ForwardCache>)> {
+        debug_assert!(
+            keep == Keep::Nothing || from.is_none() || keep == Keep::Inputs,
+            "a kept forward starts at layer 0"
+        );
+        let cache = keep != Keep::Nothing && from.is_none();
         let c = &self.cfg;
         let (b, t) = batch.dims();
         if t > c.max_position_embeddings {
@@ -381,9 +469,7 @@ impl TextModel {
                 c.max_position_embeddings
             );
         }
-        let (hq, hkv, d, g) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.group_size());
         let n = b * t;
-        let eps = c.rms_norm_eps;
         let dev = &self.device;
 
         let flat: Vec<u32> = batch.input_ids.iter().flatten().copied().collect();
@@ -392,49 +478,39 @@ impl TextModel {
         }
         let (first, mut h) = match from {
             Some((l, h)) => (l, h),
-            None => (0, self.w.embed_tokens.index_select(&Tensor::from_vec(flat, n, dev)?, 0)?),
-        };
-        let (cos, sin) = ops::rope_tables(t, d, c.rope_theta, self.dtype, dev)?;
-        let masks = AttnMasks::new(&batch.attention_mask, t, self.dtype, dev)?;
-        let mut acts = Vec::with_capacity(if keep { c.num_hidden_layers } else { 0 });
-
-        for (l, nw) in self.w.norms.iter().enumerate().skip(first) {
-            let i0 = l * LINEARS_PER_LAYER;
-            let x = h;
-            if let Some(r) = record.as_deref_mut() {
-                r.push(x.clone());
+            None => {
+                let e = self.w.embed_tokens.index_select(&Tensor::from_vec(flat, n, dev)?, 0)?;
+                (0, e.to_dtype(self.dtype)?)
             }
-            let n1 = ops::rms_norm(&x, &nw.input_layernorm, eps)?;
-            let q_raw = self.linear(i0, &n1, tap)?.reshape((n * hq, d))?;
-            let k_raw = self.linear(i0 + 1, &n1, tap)?.reshape((n * hkv, d))?;
-            let v = self.linear(i0 + 2, &n1, tap)?;
-            let v = v.reshape((b, t, hkv, d))?.transpose(1, 2)?.contiguous()?;
-            let (_, _, p) = self.attention_probs(l, &q_raw, &k_raw, &cos, &sin, &masks, (b, t))?;
-            // [B,Hkv,G·T,D] → [B,Hkv,G,T,D] → [B,T,Hkv,G,D] → [N, Hq·D]
-            let o = bmm_n(&p, &v)?
-                .reshape((b, hkv, g, t, d))?
-                .permute((0, 3, 1, 2, 4))?
-                .contiguous()?
-                .reshape((n, hq * d))?;
-            let o_out = self.linear(i0 + 3, &o, tap)?;
-            let h_mid = (&x + &o_out)?;
-            let n2 = ops::rms_norm(&h_mid, &nw.post_attention_layernorm, eps)?;
-            let gate = self.linear(i0 + 4, &n2, tap)?;
-            let up = self.linear(i0 + 5, &n2, tap)?;
-            let a = ops::swiglu(&gate, &up)?;
-            let mlp_out = self.linear(i0 + 6, &a, tap)?;
-            h = (&h_mid + &mlp_out)?;
-            ensure_finite(&h, || format!("the output of decoder layer layers.{l}"))?;
-            if keep {
-                acts.push(LayerActs { x, q_raw, k_raw, v, h_mid, gate, up, o_out, mlp_out });
+        };
+        let (cos, sin) = ops::rope_tables(t, c.head_dim, c.rope_theta, self.dtype, dev)?;
+        let masks = AttnMasks::new(&batch.attention_mask, t, self.dtype, dev)?;
+        let mut layers = Vec::with_capacity(if cache { c.num_hidden_layers } else { 0 });
+        let ctx = LayerCtx { cos: &cos, sin: &sin, masks: &masks, dims: (b, t) };
+        for l in first..c.num_hidden_layers {
+            if let Some(r) = record.as_deref_mut() {
+                r.push(h.clone());
+            }
+            let x = h;
+            let (out, acts) = self.layer_forward(l, &x, &ctx, tap)?;
+            h = out;
+            if cache {
+                layers.push(match keep {
+                    Keep::All => LayerSlot::Kept(acts),
+                    _ => LayerSlot::Input(x),
+                });
             }
         }
-        let hidden = ops::rms_norm(&h, &self.w.norm, eps)?;
+        let hidden = ops::rms_norm(&h, &self.w.norm, c.rms_norm_eps)?;
         ensure_finite(&hidden, || "the final norm's output".to_string())?;
-        let logits = matmul_xwt(&hidden, self.w.output_weight())?.reshape((b, t, c.vocab_size))?;
-        let kept = keep.then(|| ForwardCache {
+        let logits = match keep {
+            Keep::Inputs => None,
+            _ => Some(matmul_xwt(&hidden, self.w.output_weight())?.reshape((b, t, c.vocab_size))?),
+        };
+        let kept = cache.then(|| ForwardCache {
             logits: logits.clone(),
-            layers: acts,
+            hidden: hidden.clone(),
+            layers,
             h_last: h,
             cos,
             sin,
@@ -442,6 +518,43 @@ impl TextModel {
             dims: (b, t),
         });
         Ok((logits, hidden, kept))
+    }
+
+    /// Decoder layer `l` on its input residual stream `x: [N, H]`: its output residual
+    /// stream and its activations. The forward and the backward's recomputation both run
+    /// this, so both see the same bits.
+    fn layer_forward(
+        &self,
+        l: usize,
+        x: &Tensor,
+        ctx: &LayerCtx<'_>,
+        tap: &mut dyn LinearTap,
+    ) -> Result<(Tensor, LayerActs)> {
+        let c = &self.cfg;
+        let (b, t) = ctx.dims;
+        let (hq, hkv, d, g) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.group_size());
+        let (n, eps) = (b * t, c.rms_norm_eps);
+        let nw = &self.w.norms[l];
+        let i0 = l * LINEARS_PER_LAYER;
+        let n1 = ops::rms_norm(x, &nw.input_layernorm, eps)?;
+        let q_raw = self.linear(i0, &n1, tap)?.reshape((n * hq, d))?;
+        let k_raw = self.linear(i0 + 1, &n1, tap)?.reshape((n * hkv, d))?;
+        let v = self.linear(i0 + 2, &n1, tap)?;
+        let v = v.reshape((b, t, hkv, d))?.transpose(1, 2)?.contiguous()?;
+        let (_, _, p) = self.attention_probs(l, &q_raw, &k_raw, ctx.cos, ctx.sin, ctx.masks, (b, t))?;
+        // [B,Hkv,G·T,D] → [B,Hkv,G,T,D] → [B,T,Hkv,G,D] → [N, Hq·D]
+        let o =
+            bmm_n(&p, &v)?.reshape((b, hkv, g, t, d))?.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((n, hq * d))?;
+        let o_out = self.linear(i0 + 3, &o, tap)?;
+        let h_mid = (x + &o_out)?;
+        let n2 = ops::rms_norm(&h_mid, &nw.post_attention_layernorm, eps)?;
+        let gate = self.linear(i0 + 4, &n2, tap)?;
+        let up = self.linear(i0 + 5, &n2, tap)?;
+        let a = ops::swiglu(&gate, &up)?;
+        let mlp_out = self.linear(i0 + 6, &a, tap)?;
+        let h = (&h_mid + &mlp_out)?;
+        ensure_finite(&h, || format!("the output of decoder layer layers.{l}"))?;
+        Ok((h, LayerActs { x: x.clone(), q_raw, k_raw, v, h_mid, gate, up, o_out, mlp_out }))
     }
 
     /// Layer `l`'s rotated queries `[B, Hkv, G·T, D]` (query head = kv·G + g), rotated keys
@@ -487,18 +600,33 @@ impl TextModel {
         values * self.dtype.size_in_bytes() as u64
     }
 
+    /// What a [`Self::forward_checkpointed`] of a `[b, t]` batch and its
+    /// [`Self::backward_linears_ce`] hold, by part ([`memory::needs`]).
+    pub fn memory_needs(&self, b: usize, t: usize) -> memory::Needs {
+        memory::needs(&self.cfg, b, t, self.dtype.size_in_bytes())
+    }
+
     /// dL/dy of every Linear output (module order, each `[N, out]`) given dL/dlogits
     /// `[B, T, V]` of the forward in `fw`.
     pub fn backward(&self, fw: &ForwardCache, dlogits: &Tensor) -> Result<Vec<Tensor>> {
         let mut grads: Vec<Option<Tensor>> = vec![None; self.names.len()];
+        let dhidden = self.head_backward(fw, dlogits)?;
         // Cloning the cache clones reference counts, not activations.
-        self.backward_layers(fw.clone(), dlogits, &mut |l, _, _, g| {
+        self.backward_layers(fw.clone(), dhidden, &mut |l, _, _, g| {
             for (k, g) in g.into_iter().enumerate() {
                 grads[l * LINEARS_PER_LAYER + k] = Some(g);
             }
             Ok(())
         })?;
         Ok(grads.into_iter().map(|g| g.expect("every linear gets a gradient")).collect())
+    }
+
+    /// dL/dhidden `[N, H]` from dL/dlogits `[B, T, V]`.
+    fn head_backward(&self, fw: &ForwardCache, dlogits: &Tensor) -> Result<Tensor> {
+        let (b, t) = fw.dims;
+        let v = self.cfg.vocab_size;
+        ensure!(dlogits.dims() == [b, t, v], "dlogits shape {:?} != [{b}, {t}, {v}]", dlogits.dims());
+        matmul_xw(&dlogits.reshape((b * t, v))?, self.w.output_weight())
     }
 
     /// The backward of `fw` given dL/dlogits, one decoder layer at a time from the last:
@@ -514,11 +642,58 @@ impl TextModel {
         dlogits: &Tensor,
         sink: &mut dyn FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>,
     ) -> Result<()> {
+        let dhidden = self.head_backward(&fw, dlogits)?;
+        self.backward_linears_from(fw, dhidden, sink)
+    }
+
+    /// [`Self::backward_linears`] of the mean shifted cross-entropy of `labels` (as
+    /// [`loss::shifted_cross_entropy`], times `loss_scale`), with the head computed over
+    /// `head_rows` positions at a time: per chunk its logits `[rows, V]`, their loss and
+    /// dL/dlogits, and that chunk's dL/dhidden — never the whole batch's `[N, V]`. Every
+    /// row's values are those of the whole-batch computation, bit for bit (the products
+    /// and the gradient are row by row; only the loss's sum is grouped by chunk). Works on
+    /// a kept or a checkpointed forward. Returns the loss.
+    pub fn backward_linears_ce(
+        &self,
+        fw: ForwardCache,
+        labels: &[Vec<u32>],
+        ignore_index: Option<u32>,
+        loss_scale: f64,
+        head_rows: usize,
+        sink: &mut dyn FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>,
+    ) -> Result<f64> {
+        let (b, t) = fw.dims;
+        let (targets, weights, count) = loss::shifted_targets(labels, (b, t), self.cfg.vocab_size, ignore_index)?;
+        let n = b * t;
+        let w = self.w.output_weight();
+        let mut loss = 0f64;
+        let mut parts = Vec::new();
+        for r0 in (0..n).step_by(head_rows.max(1)) {
+            let r1 = (r0 + head_rows.max(1)).min(n);
+            let logits = self.head_logits(&fw.hidden, r0..r1)?;
+            let (l, dlogits) = loss::cross_entropy_rows(&logits, &targets[r0..r1], &weights[r0..r1])?;
+            loss += l;
+            let dlogits = if loss_scale == 1.0 { dlogits } else { (dlogits * loss_scale)? };
+            parts.push(matmul_xw(&dlogits, w)?);
+        }
+        let dhidden = Tensor::cat(&parts, 0)?;
+        drop(parts);
+        self.backward_linears_from(fw, dhidden, sink)?;
+        Ok(if count == 0 { f64::NAN } else { loss })
+    }
+
+    /// [`Self::backward_linears`] from dL/dhidden `[N, H]`.
+    fn backward_linears_from(
+        &self,
+        fw: ForwardCache,
+        dhidden: Tensor,
+        sink: &mut dyn FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>,
+    ) -> Result<()> {
         let c = &self.cfg;
         let (b, t) = fw.dims;
         let (hq, hkv, d, g) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.group_size());
         let (n, eps) = (b * t, c.rms_norm_eps);
-        self.backward_layers(fw, dlogits, &mut |l, a, p, [dq, dk, dv, dh_mid, dgate, dup, ddown]| {
+        self.backward_layers(fw, dhidden, &mut |l, a, p, [dq, dk, dv, dh_mid, dgate, dup, ddown]| {
             let nw = &self.w.norms[l];
             let i0 = l * LINEARS_PER_LAYER;
             let n1 = ops::rms_norm(&a.x, &nw.input_layernorm, eps)?;
@@ -539,30 +714,34 @@ impl TextModel {
         })
     }
 
-    /// The backward pass proper. Per decoder layer `l`, last first, `on_layer` gets the
-    /// layer's kept activations, its attention probabilities `[B, Hkv, G·T, T]` and dL/dy
-    /// of its seven Linears in module order; the activations are dropped after it returns.
-    fn backward_layers(&self, mut fw: ForwardCache, dlogits: &Tensor, on_layer: &mut LayerSink<'_>) -> Result<()> {
+    /// The backward pass proper, from dL/dhidden `[N, H]`. Per decoder layer `l`, last
+    /// first, `on_layer` gets the layer's activations (kept, or recomputed from its kept
+    /// input), its attention probabilities `[B, Hkv, G·T, T]` and dL/dy of its seven
+    /// Linears in module order; the activations are dropped after it returns.
+    fn backward_layers(&self, mut fw: ForwardCache, dhidden: Tensor, on_layer: &mut LayerSink<'_>) -> Result<()> {
         let c = &self.cfg;
         let (b, t) = fw.dims;
         let (hq, hkv, d, g) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.group_size());
         let n = b * t;
-        ensure!(
-            dlogits.dims() == [b, t, c.vocab_size],
-            "dlogits shape {:?} != [{b}, {t}, {}]",
-            dlogits.dims(),
-            c.vocab_size
-        );
+        ensure!(dhidden.dims() == [n, c.hidden_size], "dhidden shape {:?} != [{n}, {}]", dhidden.dims(), c.hidden_size);
         let eps = c.rms_norm_eps;
         let scale = 1.0 / (d as f64).sqrt();
         let neg_sin = fw.sin.neg()?;
         let lw = &self.w.linears;
+        fw.logits = None;
 
-        let dhidden = matmul_xw(&dlogits.reshape((n, c.vocab_size))?, self.w.output_weight())?;
         let mut dh = ops::rms_norm_backward(&fw.h_last, &self.w.norm, eps, &dhidden)?;
+        drop(dhidden);
 
-        while let Some(a) = fw.layers.pop() {
+        while let Some(slot) = fw.layers.pop() {
             let l = fw.layers.len();
+            let a = match slot {
+                LayerSlot::Kept(a) => a,
+                LayerSlot::Input(x) => {
+                    let ctx = LayerCtx { cos: &fw.cos, sin: &fw.sin, masks: &fw.masks, dims: (b, t) };
+                    self.layer_forward(l, &x, &ctx, &mut NoTap)?.1
+                }
+            };
             let nw = &self.w.norms[l];
             let i0 = l * LINEARS_PER_LAYER;
             // MLP: h = h_mid + down(silu(gate)·up)
@@ -658,7 +837,8 @@ pub fn matmul_xwt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if let Some(y) = gemm::matmul(&dense(x)?, &dense(w)?, gemm::RhsLayout::Transposed) {
         return Ok(y);
     }
-    Ok(x.matmul(&w.t()?)?)
+    // A weight held in the checkpoint's half precision (see [`weights`]), widened here.
+    Ok(x.matmul(&w.to_dtype(x.dtype())?.t()?)?)
 }
 
 /// `dy · w` for `dy: [N, out]`, `w: [out, in]` (a Linear's input gradient).
@@ -666,7 +846,7 @@ pub fn matmul_xw(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     if let Some(dx) = gemm::matmul(&dense(dy)?, &dense(w)?, gemm::RhsLayout::Normal) {
         return Ok(dx);
     }
-    Ok(dy.matmul(w)?)
+    Ok(dy.matmul(&w.to_dtype(dy.dtype())?)?)
 }
 
 #[cfg(test)]

@@ -24,12 +24,22 @@ pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
 /// ignore_index=ignore_index)` and its gradient. `labels` is `[B][T]` (usually the input
 /// ids); `None` ignores nothing.
 pub fn shifted_cross_entropy(logits: &Tensor, labels: &[Vec<u32>], ignore_index: Option<u32>) -> Result<CrossEntropy> {
-    if crate::ops::is_half(logits.dtype()) {
-        // In f32, as transformers' loss upcasts the logits; dL/dlogits back in the model's dtype.
-        let ce = shifted_cross_entropy(&logits.to_dtype(DType::F32)?, labels, ignore_index)?;
-        return Ok(CrossEntropy { dlogits: ce.dlogits.to_dtype(logits.dtype())?, ..ce });
-    }
     let (b, t, v) = logits.dims3()?;
+    let (targets, weights, count) = shifted_targets(labels, (b, t), v, ignore_index)?;
+    let (loss, dlogits) = cross_entropy_rows(&logits.reshape((b * t, v))?, &targets, &weights)?;
+    let loss = if count == 0 { f32::NAN } else { loss as f32 };
+    Ok(CrossEntropy { loss, dlogits: dlogits.reshape((b, t, v))?, count })
+}
+
+/// Per position of a `[b, t]` batch (row-major), the next token it predicts and its
+/// weight in the mean loss (`1/count`, or 0 where the label is ignored and at each row's
+/// last position), and `count`, the number of targets that count.
+pub fn shifted_targets(
+    labels: &[Vec<u32>],
+    (b, t): (usize, usize),
+    vocab: usize,
+    ignore_index: Option<u32>,
+) -> Result<(Vec<u32>, Vec<f32>, usize)> {
     ensure!(labels.len() == b, "labels have {} rows, logits {b}", labels.len());
     let n = b * t;
     let mut targets = vec![0u32; n];
@@ -42,29 +52,43 @@ pub fn shifted_cross_entropy(logits: &Tensor, labels: &[Vec<u32>], ignore_index:
             if Some(y) == ignore_index {
                 continue;
             }
-            ensure!((y as usize) < v, "label {y} at row {bi} position {} is outside the vocabulary ({v})", ti + 1);
+            ensure!(
+                (y as usize) < vocab,
+                "label {y} at row {bi} position {} is outside the vocabulary ({vocab})",
+                ti + 1
+            );
             targets[bi * t + ti] = y;
             valid[bi * t + ti] = 1.0;
             count += 1;
         }
     }
-    let dev = logits.device();
-    let dtype = logits.dtype();
-    let flat = logits.reshape((n, v))?;
-    let weights: Vec<f32> = valid.iter().map(|x| x / count.max(1) as f32).collect();
-    if let Some((loss, dlogits)) = crate::fused::cross_entropy_rows(&flat, &targets, &weights) {
-        let loss = if count == 0 { f32::NAN } else { loss as f32 };
-        return Ok(CrossEntropy { loss, dlogits: dlogits.reshape((b, t, v))?, count });
+    let weights = valid.iter().map(|x| x / count.max(1) as f32).collect();
+    Ok((targets, weights, count))
+}
+
+/// `Σ_rows weight · (−log softmax(logits)[target])` over rows of `logits: [r, V]`, and its
+/// gradient w.r.t. the logits (zero in rows of weight 0). Half-precision logits are
+/// upcast to f32, as transformers' loss does, and the gradient comes back in their dtype.
+/// Each row's gradient depends on that row alone, so the rows may be taken in chunks.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Result<(f64, Tensor)> {
+    if crate::ops::is_half(logits.dtype()) {
+        let (loss, d) = cross_entropy_rows(&logits.to_dtype(DType::F32)?, targets, weights)?;
+        return Ok((loss, d.to_dtype(logits.dtype())?));
     }
-    let lsm = log_softmax(&flat)?;
-    let targets = Tensor::from_vec(targets, (n, 1), dev)?;
-    let w = (Tensor::from_vec(valid, (n, 1), dev)? / (count.max(1) as f64))?.to_dtype(dtype)?;
+    let (n, _) = logits.dims2()?;
+    ensure!(targets.len() == n && weights.len() == n, "{} targets for {n} rows of logits", targets.len());
+    if let Some(r) = crate::fused::cross_entropy_rows(logits, targets, weights) {
+        return Ok(r);
+    }
+    let dev = logits.device();
+    let lsm = log_softmax(logits)?;
+    let targets = Tensor::from_vec(targets.to_vec(), (n, 1), dev)?;
+    let w = Tensor::from_vec(weights.to_vec(), (n, 1), dev)?.to_dtype(logits.dtype())?;
     let picked = lsm.gather(&targets, 1)?;
-    let loss =
-        if count == 0 { f32::NAN } else { -(picked * &w)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? };
+    let loss = -(picked * &w)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let probs = lsm.exp()?.broadcast_mul(&w)?;
-    let dlogits = probs.scatter_add(&targets, &w.neg()?, 1)?.reshape((b, t, v))?;
-    Ok(CrossEntropy { loss, dlogits, count })
+    let dlogits = probs.scatter_add(&targets, &w.neg()?, 1)?;
+    Ok((loss, dlogits))
 }
 
 #[cfg(test)]

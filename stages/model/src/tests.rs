@@ -406,3 +406,127 @@ fn untied_lm_head_is_used_and_absent_one_falls_back_to_embeddings() {
     assert!(m.weights().lm_head.is_none());
     assert_eq!(max_abs_diff(&m.forward(&batch, &mut NoTap).unwrap(), &base), 0.0);
 }
+
+/// Every Linear's `(input, output, gradient)` bits from a backward, by index.
+type Seen = Vec<Option<(Vec<u32>, Vec<u32>, Vec<u32>)>>;
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|f| f.to_bits())
+        .collect()
+}
+
+fn seen_by(m: &TextModel, run: impl FnOnce(&mut dyn FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>)) -> Seen {
+    let mut seen: Seen = vec![None; m.num_linears()];
+    run(&mut |idx, x, y, dy| {
+        seen[idx] = Some((bits(x), bits(y), bits(dy)));
+        Ok(())
+    });
+    seen
+}
+
+#[test]
+fn a_checkpointed_backward_with_a_chunked_head_gives_the_kept_backward_bits() {
+    let f = fixture();
+    let batch = fixture_batch(&f);
+    let (b, t) = batch.dims();
+    let m = TextModel::load(&ckpt()).unwrap();
+    // The reference: every activation kept, the whole batch's logits.
+    let fw = m.forward_for_backward(&batch, &mut NoTap).unwrap();
+    let ce = loss::shifted_cross_entropy(fw.logits(), &batch.input_ids, Some(0)).unwrap();
+    let kept = seen_by(&m, |sink| m.backward_linears(fw, &ce.dlogits, sink).unwrap());
+    // Each layer recomputed from its input; the head over chunks of 7 positions (not a
+    // divisor of N), one chunk, and a chunk larger than N; a vocabulary (512) larger than
+    // the chunk.
+    assert!(m.config().vocab_size > 7 && (b * t) % 7 != 0);
+    for head_rows in [7, b * t, 10 * b * t] {
+        let mut observed = 0;
+        let mut observe = |_: usize, _: &str, _: &Tensor, _: &Tensor, _: &Tensor| -> Result<Option<Tensor>> {
+            observed += 1;
+            Ok(None)
+        };
+        let fw = m.forward_checkpointed(&batch, &mut observe).unwrap();
+        assert_eq!(observed, m.num_linears());
+        let mut loss = 0.0;
+        let recomputed = seen_by(&m, |sink| {
+            loss = m.backward_linears_ce(fw, &batch.input_ids, Some(0), 1.0, head_rows, sink).unwrap();
+        });
+        assert!((loss - f64::from(ce.loss)).abs() <= 1e-6 * loss.abs(), "loss {loss} vs {}", ce.loss);
+        for (i, (a, b)) in kept.iter().zip(&recomputed).enumerate() {
+            assert!(a == b, "head chunks of {head_rows}: linear {} differs", m.linear_names()[i]);
+        }
+    }
+    // Less memory: the checkpoints against every activation.
+    let needs = m.memory_needs(b, t);
+    assert!(needs.checkpoints * 3 < m.forward_cache_bytes(b, t), "{needs:?}");
+    // A replaced output cannot be recomputed: refused.
+    let mut replace =
+        |_: usize, _: &str, _: &Tensor, _: &Tensor, y: &Tensor| -> Result<Option<Tensor>> { Ok(Some(y.clone())) };
+    let e = m.forward_checkpointed(&batch, &mut replace).err().unwrap();
+    assert!(format!("{e:#}").contains("cannot take replaced"), "{e:#}");
+}
+
+#[test]
+fn head_logits_of_a_chunk_are_the_whole_forward_rows() {
+    let f = fixture();
+    let batch = fixture_batch(&f);
+    let (b, t) = batch.dims();
+    let m = TextModel::load(&ckpt()).unwrap();
+    let logits = m.forward(&batch, &mut NoTap).unwrap().reshape((b * t, m.config().vocab_size)).unwrap();
+    let (hidden, inputs) = m.hidden_and_layer_inputs(&batch, &mut NoTap).unwrap();
+    let chunk = m.head_logits(&hidden, 5..18).unwrap();
+    assert_eq!(bits(&chunk), bits(&logits.narrow(0, 5, 13).unwrap()));
+    // Resumed at a layer: the same hidden states.
+    let resumed = m.hidden_from(&batch, 2, &inputs[2], &mut NoTap).unwrap();
+    assert_eq!(bits(&resumed), bits(&hidden));
+}
+
+#[test]
+fn half_precision_weights_are_held_as_stored_and_give_the_f32_copy_s_bits() {
+    let f = fixture();
+    let batch = fixture_batch(&f);
+    // The committed checkpoint is bf16: its matrices stay bf16 in an f32 model.
+    let m = TextModel::load(&ckpt()).unwrap();
+    assert_eq!(m.linear_weight(0).dtype(), DType::BF16);
+    assert_eq!(m.weights().norm.dtype(), DType::F32);
+    // The same checkpoint widened to f32 on disk: f32 matrices, the same bits everywhere.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(ckpt().join("config.json"), dir.path().join("config.json")).unwrap();
+    let all = candle_core::safetensors::load(ckpt().join("model.safetensors"), &Device::Cpu).unwrap();
+    let wide: HashMap<String, Tensor> = all.into_iter().map(|(k, v)| (k, v.to_dtype(DType::F32).unwrap())).collect();
+    candle_core::safetensors::save(&wide, dir.path().join("model.safetensors")).unwrap();
+    let w = TextModel::load(dir.path()).unwrap();
+    assert_eq!(w.linear_weight(0).dtype(), DType::F32);
+    // Held once as stored: 2 bytes less per matrix value than the f32 copy.
+    let ww = w.weights();
+    let matrices: u64 = ww.linears.iter().map(|t| t.elem_count() as u64).sum::<u64>()
+        + ww.embed_tokens.elem_count() as u64
+        + ww.lm_head.as_ref().map_or(0, |t| t.elem_count() as u64);
+    assert_eq!(ww.bytes() - m.weights().bytes(), 2 * matrices);
+    let (a, b) = (m.forward(&batch, &mut NoTap).unwrap(), w.forward(&batch, &mut NoTap).unwrap());
+    assert_eq!(bits(&a), bits(&b));
+    let ga = m.linear_output_grads(&batch, Some(0), &mut NoTap).unwrap();
+    let gb = w.linear_output_grads(&batch, Some(0), &mut NoTap).unwrap();
+    for (x, y) in ga.grads.iter().zip(&gb.grads) {
+        assert_eq!(bits(x), bits(y));
+    }
+}
+
+#[test]
+fn a_truncated_or_malformed_safetensors_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(ckpt().join("config.json"), dir.path().join("config.json")).unwrap();
+    let bytes = std::fs::read(ckpt().join("model.safetensors")).unwrap();
+    std::fs::write(dir.path().join("model.safetensors"), &bytes[..bytes.len() - 1000]).unwrap();
+    let e = format!("{:#}", TextModel::load(dir.path()).err().unwrap());
+    assert!(e.contains("model.safetensors") && e.contains("fetch the checkpoint again"), "{e}");
+    std::fs::write(dir.path().join("model.safetensors"), &bytes[..5]).unwrap();
+    let e = format!("{:#}", TextModel::load(dir.path()).err().unwrap());
+    assert!(e.contains("not a complete safetensors file"), "{e}");
+}

@@ -3,13 +3,16 @@
 //! Only `model.language_model.*` and `lm_head.weight` are read (the vision tower is never
 //! touched; safetensors files are memory-mapped, so its bytes are not even paged in).
 //! Single-file (`model.safetensors`) and sharded (`model.safetensors.index.json`)
-//! checkpoints are supported; bf16/f16/f32 tensors are converted to the compute dtype.
+//! checkpoints are supported. Norm weights are converted to the compute dtype; the large
+//! matrices (Linear weights, embedding, `lm_head`) of a bf16/f16 checkpoint stay in its
+//! dtype when the model computes in f32 — held once, as stored, and widened exactly where
+//! a product reads them ([`crate::gemm`] packs them to f32 as it goes) — so a 4 B-parameter
+//! bf16 checkpoint takes 7.5 GiB, not 15 in f32.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::TextConfig;
@@ -27,7 +30,8 @@ pub struct LayerNorms {
     pub k_norm: Tensor,
 }
 
-/// Every tensor of the language model, in the compute dtype.
+/// Every tensor of the language model: norms in the compute dtype, matrices in the compute
+/// dtype or, for an f32 model of a half-precision checkpoint, as stored.
 #[derive(Debug, Clone)]
 pub struct LmWeights {
     pub embed_tokens: Tensor,
@@ -97,44 +101,141 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )
 }
 
+/// One tensor's place in a safetensors file, from its header.
+struct Entry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: u64,
+    end: u64,
+}
+
+/// Reads tensors out of the checkpoint's safetensors files with positioned reads, not a
+/// memory map: a mapped file's pages count in the process's resident memory until it is
+/// unmapped, so mapping every shard while copying its tensors out would hold the model
+/// twice at the end of loading. Read this way, only the tensors themselves are resident.
 struct Reader {
-    st: MmapedSafetensors,
+    files: Vec<(PathBuf, std::fs::File)>,
+    entries: std::collections::HashMap<String, Entry>,
     dtype: DType,
     device: Device,
     dir: PathBuf,
 }
 
+fn safetensors_dtype(s: &str) -> Option<DType> {
+    Some(match s {
+        "F32" => DType::F32,
+        "BF16" => DType::BF16,
+        "F16" => DType::F16,
+        "F64" => DType::F64,
+        "U8" => DType::U8,
+        "U32" => DType::U32,
+        "I64" => DType::I64,
+        _ => return None,
+    })
+}
+
 impl Reader {
-    fn has(&self, name: &str) -> bool {
-        self.st.get(name).is_ok()
+    fn open(dir: &Path, paths: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        use std::io::Read;
+        let mut files = Vec::new();
+        let mut entries = std::collections::HashMap::new();
+        for (fi, path) in paths.iter().enumerate() {
+            let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+            let len = f.metadata().with_context(|| format!("cannot stat {}", path.display()))?.len();
+            let cut = || format!("{} is not a complete safetensors file; fetch the checkpoint again", path.display());
+            let mut n = [0u8; 8];
+            f.read_exact(&mut n).with_context(cut)?;
+            let n = u64::from_le_bytes(n);
+            if n > 100_000_000 || 8 + n > len {
+                bail!("{}", cut());
+            }
+            let mut header = vec![0u8; n as usize];
+            f.read_exact(&mut header).with_context(cut)?;
+            let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+                .with_context(|| format!("{}: the header is not JSON", path.display()))?;
+            for (name, e) in header {
+                if name == "__metadata__" {
+                    continue;
+                }
+                let bad = || format!("{}: tensor `{name}` has a malformed header entry", path.display());
+                let dtype = e["dtype"].as_str().with_context(bad)?;
+                let shape: Vec<usize> = e["shape"]
+                    .as_array()
+                    .with_context(bad)?
+                    .iter()
+                    .map(|d| d.as_u64().map(|d| d as usize))
+                    .collect::<Option<_>>()
+                    .with_context(bad)?;
+                let offs = e["data_offsets"].as_array().with_context(bad)?;
+                let (Some(a), Some(b)) = (offs.first().and_then(|v| v.as_u64()), offs.get(1).and_then(|v| v.as_u64()))
+                else {
+                    bail!("{}", bad());
+                };
+                let (start, end) = (8 + n + a, 8 + n + b);
+                if end > len || start > end {
+                    bail!("{}: tensor `{name}` ends past the end of the file; {}", path.display(), cut());
+                }
+                // An unknown dtype is an error only for a tensor that is read.
+                let dtype = safetensors_dtype(dtype).unwrap_or(DType::U8);
+                entries.insert(name, Entry { file: fi, dtype, shape, start, end });
+            }
+            files.push((path.clone(), f));
+        }
+        Ok(Reader { files, entries, dtype, device: device.clone(), dir: dir.to_path_buf() })
     }
 
-    /// Loads `name`, checks its shape and finiteness, converts to the compute dtype.
-    fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let view = self
-            .st
+    fn has(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// Loads `name`, checks its shape and finiteness, converts it to the compute dtype —
+    /// or, with `keep_half`, keeps a bf16/f16 tensor as it is stored (f32 computations
+    /// widen it exactly where they use it).
+    fn load_as(&self, name: &str, shape: &[usize], keep_half: bool) -> Result<Tensor> {
+        use std::os::unix::fs::FileExt;
+        let e = self
+            .entries
             .get(name)
-            .map_err(anyhow::Error::from)
             .with_context(|| format!("{}: tensor `{name}` is missing from the checkpoint", self.dir.display()))?;
-        if view.shape() != shape {
+        if e.shape != shape {
             bail!(
                 "{}: tensor `{name}` has shape {:?} in the safetensors but config.json implies {:?}",
                 self.dir.display(),
-                view.shape(),
+                e.shape,
                 shape
             );
         }
-        let t = self
-            .st
-            .load(name, &self.device)
-            .with_context(|| format!("{}: reading tensor `{name}`", self.dir.display()))?;
-        match t.dtype() {
+        match e.dtype {
             DType::F32 | DType::BF16 | DType::F16 => {}
-            other => bail!("{}: tensor `{name}` has dtype {other:?}; expected f32, bf16 or f16", self.dir.display()),
+            _ => bail!("{}: tensor `{name}` is not f32, bf16 or f16", self.dir.display()),
         }
-        let t = t.to_dtype(self.dtype)?.contiguous()?;
+        let numel: usize = shape.iter().product();
+        let (path, file) = &self.files[e.file];
+        if e.end - e.start != (numel * e.dtype.size_in_bytes()) as u64 {
+            bail!("{}: tensor `{name}`'s data size does not match its shape and dtype", path.display());
+        }
+        let mut bytes = vec![0u8; (e.end - e.start) as usize];
+        file.read_exact_at(&mut bytes, e.start)
+            .with_context(|| format!("{}: reading tensor `{name}`", path.display()))?;
+        let t = Tensor::from_raw_buffer(&bytes, e.dtype, shape, &Device::Cpu)?;
+        drop(bytes);
+        let half = matches!(e.dtype, DType::BF16 | DType::F16);
+        let target = if keep_half && half && self.dtype == DType::F32 { e.dtype } else { self.dtype };
+        let t = t.to_dtype(target)?.to_device(&self.device)?.contiguous()?;
         check_finite(&t).with_context(|| format!("{}: tensor `{name}`", self.dir.display()))?;
         Ok(t)
+    }
+
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.load_as(name, shape, false)
+    }
+
+    /// A large matrix (Linear weight, embedding, head): kept in the checkpoint's half
+    /// precision when the model computes in f32.
+    fn load_matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.load_as(name, shape, true)
     }
 }
 
@@ -153,14 +254,10 @@ impl LmWeights {
     /// Loads the language model of the checkpoint in `dir` (config already parsed).
     pub fn load(dir: &Path, cfg: &TextConfig, dtype: DType, device: &Device) -> Result<Self> {
         let files = checkpoint_files(dir)?;
-        // SAFETY: the files are memory-mapped read-only; qpipe never writes checkpoints
-        // while a stage reads them.
-        let st = unsafe { MmapedSafetensors::multi(&files) }
-            .with_context(|| format!("{}: opening safetensors", dir.display()))?;
-        let r = Reader { st, dtype, device: device.clone(), dir: dir.to_path_buf() };
+        let r = Reader::open(dir, &files, dtype, device)?;
         let (h, v, d) = (cfg.hidden_size, cfg.vocab_size, cfg.head_dim);
         let p = LM_PREFIX;
-        let embed_tokens = r.load(&format!("{p}embed_tokens.weight"), &[v, h])?;
+        let embed_tokens = r.load_matrix(&format!("{p}embed_tokens.weight"), &[v, h])?;
         let mut norms = Vec::with_capacity(cfg.num_hidden_layers);
         let mut linears = Vec::with_capacity(cfg.num_hidden_layers * LINEARS_PER_LAYER);
         for i in 0..cfg.num_hidden_layers {
@@ -173,12 +270,12 @@ impl LmWeights {
             });
             for kind in LinearKind::ALL {
                 let (out, inp) = kind.shape(cfg);
-                linears.push(r.load(&format!("{lp}{}.weight", kind.suffix()), &[out, inp])?);
+                linears.push(r.load_matrix(&format!("{lp}{}.weight", kind.suffix()), &[out, inp])?);
             }
         }
         let norm = r.load(&format!("{p}norm.weight"), &[h])?;
         let lm_head = if !cfg.tie_word_embeddings && r.has("lm_head.weight") {
-            Some(r.load("lm_head.weight", &[v, h])?)
+            Some(r.load_matrix("lm_head.weight", &[v, h])?)
         } else {
             None
         };
@@ -188,6 +285,21 @@ impl LmWeights {
     /// The output projection (`lm_head`, or `embed_tokens` when tied), `[vocab, hidden]`.
     pub fn output_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Bytes the weights hold, as stored.
+    pub fn bytes(&self) -> u64 {
+        let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        let norms: u64 = self
+            .norms
+            .iter()
+            .map(|n| size(&n.input_layernorm) + size(&n.post_attention_layernorm) + size(&n.q_norm) + size(&n.k_norm))
+            .sum();
+        size(&self.embed_tokens)
+            + norms
+            + self.linears.iter().map(size).sum::<u64>()
+            + size(&self.norm)
+            + self.lm_head.as_ref().map_or(0, size)
     }
 }
 

@@ -157,6 +157,27 @@ pub struct AutoquantCfg {
     pub dtype: String,
     #[serde(default)]
     pub verbose: Option<bool>,
+    /// The memory scoring may use (`12GiB`, `512MiB`, bytes); default: what is free where
+    /// the model computes, less a margin. Changes no score, so it is not in any key.
+    #[serde(default)]
+    pub memory_limit: Option<MemorySize>,
+}
+
+/// A memory size as written in the pipeline or on the command line: `12GiB` or bytes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum MemorySize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl MemorySize {
+    pub fn bytes(&self) -> Result<u64> {
+        match self {
+            MemorySize::Bytes(b) => Ok(*b),
+            MemorySize::Text(t) => score::memory::parse_size(t),
+        }
+    }
 }
 
 fn auto() -> String {
@@ -238,6 +259,9 @@ impl RunConfig {
             bail!(KeyError::new("autoquant.effective_bits", format!("{} is outside (0, 16]", a.effective_bits)));
         }
         parse_device(&a.device).map_err(|e| KeyError::new("autoquant.device", format!("{e:#}")))?;
+        if let Some(m) = &a.memory_limit {
+            m.bytes().map_err(|e| KeyError::new("autoquant.memory_limit", format!("{e:#}")))?;
+        }
         if !matches!(a.dtype.as_str(), "auto" | "f32" | "bf16" | "f16") {
             bail!(KeyError::new(
                 "autoquant.dtype",
@@ -586,6 +610,7 @@ fn run_instances(ctx: &PlanContext, cfg: &RunConfig) -> Result<(Vec<Instance>, P
             "quant_pair": cfg.quant_pair.name,
             "experimental": cfg.quant_pair.experimental,
             "verbose": a.verbose.unwrap_or(false),
+            "memory_limit": a.memory_limit.as_ref().map(MemorySize::bytes).transpose()?,
         }),
         format!("score {} ({}, {} samples) on {}", cfg.quant_pair.name, cfg.dataset.size, n, cfg.model.name),
     )?;

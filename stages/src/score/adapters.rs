@@ -56,9 +56,10 @@ impl ScoreModel for TextModel {
             .collect()
     }
 
+    /// In the compute dtype (a half-precision checkpoint's weights are held as stored).
     fn weight(&self, name: &str) -> Result<Tensor> {
         let w = self.linear_weight_by_name(name).with_context(|| format!("the model has no linear `{name}`"))?;
-        Ok(w.clone())
+        Ok(w.to_dtype(self.dtype())?)
     }
 
     fn dtype_name(&self) -> &'static str {
@@ -92,12 +93,16 @@ impl ScoreModel for TextModel {
             sink(name, x)?;
             Ok(None)
         };
-        Ok(Box::new(self.forward_for_backward(&model_batch(batch)?, &mut tap)?))
+        Ok(Box::new(self.forward_checkpointed(&model_batch(batch)?, &mut tap)?))
     }
 
-    fn kept_bytes(&self, batch: &Batch) -> u64 {
+    fn weight_bytes(&self) -> u64 {
+        self.weights().bytes()
+    }
+
+    fn memory_needs(&self, batch: &Batch) -> model::memory::Needs {
         let (b, t) = (batch.input_ids.len(), batch.input_ids.first().map_or(0, Vec::len));
-        self.forward_cache_bytes(b, t)
+        TextModel::memory_needs(self, b, t)
     }
 
     fn backward_linears(
@@ -105,26 +110,33 @@ impl ScoreModel for TextModel {
         batch: &Batch,
         kept: KeptForward,
         loss_scale: f64,
+        head_rows: usize,
         sink: &mut LinearSink<'_>,
     ) -> Result<f64> {
         let Ok(fw) = kept.downcast::<model::ForwardCache>() else {
             bail!("internal error: a kept forward of another model was passed to the Qwen3-VL backward");
         };
-        let ce = model::loss::shifted_cross_entropy(fw.logits(), &batch.input_ids, Some(batch.pad_token_id))?;
-        let dlogits = if loss_scale == 1.0 { ce.dlogits } else { (ce.dlogits * loss_scale)? };
-        self.backward_linears(*fw, &dlogits, &mut |idx, x, y, dy| sink(&self.linear_names()[idx], x, y, dy))?;
-        Ok(f64::from(ce.loss))
+        let names = self.linear_names();
+        self.backward_linears_ce(
+            *fw,
+            &batch.input_ids,
+            Some(batch.pad_token_id),
+            loss_scale,
+            head_rows,
+            &mut |idx, x, y, dy| sink(&names[idx], x, y, dy),
+        )
     }
 
     fn forward_resumable(&self, batch: &Batch) -> Result<(Tensor, KeptForward)> {
-        let (logits, layer_inputs) = self.forward_layer_inputs(&model_batch(batch)?, &mut model::NoTap)?;
-        Ok((logits, Box::new(layer_inputs)))
+        let (hidden, layer_inputs) = self.hidden_and_layer_inputs(&model_batch(batch)?, &mut model::NoTap)?;
+        Ok((hidden, Box::new(layer_inputs)))
     }
 
     /// Starts at the first decoder layer an override touches, from the residual stream the
     /// unquantized forward recorded there: the layers before it are unchanged, so the
-    /// logits are those of a whole forward, bit for bit, for about half the work on average.
-    fn logits_resumed(
+    /// hidden states are those of a whole forward, bit for bit, for about half the work on
+    /// average.
+    fn hidden_resumed(
         &self,
         batch: &Batch,
         kept: &KeptForward,
@@ -147,10 +159,19 @@ impl ScoreModel for TextModel {
             Ok(Some(model::matmul_xwt(&xq, &o.weight)?))
         };
         let mb = model_batch(batch)?;
+        let first = first.min(layer_inputs.len().saturating_sub(1));
         match layer_inputs.get(first) {
-            Some(h) => self.forward_from(&mb, first, h, &mut tap),
-            None => self.forward(&mb, &mut tap),
+            Some(h) => self.hidden_from(&mb, first, h, &mut tap),
+            None => bail!("internal error: the resumable forward kept no layer inputs"),
         }
+    }
+
+    fn head_logits(&self, hidden: &Tensor, rows: std::ops::Range<usize>) -> Result<Tensor> {
+        TextModel::head_logits(self, hidden, rows)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config().vocab_size
     }
 }
 

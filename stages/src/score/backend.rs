@@ -11,6 +11,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use super::recipes::LinearInfo;
+pub use qpipe_model::memory::Needs;
 use qpipe_quant::IntCodes;
 
 /// One batch of calibration tokens (left padded).
@@ -70,35 +71,45 @@ pub trait ScoreModel {
     fn available_memory(&self) -> Option<u64>;
     /// One unquantized forward; `sink` gets every linear's input.
     fn forward_inputs(&self, batch: &Batch, sink: &mut InputSink<'_>) -> Result<()>;
-    /// One unquantized forward that keeps what [`Self::backward_linears`] needs; `sink`
-    /// gets every linear's input, as in [`Self::forward_inputs`].
+    /// One unquantized forward that keeps what [`Self::backward_linears`] needs (each
+    /// decoder layer's input: the backward recomputes one layer at a time); `sink` gets
+    /// every linear's input, as in [`Self::forward_inputs`].
     fn forward_keep(&self, batch: &Batch, sink: &mut InputSink<'_>) -> Result<KeptForward>;
-    /// Bytes [`Self::forward_keep`] holds for `batch` (the scorer's memory plan).
-    fn kept_bytes(&self, batch: &Batch) -> u64;
+    /// Bytes the weights take, as held.
+    fn weight_bytes(&self) -> u64;
+    /// What a forward/backward of `batch` holds, by part (the scorer's memory plan).
+    fn memory_needs(&self, batch: &Batch) -> Needs;
     /// The backward of the mean cross-entropy of the shifted logits (ignore_index = pad id)
     /// of a kept forward, its gradient multiplied by `loss_scale` (1 for a whole batch; a
-    /// slice's share of the batch's targets when a batch is scored in slices); then `sink`
-    /// sees every linear with its input, output and output gradient, in module order.
-    /// Returns the loss.
+    /// slice's share of the batch's targets when a batch is scored in slices), the head
+    /// taken `head_rows` positions at a time; then `sink` sees every linear with its input,
+    /// output and output gradient, one decoder layer at a time from the last. Returns the
+    /// loss.
     fn backward_linears(
         &self,
         batch: &Batch,
         kept: KeptForward,
         loss_scale: f64,
+        head_rows: usize,
         sink: &mut LinearSink<'_>,
     ) -> Result<f64>;
-    /// One unquantized forward: its logits `[B, T, V]` (f32) and what
-    /// [`Self::logits_resumed`] needs to redo it with some linears replaced.
+    /// One unquantized forward: its final hidden states `[N, H]` (the head's input) and
+    /// what [`Self::hidden_resumed`] needs to redo it with some linears replaced.
     fn forward_resumable(&self, batch: &Batch) -> Result<(Tensor, KeptForward)>;
-    /// Logits `[B, T, V]` (f32) with the named linears replaced, equal to a whole forward
-    /// of `batch` with them replaced; the model may start from `kept` (of
+    /// Final hidden states `[N, H]` with the named linears replaced, equal to a whole
+    /// forward of `batch` with them replaced; the model may start from `kept` (of
     /// [`Self::forward_resumable`] on the same batch) where the replacements begin.
-    fn logits_resumed(
+    fn hidden_resumed(
         &self,
         batch: &Batch,
         kept: &KeptForward,
         overrides: &HashMap<String, LinearOverride<'_>>,
     ) -> Result<Tensor>;
+    /// Logits `[rows, V]` of positions `rows` of final hidden states `[N, H]` — the same
+    /// values, row by row, as the whole batch's logits.
+    fn head_logits(&self, hidden: &Tensor, rows: std::ops::Range<usize>) -> Result<Tensor>;
+    /// The vocabulary size (the head's width).
+    fn vocab_size(&self) -> usize;
 }
 
 /// One quantization format as the scorer uses it (see `score::adapters` for the adapter to

@@ -12,6 +12,7 @@
 
 pub mod adapters;
 pub mod backend;
+pub mod memory;
 pub mod recipes;
 pub mod scorer;
 pub mod state;
@@ -87,6 +88,9 @@ pub struct Settings {
     pub batch_size: usize,
     pub score_size: usize,
     pub device: String,
+    /// `autoquant.memory_limit` in bytes; `None`: what is free where the model computes,
+    /// less a margin ([`memory::default_limit`]).
+    pub memory_limit: Option<u64>,
 }
 
 /// `num_score_steps` = min(score_size / batch_size, batches), at least one batch.
@@ -134,18 +138,16 @@ pub fn run_scoring_fused(
     let linears = model.linears();
     let recipes = recipes::group(&linears);
     let score_steps = num_score_steps(settings.score_size, settings.batch_size, batches.len());
+    let limit = settings.memory_limit.or_else(|| memory::default_limit(model.available_memory(), model.weight_bytes()));
     let scores: Vec<Vec<f64>> = match settings.method {
-        Method::Gradient => {
-            let budget = scorer::keep_budget_bytes(model.available_memory());
-            scorer::gradient_scores(model, formats, &recipes, batches, score_steps, budget, progress)?
-        }
+        Method::Gradient => scorer::gradient_scores(model, formats, &recipes, batches, score_steps, limit, progress)?,
         Method::KlDiv => {
             let calibrated: Vec<&dyn ScoreFormat> =
                 formats.iter().copied().filter(|f| f.input_needs_calibration()).collect();
             if !calibrated.is_empty() {
                 scorer::calibrate_inputs(model, &calibrated, batches, progress)?;
             }
-            scorer::kl_div_scores(model, formats, &recipes, &batches[..score_steps], progress)?
+            scorer::kl_div_scores(model, formats, &recipes, &batches[..score_steps], limit, progress)?
         }
     };
     let info = state::RunInfo {
@@ -167,29 +169,45 @@ pub fn run_scoring_fused(
         .collect())
 }
 
-/// Errors, before loading anything, when the scorer's weights cannot fit on `device`: it
-/// holds the language model twice in the compute dtype (as loaded, and fake-quantized).
+/// Errors, before loading anything, when the language model's weights alone cannot fit
+/// in `limit` bytes on `device`: they are held once, the large matrices of a
+/// half-precision checkpoint as stored ([`qpipe_model::weights`]). The rest is the memory
+/// plan's, made once the model is loaded ([`memory::Plan`]).
 pub fn check_weights_fit(
     ckpt: &std::path::Path,
     dtype: candle_core::DType,
     device: &str,
-    available: Option<u64>,
+    limit: Option<u64>,
 ) -> Result<()> {
     let cfg = qpipe_model::TextConfig::from_dir(ckpt)?;
-    let need = 2 * dtype.size_in_bytes() as u64 * cfg.params();
+    let act = dtype.size_in_bytes();
+    let stored = checkpoint_matrix_bytes(ckpt).unwrap_or(act);
+    let matrix = if dtype == candle_core::DType::F32 { stored.min(act) } else { act };
+    let need = qpipe_model::memory::weight_bytes(&cfg, matrix, act);
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    match available {
-        Some(avail) if need > avail => bail!(
-            "scoring {} on {device} holds its {:.2} B language-model parameters in {dtype:?} twice (as loaded and \
-             fake-quantized): {:.1} GiB, but only {:.1} GiB of memory is available there; use a device with more \
-             memory{}",
+    match limit {
+        Some(limit) if need > limit => bail!(
+            "scoring {} on {device} holds its {:.2} B language-model parameters: {:.1} GiB, but the memory limit is              {:.1} GiB there; raise `autoquant.memory_limit`, free memory or use a device with more memory{}",
             ckpt.display(),
             cfg.params() as f64 / 1e9,
             gib(need),
-            gib(avail),
-            if dtype == candle_core::DType::F32 { " or `autoquant.dtype=bf16`" } else { "" }
+            gib(limit),
+            if dtype == candle_core::DType::F32 && matrix == 4 { " or a bf16 checkpoint" } else { "" }
         ),
         _ => Ok(()),
+    }
+}
+
+/// Bytes per value of the checkpoint's weights, from `config.json`'s `dtype` /
+/// `torch_dtype` (top level or `text_config`).
+fn checkpoint_matrix_bytes(ckpt: &std::path::Path) -> Option<usize> {
+    let v: Value = serde_json::from_slice(&std::fs::read(ckpt.join("config.json")).ok()?).ok()?;
+    let pick = |o: &Value| o.get("dtype").or_else(|| o.get("torch_dtype")).and_then(Value::as_str).map(str::to_string);
+    let name = pick(&v).or_else(|| v.get("text_config").and_then(pick))?;
+    match name.as_str() {
+        "bfloat16" | "float16" => Some(2),
+        "float32" => Some(4),
+        _ => None,
     }
 }
 
@@ -273,6 +291,17 @@ impl Stage for Score {
     }
 }
 
+/// `autoquant.memory_limit` of a job, in bytes: a run setting that changes no score, so it
+/// travels in the locators, not the key.
+pub fn memory_limit(job: &Job<'_>) -> Result<Option<u64>> {
+    match job.locators.get("memory_limit") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_u64()),
+        Some(Value::String(s)) => memory::parse_size(s).map(Some).context("key `autoquant.memory_limit`"),
+        Some(other) => bail!("key `autoquant.memory_limit`: expected a size such as `12GiB`, found {other}"),
+    }
+}
+
 /// Runs `jobs` (one, or several of one fusion key) in one scoring pass.
 fn run_group(jobs: &[Job<'_>]) -> Result<()> {
     let Some(job) = jobs.first() else { return Ok(()) };
@@ -290,13 +319,15 @@ fn run_group(jobs: &[Job<'_>]) -> Result<()> {
         batch_size: p.batch_size,
         score_size: p.score_size,
         device: compute.device.clone(),
+        memory_limit: memory_limit(job)?,
     };
     let device = qpipe_compute::device::candle_device(&compute.device)?;
     let dtype = qpipe_compute::device::candle_dtype(&compute.dtype)?;
     let progress: &dyn Progress = job.progress;
     qpipe_compute::malloc::keep_freed_memory();
     let ckpt = adapters::checkpoint_dir(job)?;
-    check_weights_fit(&ckpt, dtype, &compute.device, qpipe_compute::device::available_bytes(&device))?;
+    let free = qpipe_compute::device::available_bytes(&device);
+    check_weights_fit(&ckpt, dtype, &compute.device, settings.memory_limit.or(free))?;
     progress.note(&format!("score: loading {} ({} on {})", ckpt.display(), compute.dtype, compute.device));
     let model = adapters::load_model_on(&ckpt, dtype, &device)?;
     let formats: Vec<Box<dyn ScoreFormat>> =
@@ -307,8 +338,17 @@ fn run_group(jobs: &[Job<'_>]) -> Result<()> {
     }
     let batches = adapters::load_batches(job.dep("calib")?, settings.batch_size)?;
     let refs: Vec<&dyn ScoreFormat> = formats.iter().map(|f| f.as_ref()).collect();
+    let (flops0, t0) = (qpipe_model::gemm::flops_done(), std::time::Instant::now());
     let all = run_scoring_fused(model.as_ref(), &refs, &batches, &settings, progress)
         .with_context(|| format!("scoring {} with {}", ckpt.display(), names.join(", ")))?;
+    let (flops, secs) = (qpipe_model::gemm::flops_done() - flops0, t0.elapsed().as_secs_f64());
+    if secs >= 10.0 {
+        progress.note(&format!(
+            "score: {:.2} TFLOP of f32 products in {secs:.0} s: {:.1} GFLOP/s (integer products not counted)",
+            flops as f64 / 1e12,
+            flops as f64 / secs / 1e9
+        ));
+    }
     for (j, scores) in jobs.iter().zip(all) {
         let text = serde_json::to_string_pretty(&scores)? + "\n";
         let out = j.out("scores")?;
@@ -335,18 +375,22 @@ mod tests {
         let f32 = candle_core::DType::F32;
         assert!(check_weights_fit(&tiny, f32, "cpu", Some(1 << 30)).is_ok());
         let e = check_weights_fit(&tiny, f32, "cpu", Some(1 << 10)).unwrap_err().to_string();
-        assert!(e.contains("in F32 twice") && e.contains("GiB of memory is available"), "{e}");
-        // The 4B shape: 4.02 B parameters → 30 GiB.
+        assert!(e.contains("memory limit is"), "{e}");
+        // The 4B shape in bf16: 4.02 B parameters held once as stored → 7.5 GiB, which
+        // fits a 12 GiB limit on the CPU in f32 and an 8 GiB one does not.
         let dir = tempfile::tempdir().unwrap();
         let cfg = crate::synth::Shape::QWEN3_VL_4B.config(crate::synth::Dtype::Bf16);
         std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
-        let e = check_weights_fit(dir.path(), f32, "cpu", Some(24 << 30)).unwrap_err().to_string();
-        assert!(e.contains("4.02 B") && e.contains("30.0 GiB") && e.contains("dtype=bf16"), "{e}");
-        // In bf16 on an 80 GB GPU it fits: 15 GiB.
+        assert!(check_weights_fit(dir.path(), f32, "cpu", Some(12 << 30)).is_ok());
+        let e = check_weights_fit(dir.path(), f32, "cpu", Some(7 << 30)).unwrap_err().to_string();
+        assert!(e.contains("4.02 B") && e.contains("7.5 GiB"), "{e}");
+        // An f32 checkpoint of that shape is 15 GiB.
+        let f32_cfg = crate::synth::Shape::QWEN3_VL_4B.config(crate::synth::Dtype::F32);
+        std::fs::write(dir.path().join("config.json"), f32_cfg.to_string()).unwrap();
+        let e = check_weights_fit(dir.path(), f32, "cpu", Some(12 << 30)).unwrap_err().to_string();
+        assert!(e.contains("15.0 GiB") && e.contains("bf16 checkpoint"), "{e}");
         let bf16 = candle_core::DType::BF16;
-        assert!(check_weights_fit(dir.path(), bf16, "cuda:0", Some(79 << 30)).is_ok());
-        let e = check_weights_fit(dir.path(), bf16, "cuda:0", Some(8 << 30)).unwrap_err().to_string();
-        assert!(e.contains("15.0 GiB") && e.contains("on cuda:0"), "{e}");
+        assert!(check_weights_fit(dir.path(), bf16, "cuda:0", Some(24 << 30)).is_ok());
     }
 
     #[test]

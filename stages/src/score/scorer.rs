@@ -21,6 +21,7 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::backend::{Batch, KeptForward, LinearOverride, ScoreFormat, ScoreModel};
+use super::memory;
 use super::recipes::Recipe;
 use qpipe_compute::{f32_data, grad_score};
 use qpipe_contract::Progress;
@@ -59,32 +60,6 @@ pub fn calibrate_inputs(
         progress.advance(1);
     }
     Ok(())
-}
-
-/// Bytes of kept forward passes the `gradient` scorer may hold between calibration and
-/// scoring: `QPIPE_SCORE_KEEP_MIB` (MiB) when set, else half of `available` (the memory
-/// free where the model computes: host RAM, or the GPU's after its weights are loaded),
-/// else 2 GiB. Scores do not depend on it.
-pub fn keep_budget_bytes(available: Option<u64>) -> u64 {
-    if let Some(mib) = std::env::var("QPIPE_SCORE_KEEP_MIB").ok().and_then(|v| v.trim().parse::<u64>().ok()) {
-        return mib << 20;
-    }
-    available.map_or(2 << 30, |b| b / 2)
-}
-
-/// Errors, before any work, when one batch's forward pass for the backward
-/// (`per_batch` bytes) cannot fit in the memory available.
-fn check_fits(per_batch: u64, available: Option<u64>) -> Result<()> {
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    match available {
-        Some(avail) if per_batch > avail => bail!(
-            "the gradient scorer keeps {:.1} GiB of activations per batch for its backward pass, but only {:.1} GiB \
-             of memory is available; lower `autoquant.batch_size` or `dataset.calib_seq_len`, or free memory",
-            gib(per_batch),
-            gib(avail)
-        ),
-        _ => Ok(()),
-    }
 }
 
 /// Indices of the rows of `g` (`[rows, cols]`) that are not all zero; `None` when more than
@@ -227,10 +202,8 @@ fn diff_in(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.to_dtype(dtype)?)
 }
 
-const GIB: f64 = (1u64 << 30) as f64;
-
 /// One forward/backward of the `gradient` scorer: a batch, or a slice of its rows when a
-/// whole batch's activations do not fit.
+/// whole batch does not fit the memory plan.
 struct Piece {
     batch: usize,
     rows: Batch,
@@ -260,26 +233,6 @@ fn target_count(b: &Batch) -> usize {
     b.input_ids.iter().map(|row| row.iter().skip(1).filter(|&&y| y != b.pad_token_id).count()).sum()
 }
 
-/// Rows per [`Piece`]: the whole batch when its kept forward fits in `available`, else the
-/// most rows that do — when rows are independent; an error when even one row does not fit,
-/// or when slicing would change the scores.
-fn rows_per_piece(model: &dyn ScoreModel, b: &Batch, available: Option<u64>, rows_independent: bool) -> Result<usize> {
-    let n = b.input_ids.len();
-    let Some(avail) = available else { return Ok(n) };
-    let bytes = |r: usize| model.kept_bytes(&b.rows(0..r));
-    if bytes(n) <= avail {
-        return Ok(n);
-    }
-    if !rows_independent {
-        // A dynamic per-tensor input range spans the whole batch: slicing would change it.
-        check_fits(bytes(n), Some(avail))?;
-    }
-    match (1..n).rev().find(|&r| bytes(r) <= avail) {
-        Some(r) => Ok(r),
-        None => check_fits(bytes(1), Some(avail)).map(|_| 1),
-    }
-}
-
 /// What decides how the `gradient` scorer walks the batches for a format — whether the
 /// input quantizer treats token rows independently (inputs unquantized, or a static
 /// range), so that a batch may be scored in slices of its rows and rows with zero gradient
@@ -289,6 +242,44 @@ pub fn pass_class(format: &dyn ScoreFormat) -> bool {
     !format.quantizes_input() || format.input_needs_calibration()
 }
 
+/// The scorer's own per-layer bytes for `rows` rows: per format, the widest layer's
+/// prepared weights (f32) and a quantized input, output and gradient rows per Linear.
+fn scorer_layer_bytes(model: &dyn ScoreModel, formats: usize, needs: &memory::Needs) -> u64 {
+    let linears = model.linears();
+    let per_layer = linears
+        .chunks(qpipe_model::LINEARS_PER_LAYER)
+        .map(|l| l.iter().map(|x| x.weight_numel as u64).sum::<u64>())
+        .max()
+        .unwrap_or(0);
+    formats as u64 * (4 * per_layer + 2 * needs.linear_io)
+}
+
+/// The memory plan of [`gradient_scores`] for `formats` on `batches` within `limit`.
+pub fn gradient_plan(
+    model: &dyn ScoreModel,
+    formats: &[&dyn ScoreFormat],
+    batches: &[Batch],
+    limit: Option<u64>,
+) -> Result<memory::Plan> {
+    let batch_rows = batches.first().map_or(1, |b| b.input_ids.len());
+    let t = batches.first().and_then(|b| b.input_ids.first()).map_or(1, Vec::len);
+    let shape = |rows: usize| Batch {
+        input_ids: vec![vec![0; t]; rows],
+        attention_mask: vec![vec![1; t]; rows],
+        pad_token_id: 0,
+    };
+    let rows_independent = formats.first().is_none_or(|f| pass_class(*f));
+    memory::Plan::new(
+        limit,
+        model.weight_bytes(),
+        batch_rows,
+        t,
+        rows_independent,
+        &|r| model.memory_needs(&shape(r)),
+        &|r| scorer_layer_bytes(model, formats.len(), &model.memory_needs(&shape(r))),
+    )
+}
+
 /// The `gradient` scores of each format of `formats` (all of one [`pass_class`]): per
 /// recipe, Σ over members and the first `score_steps` batches. Calibrates first when a
 /// format has static input ranges.
@@ -296,26 +287,30 @@ pub fn pass_class(format: &dyn ScoreFormat) -> bool {
 /// Work: per score batch one unquantized forward and one backward, then per linear
 /// `Y_q = q(X)·q(W)ᵀ` on the rows whose gradient is not all zero. With static input ranges,
 /// `Y_q` needs every batch calibrated first, so the calibration forwards of the score
-/// batches are kept (up to `keep_budget` bytes, [`keep_budget_bytes`]) and reused for
-/// the backward instead of running the forward a second time; batches beyond the budget
-/// are forwarded again. ModelOpt runs the calibration forward and a separate scoring forward
-/// for every score batch.
+/// batches are kept (as many as the memory plan allows) and reused for the backward
+/// instead of running the forward a second time; the other batches are forwarded again.
+/// ModelOpt runs the calibration forward and a separate scoring forward for every score
+/// batch.
 ///
-/// Memory: the kept forwards (up to `keep_budget`), plus, for the batch being scored, every
-/// linear's `dL/dY` and one decoder layer's recomputed inputs at a time.
+/// Memory ([`memory::Plan`], within `limit`): the weights, once; per kept forward each
+/// decoder layer's input only; in the backward one decoder layer at a time, recomputed
+/// from its input, with its Linears' output gradients and their fake-quantized weights,
+/// prepared when the backward reaches them and dropped after; the head over chunks of
+/// positions. A batch that does not fit whole is scored in slices of its rows when rows
+/// are independent (the same scores: each slice's loss gradient is scaled to the batch's).
 ///
 /// Several formats share the pass: one calibration forward (every static-range format's
 /// input ranges observed on it), one forward and one backward per score batch, then per
 /// linear each format's `Y_q` and score. Each format gets the bits it gets scored alone:
 /// the unquantized passes do not depend on the format, and each format's arithmetic and
-/// summation order are its own. Each format's prepared weights are held at once.
+/// summation order are its own.
 pub fn gradient_scores(
     model: &dyn ScoreModel,
     formats: &[&dyn ScoreFormat],
     recipes: &[Recipe],
     batches: &[Batch],
     score_steps: usize,
-    keep_budget: u64,
+    limit: Option<u64>,
     progress: &dyn Progress,
 ) -> Result<Vec<Vec<f64>>> {
     let Some(&format) = formats.first() else { return Ok(Vec::new()) };
@@ -328,11 +323,15 @@ pub fn gradient_scores(
     }
     let score_steps = score_steps.min(batches.len());
     let half = matches!(model.dtype_name(), "bf16" | "f16");
-    let prepared: Vec<HashMap<String, Prepared>> = formats
-        .iter()
-        .map(|&format| {
-            let int_products = !half && format.quantizes_input();
-            prepare_weights(model, recipes, |m, w| {
+    let scored: std::collections::HashSet<&str> =
+        recipes.iter().flat_map(|r| r.members.iter().map(String::as_str)).collect();
+    let prepare = |m: &str| -> Result<Vec<Prepared>> {
+        let w = model.weight(m)?;
+        check_finite(&w, &format!("the weight of linear `{m}`"))?;
+        formats
+            .iter()
+            .map(|&format| {
+                let int_products = !half && format.quantizes_input();
                 if int_products {
                     if let Some(int_w) =
                         format.quant_weight_codes(m, &w)?.and_then(|c| int_product::PackedWeight::new(&c))
@@ -346,53 +345,36 @@ pub fn gradient_scores(
                 let dw = if half { Some(diff_in(&wq, &w, w.dtype())?.contiguous()?) } else { None };
                 Ok(Prepared { wq: Some(wq.to_dtype(w.dtype())?.contiguous()?), dw, int_w: None })
             })
-        })
-        .collect::<Result<_>>()?;
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| format!("fake-quantizing the weight of `{m}`"))
+    };
     let rows_independent = pass_class(format);
     // The formats whose static input ranges are calibrated first (on one forward for all).
     let calibrated: Vec<&dyn ScoreFormat> = formats.iter().copied().filter(|f| f.input_needs_calibration()).collect();
-    let available = model.available_memory();
-    let batch_rows = batches.first().map_or(1, |b| b.input_ids.len());
-    let rows = rows_per_piece(model, &batches[0], available, rows_independent)?;
-    if rows < batch_rows {
-        progress.note(&format!(
-            "score: memory plan: a batch's forward for the backward needs {:.1} GiB, {:.1} GiB are free: scoring \
-             each batch in slices of {rows} of its {batch_rows} rows (the same scores: each slice's loss gradient \
-             is scaled to the whole batch's mean)",
-            model.kept_bytes(&batches[0]) as f64 / GIB,
-            available.unwrap_or(0) as f64 / GIB,
-        ));
-    }
-    let pieces: Vec<Piece> = batches.iter().enumerate().flat_map(|(bi, b)| Piece::split(bi, b, rows)).collect();
+    let mut plan = gradient_plan(model, formats, batches, limit)?;
+    let pieces: Vec<Piece> = batches.iter().enumerate().flat_map(|(bi, b)| Piece::split(bi, b, plan.rows)).collect();
     let n_score = pieces.iter().filter(|p| p.batch < score_steps).count();
+    // Forwards are kept from calibration only when inputs are calibrated, and only the
+    // score batches'.
+    plan.kept_forwards = if calibrated.is_empty() { 1 } else { plan.kept_forwards.min(n_score).max(1) };
+    progress.note(&format!("score: {}", plan.describe()));
     let mut kept: Vec<Option<KeptForward>> = (0..n_score).map(|_| None).collect();
-    let per_piece = model.kept_bytes(&pieces[0].rows);
     if !calibrated.is_empty() {
-        // The plan: the score pieces whose calibration forward is kept, in order, while
-        // their total stays within the budget.
-        let mut held = 0u64;
-        let keep: Vec<bool> = pieces[..n_score]
-            .iter()
-            .map(|p| {
-                let bytes = model.kept_bytes(&p.rows);
-                let fits = held + bytes <= keep_budget;
-                held += if fits { bytes } else { 0 };
-                fits
-            })
-            .collect();
-        let n_keep = keep.iter().filter(|k| **k).count();
-        progress.note(&format!(
-            "score: memory plan: {:.0} MiB per kept forward; keeping {n_keep} of {n_score} score forwards from \
-             calibration (budget {:.0} MiB, QPIPE_SCORE_KEEP_MIB), forwarding the other {} again",
-            per_piece as f64 / 1048576.0,
-            keep_budget as f64 / 1048576.0,
-            n_score - n_keep
-        ));
+        // The score pieces whose calibration forward is kept: as many as the plan holds.
+        let n_keep = plan.kept_forwards.min(n_score);
+        if n_keep < n_score {
+            progress.note(&format!(
+                "score: keeping {n_keep} of {n_score} score forwards from calibration (the memory limit holds                  {} batches' checkpoints), forwarding the other {} again",
+                plan.kept_forwards,
+                n_score - n_keep
+            ));
+        }
         progress.phase("calibrate", Some(pieces.len() as u64));
         for (pi, p) in pieces.iter().enumerate() {
             let bi = p.batch;
+            progress.detail(&format!("calibrate: batch {}/{}", pi + 1, pieces.len()));
             let mut sink = |name: &str, x: &Tensor| calibrated.iter().try_for_each(|f| observe(*f, name, x, bi));
-            if keep.get(pi).copied().unwrap_or(false) {
+            if pi < n_keep {
                 kept[pi] = Some(
                     model
                         .forward_keep(&p.rows, &mut sink)
@@ -409,30 +391,55 @@ pub fn gradient_scores(
     // is a pad — most rows of short captions padded to 512).
     let row_subset = rows_independent;
     let mut per_linear: Vec<HashMap<String, f64>> = vec![HashMap::new(); formats.len()];
-    progress.phase("score (gradient)", Some(n_score as u64));
+    // Prepared weights are kept across batches only when there is more than one batch
+    // to score and they all fit beside the plan's peak.
+    let prepared_all: u64 = model
+        .linears()
+        .iter()
+        .filter(|l| scored.contains(l.name.as_str()))
+        .map(|l| 4 * l.weight_numel as u64 * formats.len() as u64)
+        .sum();
+    let keep_prepared = n_score > 1 && plan.limit.is_none_or(|l| plan.peak() + prepared_all <= l);
+    let mut prepared: HashMap<String, std::rc::Rc<Vec<Prepared>>> = HashMap::new();
+    progress.phase("score (gradient)", Some((n_score * scored.len()) as u64));
     for (pi, piece) in pieces[..n_score].iter().enumerate() {
+        let started = std::time::Instant::now();
         let (bi, b) = (piece.batch, &piece.rows);
         let fw = match kept[pi].take() {
             Some(fw) => fw,
-            None => model.forward_keep(b, &mut |_, _| Ok(())).with_context(|| format!("score forward, batch {bi}"))?,
+            None => {
+                progress.detail(&format!("score: batch {}/{n_score}: forward", pi + 1));
+                model.forward_keep(b, &mut |_, _| Ok(())).with_context(|| format!("score forward, batch {bi}"))?
+            }
         };
+        progress.detail(&format!("score: batch {}/{n_score}: head", pi + 1));
         // Fake-quantized inputs (f32) and input codes (integer products), each made once per
         // input and format.
         let mut xq_cache: Vec<LastInput<Tensor>> = formats.iter().map(|_| LastInput::default()).collect();
         let mut codes_cache: Vec<LastInput<Option<std::rc::Rc<int_product::InputCodes>>>> =
             formats.iter().map(|_| LastInput::default()).collect();
         let mut on_linear = |name: &str, x: &Tensor, y: &Tensor, g: &Tensor| -> Result<()> {
-            if !prepared[0].contains_key(name) {
+            if !scored.contains(name) {
                 return Ok(());
             }
+            progress.detail(&format!("score: batch {}/{n_score}: {name}", pi + 1));
+            let p = match prepared.get(name) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = std::rc::Rc::new(prepare(name)?);
+                    if keep_prepared {
+                        prepared.insert(name.to_string(), p.clone());
+                    }
+                    p
+                }
+            };
             let rows = if row_subset { nonzero_rows(g)? } else { None };
             for (fi, &format) in formats.iter().enumerate() {
-                let p = &prepared[fi][name];
                 let s = linear_score(
                     model,
                     format,
                     name,
-                    p,
+                    &p[fi],
                     (x, y, g),
                     rows.as_deref(),
                     format.quantizes_input(),
@@ -443,12 +450,17 @@ pub fn gradient_scores(
                 }
                 *per_linear[fi].entry(name.to_string()).or_insert(0.0) += s;
             }
+            progress.advance(1);
             Ok(())
         };
         model
-            .backward_linears(b, fw, piece.loss_scale, &mut on_linear)
+            .backward_linears(b, fw, piece.loss_scale, plan.head_rows, &mut on_linear)
             .with_context(|| format!("score backward, batch {bi}"))?;
-        progress.advance(1);
+        // On long runs, each batch's time (what the bar's ETA extrapolates).
+        let secs = started.elapsed().as_secs_f64();
+        if secs >= 30.0 {
+            progress.note(&format!("score: batch {}/{n_score} scored in {secs:.0} s", pi + 1));
+        }
     }
     per_linear
         .iter()
@@ -534,7 +546,7 @@ fn linear_score(
 }
 
 /// The unquantized side of a KL divergence: per position, the log-probabilities and
-/// probabilities of the vocabulary in f64, from logits `[.., V]`.
+/// probabilities of the vocabulary in f64, from logits `[rows, V]`.
 pub struct LogProbs {
     vocab: usize,
     log_p: Vec<f64>,
@@ -566,50 +578,79 @@ impl LogProbs {
         Ok(Self { vocab, log_p, p })
     }
 
-    /// `Σ p · (log p − log q)` over every position and the vocabulary, in f64, with `q` the
-    /// softmax of `logits_q` (same shape as the unquantized logits): `F.kl_div(log q, log p,
-    /// reduction="sum", log_target=True)`. One fused pass, parallel over positions, summed
-    /// in a fixed order.
-    pub fn kl_from_logits(&self, logits_q: &Tensor) -> Result<f64> {
+    /// Per position, `Σ_v p · (log p − log q)` in f64, with `q` the softmax of `logits_q`
+    /// (same shape as the unquantized logits). One fused pass, parallel over positions.
+    pub fn kl_rows(&self, logits_q: &Tensor) -> Result<Vec<f64>> {
         f32_data::with_values(logits_q, |q| {
             if q.len() != self.p.len() {
                 bail!("logits of {} values, the unquantized ones had {}", q.len(), self.p.len());
             }
             let v = self.vocab.max(1);
-            let rows: Vec<f64> = q
-                .par_chunks(v)
+            Ok(q.par_chunks(v)
                 .zip(self.log_p.par_chunks(v))
                 .zip(self.p.par_chunks(v))
                 .map(|((q, lp), p)| {
                     let (m, lse) = row_logsumexp(q);
                     q.iter().zip(lp).zip(p).map(|((&q, &lp), &p)| p * (lp - (f64::from(q) - m - lse))).sum::<f64>()
                 })
-                .collect();
-            Ok(rows.iter().sum())
+                .collect())
         })?
     }
+
+    /// `Σ p · (log p − log q)` over every position and the vocabulary:
+    /// `F.kl_div(log q, log p, reduction="sum", log_target=True)`, summed over positions
+    /// in order.
+    pub fn kl_from_logits(&self, logits_q: &Tensor) -> Result<f64> {
+        Ok(self.kl_rows(logits_q)?.iter().sum())
+    }
 }
+
+/// Positions per head chunk of the `kl_div` scorer within `limit`: the unquantized and
+/// quantized logits of a chunk (f32) and the unquantized log-probabilities and
+/// probabilities (f64), beside the weights and one forward's layer inputs and layer.
+fn kl_head_rows(model: &dyn ScoreModel, b: &Batch, limit: Option<u64>) -> Result<usize> {
+    let n = b.input_ids.len() * b.input_ids.first().map_or(0, Vec::len);
+    let Some(limit) = limit else { return Ok(n.max(1)) };
+    let needs = model.memory_needs(b);
+    let per_row = 24 * model.vocab_size() as u64;
+    let fixed = model.weight_bytes() + needs.checkpoints + needs.head_fixed;
+    let rows = limit.saturating_sub(fixed + needs.layer) / per_row.max(1);
+    if rows == 0 {
+        bail!(
+            "kl_div scoring needs {:.1} GiB for one position of the head beside the weights and one forward ({:.1} GiB),              but the memory limit is {:.1} GiB; raise `autoquant.memory_limit` or lower `dataset.calib_seq_len`",
+            per_row as f64 / GIB,
+            (fixed + needs.layer) as f64 / GIB,
+            limit as f64 / GIB
+        );
+    }
+    Ok((rows as usize).min(n).max(1))
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
 
 /// The `kl_div` scores of each format of `formats`: per recipe, Σ over score batches.
 ///
 /// Per batch one unquantized forward, then one forward per recipe with the recipe's linears
 /// replaced, resumed at the first decoder layer the recipe touches
-/// ([`ScoreModel::logits_resumed`]): the same logits as a whole forward, with the layers
-/// before the recipe taken from the unquantized pass. The unquantized forward and its
-/// log-probabilities serve every format; each format's scores are the bits it gets alone.
+/// ([`ScoreModel::hidden_resumed`]): the same hidden states as a whole forward, with the
+/// layers before the recipe taken from the unquantized pass. The head runs over chunks of
+/// positions sized to `limit` ([`kl_head_rows`]): the unquantized log-probabilities of a
+/// chunk are computed once per batch when the whole batch is one chunk, else per chunk
+/// and recipe — never the whole batch's `[N, V]` when it does not fit. The per-position
+/// values and their sum in position order are the same at every chunk size. The
+/// unquantized forward serves every format; each format's scores are the bits it gets alone.
 pub fn kl_div_scores(
     model: &dyn ScoreModel,
     formats: &[&dyn ScoreFormat],
     recipes: &[Recipe],
     batches: &[Batch],
+    limit: Option<u64>,
     progress: &dyn Progress,
 ) -> Result<Vec<Vec<f64>>> {
     // One closure per linear that fake-quantizes its input with its calibrated range.
     type InputFn<'f> = Box<dyn Fn(&Tensor) -> Result<Tensor> + Sync + 'f>;
-    let mut qweights = Vec::new();
     let mut input_fns: Vec<HashMap<String, InputFn<'_>>> = Vec::new();
     for &format in formats {
-        qweights.push(prepare_weights(model, recipes, |m, w| Ok(format.quant_weight(m, &w)?.to_dtype(w.dtype())?))?);
         let mut fns: HashMap<String, InputFn<'_>> = HashMap::new();
         if format.quantizes_input() {
             for r in recipes {
@@ -627,25 +668,50 @@ pub fn kl_div_scores(
     let mut scores = vec![vec![0.0; recipes.len()]; formats.len()];
     progress.phase("score (kl_div)", Some((batches.len() * recipes.len() * formats.len()) as u64));
     for (bi, b) in batches.iter().enumerate() {
-        let (logits, kept) = model.forward_resumable(b).with_context(|| format!("unquantized forward, batch {bi}"))?;
-        check_finite(&logits, &format!("the unquantized logits of batch {bi}"))?;
-        let log_p = LogProbs::new(&logits)?;
+        let chunk = kl_head_rows(model, b, limit)?;
+        let (hidden, kept) = model.forward_resumable(b).with_context(|| format!("unquantized forward, batch {bi}"))?;
+        let n = hidden.dims().first().copied().unwrap_or(0);
+        let chunks: Vec<std::ops::Range<usize>> = (0..n).step_by(chunk).map(|r0| r0..(r0 + chunk).min(n)).collect();
+        if bi == 0 && chunks.len() > 1 {
+            progress.note(&format!(
+                "score: kl_div: the head over {} chunks of {chunk} positions per batch (memory limit)",
+                chunks.len()
+            ));
+        }
+        let reference = |r: &std::ops::Range<usize>| -> Result<LogProbs> {
+            let logits = model.head_logits(&hidden, r.clone())?;
+            check_finite(&logits, &format!("the unquantized logits of batch {bi}"))?;
+            LogProbs::new(&logits)
+        };
+        // One chunk: the reference once per batch.
+        let whole = if chunks.len() == 1 { Some(reference(&chunks[0])?) } else { None };
         for fi in 0..formats.len() {
             for (ri, r) in recipes.iter().enumerate() {
+                progress.detail(&format!("score: batch {}/{}: {}", bi + 1, batches.len(), r.name));
+                // The recipe's quantized weights, made when needed (never the whole model's at once).
+                let format = formats[fi];
+                let qweights = prepare_weights(model, std::slice::from_ref(r), |m, w| {
+                    Ok(format.quant_weight(m, &w)?.to_dtype(w.dtype())?)
+                })?;
                 let mut ov: HashMap<String, LinearOverride<'_>> = HashMap::new();
                 for m in &r.members {
                     ov.insert(
                         m.clone(),
-                        LinearOverride {
-                            weight: qweights[fi][m].clone(),
-                            input: input_fns[fi].get(m).map(|f| f.as_ref()),
-                        },
+                        LinearOverride { weight: qweights[m].clone(), input: input_fns[fi].get(m).map(|f| f.as_ref()) },
                     );
                 }
-                let lq = model
-                    .logits_resumed(b, &kept, &ov)
+                let hq = model
+                    .hidden_resumed(b, &kept, &ov)
                     .with_context(|| format!("forward with `{}` quantized, batch {bi}", r.name))?;
-                let s = log_p.kl_from_logits(&lq)?;
+                let mut rows = Vec::with_capacity(n);
+                for c in &chunks {
+                    let lq = model.head_logits(&hq, c.clone())?;
+                    match &whole {
+                        Some(lp) => rows.extend(lp.kl_rows(&lq)?),
+                        None => rows.extend(reference(c)?.kl_rows(&lq)?),
+                    }
+                }
+                let s: f64 = rows.iter().sum();
                 if !s.is_finite() {
                     bail!("the KL divergence with `{}` quantized is not finite (batch {bi})", r.name);
                 }
@@ -692,10 +758,20 @@ mod tests {
             self.forward_inputs(b, sink)?;
             Ok(Box::new(self.x.matmul(&self.w.t()?)?))
         }
-        fn kept_bytes(&self, _: &Batch) -> u64 {
+        fn weight_bytes(&self) -> u64 {
             8
         }
-        fn backward_linears(&self, _: &Batch, kept: KeptForward, _: f64, sink: &mut LinearSink<'_>) -> Result<f64> {
+        fn memory_needs(&self, _: &Batch) -> memory::Needs {
+            memory::Needs { checkpoints: 8, layer: 0, head_fixed: 0, head_per_row: 0, linear_io: 0 }
+        }
+        fn backward_linears(
+            &self,
+            _: &Batch,
+            kept: KeptForward,
+            _: f64,
+            _: usize,
+            sink: &mut LinearSink<'_>,
+        ) -> Result<f64> {
             let y = kept.downcast::<Tensor>().unwrap();
             sink("layers.0.mlp.down_proj", &self.x, &y, &self.g)?;
             Ok(0.0)
@@ -703,13 +779,19 @@ mod tests {
         fn forward_resumable(&self, _: &Batch) -> Result<(Tensor, KeptForward)> {
             unreachable!()
         }
-        fn logits_resumed(
+        fn hidden_resumed(
             &self,
             _: &Batch,
             _: &KeptForward,
             _: &HashMap<String, LinearOverride<'_>>,
         ) -> Result<Tensor> {
             unreachable!()
+        }
+        fn head_logits(&self, _: &Tensor, _: std::ops::Range<usize>) -> Result<Tensor> {
+            unreachable!()
+        }
+        fn vocab_size(&self) -> usize {
+            1
         }
     }
 
@@ -766,8 +848,9 @@ mod tests {
         let toy = Toy { x, w, g };
         let fmt = Halves { amax: std::sync::Mutex::new(0.0) };
         let recipes = crate::score::recipes::group(&toy.linears());
-        // Kept forwards (budget 16 bytes: both batches), one kept (8), none: same scores.
-        for budget in [16, 8, 0] {
+        // Both score forwards kept from calibration (limit: weights 8 + the scorer's
+        // prepared weight 8 + 2 checkpoints of 8), one kept, no limit (one): the same scores.
+        for budget in [Some(32), Some(24), None] {
             let fmt = Halves { amax: std::sync::Mutex::new(0.0) };
             let s = gradient_scores(&toy, &[&fmt], &recipes, &[batch(), batch(), batch()], 2, budget, &Silent)
                 .unwrap()
@@ -791,13 +874,6 @@ mod tests {
         let fmt = Halves { amax: std::sync::Mutex::new(0.0) };
         let e = format!("{:#}", calibrate_inputs(&toy, &[&fmt], &[batch()], &Silent).unwrap_err());
         assert!(e.contains("layers.0.mlp.down_proj") && e.contains("NaN"), "{e}");
-    }
-
-    #[test]
-    fn a_batch_that_cannot_fit_is_refused_before_any_work() {
-        let e = check_fits(30 << 30, Some(20 << 30)).unwrap_err().to_string();
-        assert!(e.contains("30.0 GiB") && e.contains("20.0 GiB") && e.contains("autoquant.batch_size"), "{e}");
-        assert!(check_fits(1 << 30, Some(20 << 30)).is_ok() && check_fits(1 << 40, None).is_ok());
     }
 
     #[test]
