@@ -40,14 +40,27 @@ def main() -> int:
     dtype_name = os.environ.get("QPIPE_BENCH_DTYPE", "float32")
     dtype = getattr(torch, dtype_name)
     lm = Qwen3VLTextModel._from_config(cfg.text_config, dtype=dtype)
-    sd = {k: v.to(dtype) for k, v in load_file(str(d / "model.safetensors")).items()}
+    # Converted one tensor at a time as it is copied in, so that loading a bf16 checkpoint
+    # never holds a second converted copy of the model (it would dominate the peak RSS).
+    sd = load_file(str(d / "model.safetensors"))
     prefix = "model.language_model."
-    missing, unexpected = lm.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, strict=False)
-    missing = [m for m in missing if "rotary" not in m]
-    assert not missing and not unexpected, (missing, unexpected)
+    params = dict(lm.named_parameters())
+    params.update(dict(lm.named_buffers()))
+    seen = set()
+    with torch.no_grad():
+        for k in [k for k in sd if k.startswith(prefix)]:
+            name = k[len(prefix):]
+            assert name in params, f"unexpected tensor {k}"
+            params[name].copy_(sd[k].to(dtype))
+            seen.add(name)
+            if name != "embed_tokens.weight":
+                del sd[k]
+    missing = [m for m in params if m not in seen and "rotary" not in m]
+    assert not missing, missing
     lm.eval()
     lm_head = torch.nn.Linear(cfg.text_config.hidden_size, cfg.text_config.vocab_size, bias=False, dtype=dtype)
-    lm_head.weight = torch.nn.Parameter(sd[prefix + "embed_tokens.weight"].clone(), requires_grad=False)
+    lm_head.weight = torch.nn.Parameter(sd.pop(prefix + "embed_tokens.weight").to(dtype), requires_grad=False)
+    del sd
     tok = json.loads((d / "tokens.json").read_text())
     ids = torch.tensor(tok["input_ids"], dtype=torch.long)
     mask = torch.tensor(tok["attention_mask"], dtype=torch.long)

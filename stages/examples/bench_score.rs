@@ -7,6 +7,8 @@
 //!
 //! Shape (defaults, overridable with env vars): hidden 512, 8 layers, intermediate 1536,
 //! 8 heads × 64 (4 KV heads), vocab 4096; 32 samples × 128 tokens (left padded), batch 8.
+//! `BENCH_PRESET=2b` (or `4b`) starts from that preset's shape instead; `BENCH_DTYPE=bf16`
+//! writes the weights in bf16.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -33,7 +35,8 @@ impl Rng {
 }
 
 fn gen(dir: &Path) -> Result<()> {
-    let m = Shape::MID;
+    // BENCH_PRESET=2b|4b|mid: the base shape the other variables override.
+    let m = Shape::by_name(&std::env::var("BENCH_PRESET").unwrap_or_else(|_| "mid".into()))?;
     let shape = Shape {
         hidden: env_usize("BENCH_HIDDEN", m.hidden),
         layers: env_usize("BENCH_LAYERS", m.layers),
@@ -46,8 +49,14 @@ fn gen(dir: &Path) -> Result<()> {
     };
     let (h, l, inter, v) = (shape.hidden, shape.layers, shape.intermediate, shape.vocab);
     let (samples, seq) = (env_usize("BENCH_SAMPLES", 32), env_usize("BENCH_SEQ", 128));
-    // One f32 `model.safetensors` (what the ModelOpt side loads).
-    synth::write(dir, &shape, synth::Dtype::F32, u64::MAX, 0x9e37_79b9, &|_| {})?;
+    // One `model.safetensors` (what the ModelOpt side loads): f32, or bf16 with
+    // BENCH_DTYPE=bf16 (real checkpoints' dtype; qpipe then holds the weights in bf16).
+    let dtype = match std::env::var("BENCH_DTYPE").as_deref() {
+        Ok("bf16") => synth::Dtype::Bf16,
+        Ok("f32") | Err(_) => synth::Dtype::F32,
+        Ok(other) => bail!("BENCH_DTYPE={other}: use f32 or bf16"),
+    };
+    synth::write(dir, &shape, dtype, u64::MAX, 0x9e37_79b9, &|_| {})?;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     // Tokens: left padded, each sample 3/4 to all of `seq` long; pad id 0.
     let (mut ids, mut mask) = (vec![], vec![]);

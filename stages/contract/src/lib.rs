@@ -62,9 +62,10 @@ pub struct Instance {
     pub kind: String,
     /// Resolved parameters. Part of the instance key (hashed as canonical JSON).
     pub params: Value,
-    /// Where to find things that are *not* part of the key, because the content they
-    /// point to is already keyed through a dependency (a checkpoint's local directory,
-    /// a hub cache location). Moving a checkpoint must not make a run stale.
+    /// What is *not* part of the key: where to find things whose content is already keyed
+    /// through a dependency (a checkpoint's local directory, a hub cache location —
+    /// moving a checkpoint must not make a run stale), and run settings that change no
+    /// output (a memory limit).
     pub locators: Value,
     /// Files or directories read. Their content hashes are part of the key. An edge of the
     /// DAG runs from the instance that declares a path in its `outs` to every instance

@@ -171,6 +171,8 @@ enum Keep {
     All,
     /// Each layer's input and the final hidden states; no logits.
     Inputs,
+    /// Nothing, and no logits (a forward for its Linears' inputs only).
+    NoHead,
 }
 
 /// What every decoder layer of one batch shares: RoPE tables, masks, `(B, T)`.
@@ -333,6 +335,12 @@ impl TextModel {
         Ok(self.run(batch, tap, false)?.0.expect("not checkpointed"))
     }
 
+    /// A forward for what `tap` sees of the Linears only: no head, no logits (a
+    /// calibration pass). Returns the final hidden states `[N, H]`.
+    pub fn forward_no_head(&self, batch: &Batch, tap: &mut dyn LinearTap) -> Result<Tensor> {
+        Ok(self.run_from(batch, tap, Keep::NoHead, None, None)?.1)
+    }
+
     /// Final hidden states (after the last norm) `[B, T, H]`.
     pub fn forward_hidden(&self, batch: &Batch, tap: &mut dyn LinearTap) -> Result<Tensor> {
         let (b, t) = batch.dims();
@@ -413,14 +421,14 @@ impl TextModel {
         ensure!(layer < self.cfg.num_hidden_layers, "layer {layer} out of range");
         let (b, t) = batch.dims();
         ensure!(h.dims() == [b * t, self.cfg.hidden_size], "residual stream {:?} for a [{b}, {t}] batch", h.dims());
-        Ok(self.run_from(batch, tap, Keep::Inputs, Some((layer, h.clone())), None)?.1)
+        Ok(self.run_from(batch, tap, Keep::NoHead, Some((layer, h.clone())), None)?.1)
     }
 
     /// The final hidden states `[N, H]` and each decoder layer's input residual stream of
     /// an unquantized forward, without the logits (for [`Self::hidden_from`]).
     pub fn hidden_and_layer_inputs(&self, batch: &Batch, tap: &mut dyn LinearTap) -> Result<(Tensor, Vec<Tensor>)> {
         let mut inputs = Vec::with_capacity(self.cfg.num_hidden_layers);
-        let (_, hidden, _) = self.run_from(batch, tap, Keep::Nothing, None, Some(&mut inputs))?;
+        let (_, hidden, _) = self.run_from(batch, tap, Keep::NoHead, None, Some(&mut inputs))?;
         Ok((hidden, inputs))
     }
 
@@ -455,11 +463,8 @@ impl TextModel {
         from: Option<(usize, Tensor)>,
         mut record: Option<&mut Vec<Tensor>>,
     ) -> Result<(Option<Tensor>, Tensor, Option<ForwardCache>)> {
-        debug_assert!(
-            keep == Keep::Nothing || from.is_none() || keep == Keep::Inputs,
-            "a kept forward starts at layer 0"
-        );
-        let cache = keep != Keep::Nothing && from.is_none();
+        debug_assert!(keep != Keep::All || from.is_none(), "a kept forward starts at layer 0");
+        let cache = matches!(keep, Keep::All | Keep::Inputs) && from.is_none();
         let c = &self.cfg;
         let (b, t) = batch.dims();
         if t > c.max_position_embeddings {
@@ -504,7 +509,7 @@ impl TextModel {
         let hidden = ops::rms_norm(&h, &self.w.norm, c.rms_norm_eps)?;
         ensure_finite(&hidden, || "the final norm's output".to_string())?;
         let logits = match keep {
-            Keep::Inputs => None,
+            Keep::Inputs | Keep::NoHead => None,
             _ => Some(matmul_xwt(&hidden, self.w.output_weight())?.reshape((b, t, c.vocab_size))?),
         };
         let kept = cache.then(|| ForwardCache {

@@ -50,12 +50,13 @@ pub fn needs(c: &TextConfig, b: usize, t: usize, act: usize) -> Needs {
         act * ((c.num_hidden_layers as u64 + 2) * n * h + 2 * t as u64 * c.head_dim as u64 + n * (t as u64 + 1));
     // Kept activations (x, q/k raw, v, h_mid, gate, up, o_out, mlp_out), the rotated q and
     // k, the seven output gradients, dh/dact/dn2 transients, the recomputed input a sink
-    // sees, and three attention-sized tensors (p, dp, ds).
+    // sees, and four attention-sized tensors (p, dp, the softmax gradient and its scaled
+    // copy; the recomputation's scores and probabilities are fewer).
     let acts = n * (4 * h + q + 2 * kv + 2 * i);
     let rotated = n * (q + kv);
     let grads = n * (q + 2 * kv + 2 * h + 2 * i);
     let transients = n * (2 * i + 2 * h + i.max(q));
-    let layer_values = acts + rotated + grads + transients + 3 * probs;
+    let layer_values = acts + rotated + grads + transients + 4 * probs;
     let widest = LinearKind::ALL.iter().map(|k| k.shape(c)).map(|(o, i)| (o * i) as u64).max().unwrap_or(0);
     let layer = act * layer_values + 4 * widest;
     Needs {
@@ -99,8 +100,8 @@ mod tests {
         // gate/up/down: 16 + 8 features
         assert_eq!(n.linear_io, 4 * 10 * 24);
         // layer: acts 10·(32+8+8+32) + rotated 10·12 + grads 10·(8+8+16+32) + transients
-        // 10·(32+16+16) + 3 probs of 2·2·25, and the widest weight (16×8) packed in f32
-        let values = 10 * 80 + 10 * 12 + 10 * 64 + 10 * 64 + 3 * 100;
+        // 10·(32+16+16) + 4 probs of 2·2·25, and the widest weight (16×8) packed in f32
+        let values = 10 * 80 + 10 * 12 + 10 * 64 + 10 * 64 + 4 * 100;
         assert_eq!(n.layer, 4 * values + 4 * 128);
     }
 

@@ -81,7 +81,8 @@ impl ScoreModel for TextModel {
             sink(name, x)?;
             Ok(None)
         };
-        self.forward(&model_batch(batch)?, &mut tap)?;
+        // The Linears' inputs are all a calibration pass needs: no head, no logits.
+        self.forward_no_head(&model_batch(batch)?, &mut tap)?;
         Ok(())
     }
 

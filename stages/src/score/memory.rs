@@ -85,14 +85,23 @@ impl Plan {
         };
         let Some(limit) = limit else { return Ok(whole(batch_rows, batch_rows * t)) };
         let candidates: Vec<usize> = if rows_independent { (1..=batch_rows).rev().collect() } else { vec![batch_rows] };
-        for &rows in &candidates {
+        for &most in &candidates {
+            // The fewest slices of at most `most` rows, as even as they go (8 rows with
+            // room for 7: two slices of 4, not 7 + 1).
+            let rows = batch_rows.div_ceil(batch_rows.div_ceil(most));
             let n = needs(rows);
             let fixed = weights + n.checkpoints;
             let layer = n.layer + scorer_layer(rows);
             if fixed + layer > limit || fixed + n.head(1) > limit {
                 continue;
             }
-            let head_rows = (((limit - fixed - n.head_fixed) / n.head_per_row.max(1)) as usize).clamp(1, rows * t);
+            // The head may take what one layer takes (they never run at once), and at
+            // least 256 positions per chunk when they fit: what is left keeps calibration
+            // forwards for reuse, which saves whole forwards — bigger head chunks save only
+            // re-packing the head's weight once per chunk.
+            let head_room = layer.max(n.head(256.min(rows * t))).min(limit - fixed);
+            let head_rows =
+                (((head_room.saturating_sub(n.head_fixed)) / n.head_per_row.max(1)) as usize).clamp(1, rows * t);
             let mut plan = whole(rows, head_rows);
             let work = plan.layer.max(plan.head);
             plan.kept_forwards = (((limit - weights - work) / n.checkpoints.max(1)) as usize).max(1);
@@ -206,6 +215,17 @@ mod tests {
         let p = Plan::new(Some(5000 + 800 + 500 + 7 * 400 + 399), 5000, 8, 4, true, &wide, &|_| 0).unwrap();
         assert_eq!((p.rows, p.head_rows), (8, 7));
         assert!(p.describe().contains("head in chunks of 7 positions"), "{}", p.describe());
+    }
+
+    #[test]
+    fn slices_are_as_even_as_they_go() {
+        // Room for 7 rows of 8: two slices of 4.
+        let limit = 5000 + 7 * 100 + 7 * 1000;
+        let p = Plan::new(Some(limit), 5000, 8, 4, true, &needs, &|_| 0).unwrap();
+        assert_eq!(p.rows, 4);
+        // Room for 5 of 11: three slices of 4.
+        let p = Plan::new(Some(5000 + 5 * 1100), 5000, 11, 4, true, &needs, &|_| 0).unwrap();
+        assert_eq!(p.rows, 4);
     }
 
     #[test]

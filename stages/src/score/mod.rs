@@ -187,7 +187,8 @@ pub fn check_weights_fit(
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     match limit {
         Some(limit) if need > limit => bail!(
-            "scoring {} on {device} holds its {:.2} B language-model parameters: {:.1} GiB, but the memory limit is              {:.1} GiB there; raise `autoquant.memory_limit`, free memory or use a device with more memory{}",
+            "scoring {} on {device} holds its {:.2} B language-model parameters: {:.1} GiB, but the memory limit is \
+             {:.1} GiB there; raise `autoquant.memory_limit`, free memory or use a device with more memory{}",
             ckpt.display(),
             cfg.params() as f64 / 1e9,
             gib(need),

@@ -364,7 +364,8 @@ pub fn gradient_scores(
         let n_keep = plan.kept_forwards.min(n_score);
         if n_keep < n_score {
             progress.note(&format!(
-                "score: keeping {n_keep} of {n_score} score forwards from calibration (the memory limit holds                  {} batches' checkpoints), forwarding the other {} again",
+                "score: keeping {n_keep} of {n_score} score forwards from calibration (the memory limit holds \
+                 {} batches' checkpoints), forwarding the other {} again",
                 plan.kept_forwards,
                 n_score - n_keep
             ));
@@ -391,16 +392,6 @@ pub fn gradient_scores(
     // is a pad — most rows of short captions padded to 512).
     let row_subset = rows_independent;
     let mut per_linear: Vec<HashMap<String, f64>> = vec![HashMap::new(); formats.len()];
-    // Prepared weights are kept across batches only when there is more than one batch
-    // to score and they all fit beside the plan's peak.
-    let prepared_all: u64 = model
-        .linears()
-        .iter()
-        .filter(|l| scored.contains(l.name.as_str()))
-        .map(|l| 4 * l.weight_numel as u64 * formats.len() as u64)
-        .sum();
-    let keep_prepared = n_score > 1 && plan.limit.is_none_or(|l| plan.peak() + prepared_all <= l);
-    let mut prepared: HashMap<String, std::rc::Rc<Vec<Prepared>>> = HashMap::new();
     progress.phase("score (gradient)", Some((n_score * scored.len()) as u64));
     for (pi, piece) in pieces[..n_score].iter().enumerate() {
         let started = std::time::Instant::now();
@@ -423,16 +414,9 @@ pub fn gradient_scores(
                 return Ok(());
             }
             progress.detail(&format!("score: batch {}/{n_score}: {name}", pi + 1));
-            let p = match prepared.get(name) {
-                Some(p) => p.clone(),
-                None => {
-                    let p = std::rc::Rc::new(prepare(name)?);
-                    if keep_prepared {
-                        prepared.insert(name.to_string(), p.clone());
-                    }
-                    p
-                }
-            };
+            // Made when the backward reaches the Linear, dropped after: never the whole
+            // model's at once (re-making them per batch costs a few percent of a batch).
+            let p = prepare(name)?;
             let rows = if row_subset { nonzero_rows(g)? } else { None };
             for (fi, &format) in formats.iter().enumerate() {
                 let s = linear_score(
@@ -617,7 +601,8 @@ fn kl_head_rows(model: &dyn ScoreModel, b: &Batch, limit: Option<u64>) -> Result
     let rows = limit.saturating_sub(fixed + needs.layer) / per_row.max(1);
     if rows == 0 {
         bail!(
-            "kl_div scoring needs {:.1} GiB for one position of the head beside the weights and one forward ({:.1} GiB),              but the memory limit is {:.1} GiB; raise `autoquant.memory_limit` or lower `dataset.calib_seq_len`",
+            "kl_div scoring needs {:.1} GiB for one position of the head beside the weights and one forward ({:.1} GiB), \
+             but the memory limit is {:.1} GiB; raise `autoquant.memory_limit` or lower `dataset.calib_seq_len`",
             per_row as f64 / GIB,
             (fixed + needs.layer) as f64 / GIB,
             limit as f64 / GIB
