@@ -20,24 +20,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def main() -> int:
-    t0 = time.perf_counter()
-    d = Path(sys.argv[1])
-    fmt = sys.argv[2] if len(sys.argv) > 2 else "INT8_DEFAULT_CFG"
-    method = sys.argv[3] if len(sys.argv) > 3 else "gradient"
-    warnings.simplefilter("ignore")
+def load(d: Path, dtype_name: str):
+    """The language model, its tied head, the batches, the pad id and the score steps of
+    the checkpoint and tokens in `d`, in `dtype_name` (`float32`; `float64`: the
+    rounding-noise-free reference, QPIPE_BENCH_DTYPE)."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
 
-    import modelopt.torch.quantization as mtq
     import modelopt_oracle as oracle
 
     cfg = AutoConfig.from_pretrained(str(d))
-    # QPIPE_BENCH_DTYPE=float64: the same run in float64, the rounding-noise-free reference
-    # that both f32 sides can be held against (the state file gets a `_float64` suffix).
-    dtype_name = os.environ.get("QPIPE_BENCH_DTYPE", "float32")
     dtype = getattr(torch, dtype_name)
     lm = Qwen3VLTextModel._from_config(cfg.text_config, dtype=dtype)
     # Converted one tensor at a time as it is copied in, so that loading a bf16 checkpoint
@@ -66,10 +60,26 @@ def main() -> int:
     mask = torch.tensor(tok["attention_mask"], dtype=torch.long)
     batches = oracle.make_batches(ids, mask, tok["batch_size"])
     steps = min(128 // tok["batch_size"], len(batches))
+    return lm, lm_head, batches, tok["pad_token_id"], steps
+
+
+def main() -> int:
+    t0 = time.perf_counter()
+    d = Path(sys.argv[1])
+    fmt = sys.argv[2] if len(sys.argv) > 2 else "INT8_DEFAULT_CFG"
+    method = sys.argv[3] if len(sys.argv) > 3 else "gradient"
+    warnings.simplefilter("ignore")
+    import torch
+
+    import modelopt.torch.quantization as mtq
+    import modelopt_oracle as oracle
+
+    dtype_name = os.environ.get("QPIPE_BENCH_DTYPE", "float32")
+    lm, lm_head, batches, pad_id, steps = load(d, dtype_name)
     fmt_cfg = oracle.fp8_weight_only_cfg(mtq) if fmt in ("FP8_WEIGHT_ONLY", "FP8_WEIGHT_ONLY_CFG") else fmt
     load_s = time.perf_counter() - t0
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    _, state, score_s = oracle.run_case(lm, lm_head, batches, tok["pad_token_id"], fmt_cfg, method, 8.0, steps)
+    _, state, score_s = oracle.run_case(lm, lm_head, batches, pad_id, fmt_cfg, method, 8.0, steps)
     suffix = "" if dtype_name == "float32" else f"_{dtype_name}"
     (d / f"modelopt_state_{method}{suffix}.json").write_text(json.dumps(oracle.state_to_json(state, None), indent=1))
     ru1 = resource.getrusage(resource.RUSAGE_SELF)

@@ -122,7 +122,7 @@ def run_case(lm, lm_head, batches, pad_id, fmt_cfg, method, effective_bits, scor
 
     kwargs = dict(
         constraints={"effective_bits": effective_bits},
-        quantization_formats=[fmt_cfg],
+        quantization_formats=fmt_cfg if isinstance(fmt_cfg, list) else [fmt_cfg],
         data_loader=batches,
         forward_step=forward_step,
         num_calib_steps=len(batches),
