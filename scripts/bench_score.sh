@@ -2,6 +2,7 @@
 # Score benchmark: qpipe vs ModelOpt + PyTorch on one synthetic mid-size checkpoint.
 #
 #   scripts/bench_score.sh [FORMAT] [METHOD]      # defaults: INT8_DEFAULT_CFG gradient
+#   QPIPE_BENCH_DTYPE=float64 scripts/bench_score.sh ...   # both sides in float64
 #
 # 1. `bench_score gen` writes a random-weight Qwen3-VL checkpoint (hidden 512, 8 layers,
 #    intermediate 1536, vocab 4096) and 32 × 128 left-padded tokens into a temp dir;
@@ -20,6 +21,8 @@ cd "$(dirname "$0")/.."
 FORMAT=${1:-INT8_DEFAULT_CFG}
 METHOD=${2:-gradient}
 RUNS=${BENCH_RUNS:-3}
+SUFFIX=""   # the ModelOpt side names its float64 state `…_float64.json`
+[ "${QPIPE_BENCH_DTYPE:-float32}" = float64 ] && SUFFIX=_float64
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/qpipe-bench-score.XXXXXX")
 trap 'rm -rf "$DIR"' EXIT
@@ -32,7 +35,7 @@ timed() { # timed <label> <run> <cmd...>: runs once, keeps the stdout JSON and /
   local label=$1 run=$2; shift 2
   /usr/bin/time -v -o "$DIR/$label.$run.time" "$@" > "$DIR/$label.$run.out"
   tail -n 1 "$DIR/$label.$run.out" > "$DIR/$label.$run.json"   # the figures are the last stdout line
-  cp "$DIR/${label}_state_$METHOD.json" "$DIR/${label}_state_$METHOD.$run.json" 2>/dev/null || true
+  cp "$DIR/${label}_state_$METHOD$SUFFIX.json" "$DIR/${label}_state_$METHOD.$run.json" 2>/dev/null || true
 }
 
 report() { # report <label>: the run with the median in-process time, as one line

@@ -75,6 +75,8 @@ def main() -> int:
     import modelopt_oracle as oracle
 
     dtype_name = os.environ.get("QPIPE_BENCH_DTYPE", "float32")
+    if dtype_name == "float64":
+        oracle.keep_float64()  # float64 throughout, as the oracle's f64 mode (see there)
     lm, lm_head, batches, pad_id, steps = load(d, dtype_name)
     fmt_cfg = oracle.fp8_weight_only_cfg(mtq) if fmt in ("FP8_WEIGHT_ONLY", "FP8_WEIGHT_ONLY_CFG") else fmt
     load_s = time.perf_counter() - t0

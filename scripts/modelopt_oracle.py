@@ -31,8 +31,16 @@ boundary flips to the neighbouring level under 1e-6-relative noise (torch vs can
 summation order), and a gradient score is dominated by few high-gradient tokens. On 512
 tokens that moved single recipes by up to 1.5e-3 (ModelOpt's own f32 run differed from
 its f64 run by 8.7e-3); on 4096 tokens the flips average out (f32 vs f64: 3.8e-4).
-`--dtype f64` writes `oracle_modelopt_f64.json`, the same run in float64, which the Rust
-test prints as the noise floor of the f32 reference.
+`--dtype f64` writes `oracle_modelopt_f64.json`, the same run in float64: the reference
+qpipe's `autoquant.dtype=f64` must equal to 1e-6 (and the Rust test prints how far the f32
+reference is from it). transformers and ModelOpt are written for half-precision models and
+cast a few steps to float32 — for a float64 model those casts are roundings, and they are
+exactly the noise this mode removes. So in f64 mode the script keeps float64 in the five
+places that would cast down (see `keep_float64`): the text RMSNorm, the rotary tables,
+the loss, the gradient score `(dL/dY · (Y_q − Y))²` and the kl_div log-softmax. The quantizers are left
+as ModelOpt computes them (`_tensor_quant` / `_fp8_eager` quantize `inputs.float()` in
+float32 and cast back): that float32 arithmetic is the format's definition, and qpipe's
+f64 mode does the same.
 `--checkpoint/--captions/--out` let the benchmark reuse this on a synthetic checkpoint.
 """
 
@@ -73,6 +81,42 @@ def fp8_weight_only_cfg(mtq):
     return cfg
 
 
+def keep_float64():
+    """For a float64 run: undo the float32 casts transformers and ModelOpt make for
+    half-precision models (each a rounding for a float64 model). Every replacement computes
+    the same formula as the original, in the input's dtype."""
+    import torch
+    import modelopt.torch.quantization.algorithms as algo
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as qv
+
+    def rms_norm_forward(self, hidden_states):
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+    def score(grad_output, output_diff):
+        x = grad_output.double() * output_diff.double()
+        return x.clamp(-1e10, 1e10).square().sum()
+
+    def log_prob(logits, lm_head=None):
+        return torch.log_softmax(logits.double(), dim=-1)
+
+    def rotary_forward(self, x, position_ids):
+        # transformers' formula with float64 in place of float32
+        position_ids = position_ids.expand(3, -1, -1)
+        dim = 2 * self.inv_freq.shape[0]
+        base = self.config.rope_parameters["rope_theta"]
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64, device=x.device) / dim))
+        freqs = position_ids[..., None].double() * inv_freq
+        cos = self.recomposition_frequencies(freqs.cos() * self.attention_scaling)
+        sin = self.recomposition_frequencies(freqs.sin() * self.attention_scaling)
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+    qv.Qwen3VLTextRMSNorm.forward = rms_norm_forward
+    qv.Qwen3VLTextRotaryEmbedding.forward = rotary_forward
+    algo._get_auto_quantize_score = score  # `_add_auto_quantize_score` looks it up here
+    algo._get_log_prob = log_prob
+
+
 def load_lm(checkpoint: Path):
     import torch
     from transformers import AutoModelForImageTextToText
@@ -109,6 +153,9 @@ def run_case(lm, lm_head, batches, pad_id, fmt_cfg, method, effective_bits, scor
     import torch.nn.functional as F
     import modelopt.torch.quantization as mtq
 
+    # The seed's runner takes the loss in float32; a float64 run keeps float64.
+    loss_dtype = torch.float64 if next(lm.parameters()).dtype == torch.float64 else torch.float32
+
     def forward_step(model, batch):
         hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         return lm_head(hidden)
@@ -117,7 +164,7 @@ def run_case(lm, lm_head, batches, pad_id, fmt_cfg, method, effective_bits, scor
         labels = batch["labels"]
         v = logits.shape[-1]
         return F.cross_entropy(
-            logits[:, :-1, :].reshape(-1, v).float(), labels[:, 1:].reshape(-1), ignore_index=pad_id
+            logits[:, :-1, :].reshape(-1, v).to(loss_dtype), labels[:, 1:].reshape(-1), ignore_index=pad_id
         )
 
     kwargs = dict(
@@ -203,6 +250,8 @@ def main() -> int:
     batches = make_batches(input_ids, attention_mask, args.batch_size)
     score_steps = min(args.score_size // args.batch_size, len(batches))
 
+    if args.dtype == "f64":
+        keep_float64()
     wanted = None if args.cases == "all" else set(args.cases.split(","))
     results = {}
     for case, fmt_name, method, bits in CASES:

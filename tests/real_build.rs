@@ -98,7 +98,7 @@ fn committed_baselines_are_up_to_date_and_at_parity() {
 }
 
 #[test]
-fn the_compute_dtype_is_in_the_key_and_a_bf16_build_scores_in_bf16() {
+fn the_compute_dtype_is_in_the_key_and_bf16_and_f64_builds_score_in_them() {
     let dir = workspace_copy();
     let args =
         ["output_layout=tmp", "quant_pair=wint8_aint8", "dataset.max_calib_samples=8", "dataset.calib_seq_len=32"];
@@ -124,6 +124,16 @@ fn the_compute_dtype_is_in_the_key_and_a_bf16_build_scores_in_bf16() {
     assert!(!err.contains("Running score@") && err.contains("Running search@"), "{err}");
     let state: serde_json::Value = serde_json::from_slice(&fs::read(&states[0]).unwrap()).unwrap();
     assert_eq!(state["dtype"].as_str(), Some("f32"));
+    // f64, the rounding-free reference, on the CPU: scores within f32 noise of f32's.
+    let f32_scores = state["candidate_stats"].clone();
+    let err = run("autoquant.dtype=f64");
+    assert!(err.contains("(f64 on cpu)") && err.contains("Running score@"), "f64 must re-score, in f64:\n{err}");
+    let state: serde_json::Value = serde_json::from_slice(&fs::read(&states[0]).unwrap()).unwrap();
+    assert_eq!(state["dtype"].as_str(), Some("f64"));
+    for (name, r) in state["candidate_stats"].as_object().unwrap() {
+        let (a, b) = (r["scores"][0].as_f64().unwrap(), f32_scores[name]["scores"][0].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-2 * b.abs(), "{name}: f64 {a} vs f32 {b}");
+    }
 }
 
 /// A new bit budget re-runs the search (and what reads it), never the scoring: the scores

@@ -8,7 +8,7 @@
 //! Shape (defaults, overridable with env vars): hidden 512, 8 layers, intermediate 1536,
 //! 8 heads × 64 (4 KV heads), vocab 4096; 32 samples × 128 tokens (left padded), batch 8.
 //! `BENCH_PRESET=2b` (or `4b`) starts from that preset's shape instead; `BENCH_DTYPE=bf16`
-//! writes the weights in bf16.
+//! writes the weights in bf16. `QPIPE_BENCH_DTYPE=float64` scores in f64 (both sides).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -129,7 +129,13 @@ fn score_run(dir: &Path, format: &str, method: &str) -> Result<()> {
     let mask: Vec<Vec<u32>> = serde_json::from_value(tokens["attention_mask"].clone())?;
     let bs = tokens["batch_size"].as_u64().context("batch_size")? as usize;
     let batches = score::make_batches(&ids, &mask, tokens["pad_token_id"].as_u64().unwrap_or(0) as u32, bs);
-    let model = adapters::load_model(dir)?;
+    // `QPIPE_BENCH_DTYPE=float64` (as the ModelOpt side reads it): score in f64.
+    let dtype = match std::env::var("QPIPE_BENCH_DTYPE").as_deref() {
+        Ok("float64") => candle_core::DType::F64,
+        Ok("float32") | Err(_) => candle_core::DType::F32,
+        Ok(other) => bail!("QPIPE_BENCH_DTYPE={other}: use float32 or float64"),
+    };
+    let model = adapters::load_model_with(dir, dtype)?;
     let fmt = adapters::load_format(&FormatParams {
         name: format.into(),
         granularity: None,
@@ -153,7 +159,8 @@ fn score_run(dir: &Path, format: &str, method: &str) -> Result<()> {
     )?;
     let (score_s, score_cpu_s) = (t1.elapsed().as_secs_f64(), cpu_s() - c1);
     let state = qpipe_stages::search::complete(&state, settings.method, 8.0)?;
-    std::fs::write(dir.join(format!("qpipe_state_{method}.json")), serde_json::to_string_pretty(&state)?)?;
+    let suffix = if dtype == candle_core::DType::F64 { "_float64" } else { "" };
+    std::fs::write(dir.join(format!("qpipe_state_{method}{suffix}.json")), serde_json::to_string_pretty(&state)?)?;
     println!(
         "{}",
         json!({"side": "qpipe", "format": format, "method": method, "load_s": load_s, "score_s": score_s, "score_cpu_s": score_cpu_s,

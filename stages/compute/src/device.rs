@@ -1,5 +1,6 @@
 //! Where and in which precision the score stage computes: `autoquant.device`
-//! (`auto | cpu | cuda | cuda:N`) and `autoquant.dtype` (`auto | f32 | bf16 | f16`),
+//! (`auto | cpu | cuda | cuda:N`) and `autoquant.dtype` (`auto | f32 | bf16 | f16`, and
+//! `f64` on the CPU),
 //! resolved once at plan time so that the resolved pair goes into the stage's key.
 //!
 //! `auto` is the first GPU when this qpipe was built with the `cuda` feature and the
@@ -14,7 +15,7 @@ use candle_core::{DType, Device};
 pub struct Compute {
     /// `cpu` or `cuda:N`.
     pub device: String,
-    /// `f32`, `bf16` or `f16`.
+    /// `f32`, `bf16`, `f16` or (CPU) `f64`.
     pub dtype: String,
 }
 
@@ -68,7 +69,12 @@ fn resolve_with(device: &str, dtype: &str, built_with_cuda: bool, count: impl Fn
         "auto" if device == "cpu" => "f32",
         "auto" => "bf16",
         "f32" | "bf16" | "f16" => dtype,
-        d => bail!("key `autoquant.dtype`: unknown dtype `{d}`; valid: auto, f32, bf16, f16"),
+        "f64" if device == "cpu" => dtype,
+        "f64" => bail!(
+            "key `autoquant.dtype`: `f64` runs on the CPU only (a rounding-free reference for parity checks, \
+             not for real-size scoring); set `autoquant.device=cpu` or use f32/bf16 on `{device}`"
+        ),
+        d => bail!("key `autoquant.dtype`: unknown dtype `{d}`; valid: auto, f32, bf16, f16, f64 (CPU only)"),
     };
     Ok(Compute { device, dtype: dtype.into() })
 }
@@ -85,10 +91,11 @@ pub fn candle_device(name: &str) -> Result<Device> {
     Device::new_cuda(ordinal).with_context(|| format!("opening {name}; check `nvidia-smi` and the CUDA driver"))
 }
 
-/// The candle dtype of a resolved `f32` / `bf16` / `f16`.
+/// The candle dtype of a resolved `f32` / `bf16` / `f16` / `f64`.
 pub fn candle_dtype(name: &str) -> Result<DType> {
     Ok(match name {
         "f32" => DType::F32,
+        "f64" => DType::F64,
         "bf16" => DType::BF16,
         "f16" => DType::F16,
         other => bail!("internal error: unresolved dtype `{other}`"),
@@ -131,6 +138,10 @@ mod tests {
         assert!(r("tpu", "auto", true, 2).unwrap_err().to_string().contains("valid: auto, cpu"));
         assert!(r("cuda:x", "auto", true, 2).is_err());
         assert!(r("cpu", "fp8", false, 0).unwrap_err().to_string().contains("autoquant.dtype"));
+        assert_eq!(r("cpu", "f64", false, 0).unwrap(), c("cpu", "f64"));
+        assert_eq!(r("auto", "f64", false, 0).unwrap(), c("cpu", "f64"));
+        let e = r("auto", "f64", true, 1).unwrap_err().to_string();
+        assert!(e.contains("autoquant.dtype") && e.contains("CPU only") && e.contains("cuda:0"), "{e}");
         assert_eq!(resolve("auto", "auto").unwrap().device, if cuda_device_count() > 0 { "cuda:0" } else { "cpu" });
     }
 

@@ -83,7 +83,15 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32], weights: &[f32]) -> 
     let dev = logits.device();
     let lsm = log_softmax(logits)?;
     let targets = Tensor::from_vec(targets.to_vec(), (n, 1), dev)?;
-    let w = Tensor::from_vec(weights.to_vec(), (n, 1), dev)?.to_dtype(logits.dtype())?;
+    let w = if logits.dtype() == DType::F64 {
+        // Each weight is 0 or `1/count` rounded to f32; an f64 model's mean is exactly
+        // `1/count` (`count` is `1/w` rounded: exact below 2^24 targets).
+        let w64: Vec<f64> =
+            weights.iter().map(|&w| if w > 0.0 { 1.0 / (1.0 / f64::from(w)).round() } else { 0.0 }).collect();
+        Tensor::from_vec(w64, (n, 1), dev)?
+    } else {
+        Tensor::from_vec(weights.to_vec(), (n, 1), dev)?.to_dtype(logits.dtype())?
+    };
     let picked = lsm.gather(&targets, 1)?;
     let loss = -(picked * &w)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let probs = lsm.exp()?.broadcast_mul(&w)?;

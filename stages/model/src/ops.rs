@@ -25,6 +25,11 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if is_half(x.dtype()) {
         return in_f32(&[x, w], |t| rms_norm(&t[0], &t[1], eps));
     }
+    if x.dtype() == DType::F64 {
+        // candle's kernel has no f64 version (and takes `eps` as an f32).
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        return Ok(x.broadcast_mul(&r)?.broadcast_mul(w)?);
+    }
     if x.track_op() || w.track_op() {
         Ok(candle_nn::ops::rms_norm_slow(x, w, eps as f32)?)
     } else {
@@ -50,7 +55,7 @@ pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Resul
 
 /// Softmax over the last dim.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() {
+    if x.track_op() || x.dtype() == DType::F64 {
         Ok(candle_nn::ops::softmax(x, D::Minus1)?)
     } else {
         Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
@@ -103,8 +108,17 @@ pub fn swiglu_backward(g: &Tensor, u: &Tensor, da: &Tensor) -> Result<(Tensor, T
 /// Qwen3-VL's MRoPE takes each frequency from the t, h or w position axis (interleaved or
 /// by sections). For text-only input all three axes hold the same positions, so every
 /// frequency sees the same position and MRoPE equals this plain RoPE table.
+///
+/// An f64 model's tables are computed in f64 (the same formulas).
 pub fn rope_tables(t: usize, head_dim: usize, theta: f64, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
+    if dtype == DType::F64 {
+        let inv: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect();
+        let angles: Vec<f64> = (0..t).flat_map(|p| inv.iter().map(move |f| p as f64 * f)).collect();
+        let cos = angles.iter().map(|a| a.cos()).collect::<Vec<_>>();
+        let sin = angles.iter().map(|a| a.sin()).collect::<Vec<_>>();
+        return Ok((Tensor::from_vec(cos, (t, half), dev)?, Tensor::from_vec(sin, (t, half), dev)?));
+    }
     let base = theta as f32;
     let inv: Vec<f32> = (0..half).map(|i| 1.0f32 / base.powf((2 * i) as f32 / head_dim as f32)).collect();
     let mut cos = Vec::with_capacity(t * half);

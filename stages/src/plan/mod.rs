@@ -262,10 +262,10 @@ impl RunConfig {
         if let Some(m) = &a.memory_limit {
             m.bytes().map_err(|e| KeyError::new("autoquant.memory_limit", format!("{e:#}")))?;
         }
-        if !matches!(a.dtype.as_str(), "auto" | "f32" | "bf16" | "f16") {
+        if !matches!(a.dtype.as_str(), "auto" | "f32" | "bf16" | "f16" | "f64") {
             bail!(KeyError::new(
                 "autoquant.dtype",
-                format!("unknown dtype `{}`; valid: auto, f32, bf16, f16", a.dtype)
+                format!("unknown dtype `{}`; valid: auto, f32, bf16, f16, f64 (CPU only)", a.dtype)
             ));
         }
         for (key, value) in [

@@ -120,7 +120,8 @@ struct Prepared {
 
 /// `Σ clamp(dy·(y_q − y), ±1e10)²` (`_get_auto_quantize_score`), accumulated in f64:
 /// `dy` = dL/dY, `y_q` the output with the recipe applied, `y` the unquantized output; all
-/// `[N, out]`. Half-precision tensors are widened to f32 first, as ModelOpt's score is.
+/// `[N, out]`. Half-precision tensors are widened to f32 first, as ModelOpt's score is; an
+/// f64 model's stay f64.
 pub fn gradient_score(dy: &Tensor, y_q: &Tensor, y: &Tensor) -> Result<f64> {
     ensure!(
         dy.dims() == y_q.dims() && dy.dims() == y.dims(),
@@ -129,11 +130,11 @@ pub fn gradient_score(dy: &Tensor, y_q: &Tensor, y: &Tensor) -> Result<f64> {
         y_q.dims(),
         y.dims()
     );
-    let (dy, y_q, y) = (as_f32(dy)?, as_f32(y_q)?, as_f32(y)?);
+    let (dy, y_q, y) = (widened(dy)?, widened(y_q)?, widened(y)?);
     if let Some(s) = f32_data::borrow3(&dy, &y_q, &y, grad_score::sum_diff) {
         return Ok(s);
     }
-    let x = (&dy * (&y_q - &y)?)?.clamp(-1e10f32, 1e10f32)?.sqr()?;
+    let x = (&dy * (&y_q - &y)?)?.clamp(-1e10, 1e10)?.sqr()?;
     Ok(x.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
 }
 
@@ -143,17 +144,18 @@ pub fn grad_score(g: &Tensor, d: &Tensor) -> Result<f64> {
     if g.dims() != d.dims() {
         bail!("gradient {:?} and output difference {:?} differ in shape", g.dims(), d.dims());
     }
-    let (g, d) = (as_f32(g)?, as_f32(d)?);
+    let (g, d) = (widened(g)?, widened(d)?);
     if let Some(s) = f32_data::borrow2(&g, &d, grad_score::sum_product) {
         return Ok(s);
     }
-    let x = (g * d)?.clamp(-1e10f32, 1e10f32)?.sqr()?;
+    let x = (g * d)?.clamp(-1e10, 1e10)?.sqr()?;
     Ok(x.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
 }
 
-/// `t` as a contiguous f32 tensor (half precision widened).
-fn as_f32(t: &Tensor) -> Result<Tensor> {
-    Ok(t.to_dtype(DType::F32)?.contiguous()?)
+/// `t` contiguous in f32 (half precision widened) or, in an f64 model, f64.
+fn widened(t: &Tensor) -> Result<Tensor> {
+    let to = if t.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    Ok(t.to_dtype(to)?.contiguous()?)
 }
 
 /// `Y_q − Y` of one linear in a half-precision (bf16/f16) model, from the quantization
@@ -323,6 +325,8 @@ pub fn gradient_scores(
     }
     let score_steps = score_steps.min(batches.len());
     let half = matches!(model.dtype_name(), "bf16" | "f16");
+    // Integer products read f32 outputs and gradients: f32 models only.
+    let f32_model = model.dtype_name() == "f32";
     let scored: std::collections::HashSet<&str> =
         recipes.iter().flat_map(|r| r.members.iter().map(String::as_str)).collect();
     let prepare = |m: &str| -> Result<Vec<Prepared>> {
@@ -331,7 +335,7 @@ pub fn gradient_scores(
         formats
             .iter()
             .map(|&format| {
-                let int_products = !half && format.quantizes_input();
+                let int_products = f32_model && format.quantizes_input();
                 if int_products {
                     if let Some(int_w) =
                         format.quant_weight_codes(m, &w)?.and_then(|c| int_product::PackedWeight::new(&c))
@@ -538,47 +542,74 @@ pub struct LogProbs {
 }
 
 /// `(max, log Σ exp(x − max))` of one row, in f64.
-fn row_logsumexp(row: &[f32]) -> (f64, f64) {
-    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    (m, row.iter().map(|&v| (f64::from(v) - m).exp()).sum::<f64>().ln())
+fn row_logsumexp<T: Copy + Into<f64>>(row: &[T]) -> (f64, f64) {
+    let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b.into()));
+    (m, row.iter().map(|&v| (v.into() - m).exp()).sum::<f64>().ln())
+}
+
+/// `f` on the values of `t`: as f64 when `t` is f64 (an f64 model), else as f32 (in place
+/// when they are, widened from half precision otherwise).
+fn with_row_values<R>(t: &Tensor, f: impl RowsFn<R>) -> Result<R> {
+    if t.dtype() == DType::F64 {
+        return Ok(f.call(&t.flatten_all()?.to_vec1::<f64>()?));
+    }
+    f32_data::with_values(t, |v| f.call(v))
+}
+
+/// A computation over a tensor's values in either float type (see [`with_row_values`]).
+trait RowsFn<R> {
+    fn call<T: Copy + Into<f64> + Sync>(self, values: &[T]) -> R;
+}
+
+struct LogSoftmax(usize);
+
+impl RowsFn<(Vec<f64>, Vec<f64>)> for LogSoftmax {
+    fn call<T: Copy + Into<f64> + Sync>(self, x: &[T]) -> (Vec<f64>, Vec<f64>) {
+        let (mut log_p, mut p) = (vec![0f64; x.len()], vec![0f64; x.len()]);
+        let v = self.0.max(1);
+        x.par_chunks(v).zip(log_p.par_chunks_mut(v)).zip(p.par_chunks_mut(v)).for_each(|((row, lp), p)| {
+            let (m, lse) = row_logsumexp(row);
+            for ((lp, p), &x) in lp.iter_mut().zip(p.iter_mut()).zip(row) {
+                *lp = x.into() - m - lse;
+                *p = lp.exp();
+            }
+        });
+        (log_p, p)
+    }
+}
+
+struct KlRows<'a>(&'a LogProbs);
+
+impl RowsFn<Result<Vec<f64>>> for KlRows<'_> {
+    fn call<T: Copy + Into<f64> + Sync>(self, q: &[T]) -> Result<Vec<f64>> {
+        let me = self.0;
+        if q.len() != me.p.len() {
+            bail!("logits of {} values, the unquantized ones had {}", q.len(), me.p.len());
+        }
+        let v = me.vocab.max(1);
+        Ok(q.par_chunks(v)
+            .zip(me.log_p.par_chunks(v))
+            .zip(me.p.par_chunks(v))
+            .map(|((q, lp), p)| {
+                let (m, lse) = row_logsumexp(q);
+                q.iter().zip(lp).zip(p).map(|((&q, &lp), &p)| p * (lp - (q.into() - m - lse))).sum::<f64>()
+            })
+            .collect())
+    }
 }
 
 impl LogProbs {
     /// Log-softmax over the last dimension of `logits` (computed in f64).
     pub fn new(logits: &Tensor) -> Result<Self> {
         let vocab = *logits.dims().last().context("logits have no dimensions")?;
-        let (log_p, p) = f32_data::with_values(logits, |x| {
-            let (mut log_p, mut p) = (vec![0f64; x.len()], vec![0f64; x.len()]);
-            let v = vocab.max(1);
-            x.par_chunks(v).zip(log_p.par_chunks_mut(v)).zip(p.par_chunks_mut(v)).for_each(|((row, lp), p)| {
-                let (m, lse) = row_logsumexp(row);
-                for ((lp, p), &x) in lp.iter_mut().zip(p.iter_mut()).zip(row) {
-                    *lp = f64::from(x) - m - lse;
-                    *p = lp.exp();
-                }
-            });
-            (log_p, p)
-        })?;
+        let (log_p, p) = with_row_values(logits, LogSoftmax(vocab))?;
         Ok(Self { vocab, log_p, p })
     }
 
     /// Per position, `Σ_v p · (log p − log q)` in f64, with `q` the softmax of `logits_q`
     /// (same shape as the unquantized logits). One fused pass, parallel over positions.
     pub fn kl_rows(&self, logits_q: &Tensor) -> Result<Vec<f64>> {
-        f32_data::with_values(logits_q, |q| {
-            if q.len() != self.p.len() {
-                bail!("logits of {} values, the unquantized ones had {}", q.len(), self.p.len());
-            }
-            let v = self.vocab.max(1);
-            Ok(q.par_chunks(v)
-                .zip(self.log_p.par_chunks(v))
-                .zip(self.p.par_chunks(v))
-                .map(|((q, lp), p)| {
-                    let (m, lse) = row_logsumexp(q);
-                    q.iter().zip(lp).zip(p).map(|((&q, &lp), &p)| p * (lp - (f64::from(q) - m - lse))).sum::<f64>()
-                })
-                .collect())
-        })?
+        with_row_values(logits_q, KlRows(self))?
     }
 
     /// `Σ p · (log p − log q)` over every position and the vocabulary:
