@@ -33,11 +33,10 @@
 #      `srun` smoke test.  Exits 0 only if all of that worked; otherwise it
 #      names the failing step and prints the tail of the relevant log.
 #
-# Who uses it: the groundwork of `qpipe build --executor slurm` (not built yet). Once
-# that executor and its end-to-end tests land, `.ci/run` runs
-# `scripts/slurm_local.sh start` before the test suite, and tests that need Slurm check
-# for `sinfo` and a healthy node and skip loudly (never pass silently) when it is absent
-# or unhealthy. Today it is for trying Slurm by hand on a development machine.
+# Who uses it: `.ci/run` runs `scripts/slurm_local.sh start` before the tests (and
+# `stop` at the end); `tests/slurm.rs` drives `qpipe build --executor slurm` against it and
+# skips loudly when no cluster answers (fails instead under QPIPE_REQUIRE_SLURM=1, which
+# .ci/run sets once the cluster is up).
 #
 # Environment knobs:
 #   QPIPE_SLURM_TIMEOUT   seconds to wait for daemons/node (default 60)

@@ -64,6 +64,23 @@ pub enum Command {
     /// restore an instance's outputs from it instead of running the stage when its key is there.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// (Internal) What a Slurm job of `qpipe build --executor slurm` runs: the instances a
+    /// job spec names, after checking their keys.
+    #[command(hide = true)]
+    RunInstance {
+        /// The job spec the submitting `qpipe build` wrote.
+        #[arg(long, value_name = "FILE")]
+        spec: PathBuf,
+    },
+}
+
+/// Where `qpipe build` runs stages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExecutorKind {
+    /// In this process, on worker threads.
+    Local,
+    /// Each stale instance as a Slurm job (`sbatch`), followed until it ends.
+    Slurm,
 }
 
 #[derive(Subcommand, Debug)]
@@ -100,10 +117,23 @@ pub struct BuildArgs {
     /// from; without it such a run is refused.
     #[arg(long)]
     pub overwrite_published: bool,
-    /// Stages to run at once, at least 1 (default: the number of CPUs); exclusive stages,
-    /// such as scoring, still run one at a time.
+    /// Stages to run at once, at least 1 (default: the number of CPUs; with `--executor
+    /// slurm`, 256 jobs in flight); exclusive stages, such as scoring, still run one at a
+    /// time here (on Slurm each job has its own resources).
     #[arg(short, long, value_name = "N", value_parser = parse_jobs)]
     pub jobs: Option<usize>,
+    /// Where stages run (default: `executor.default` in pipeline.yaml, else local). With
+    /// `slurm` every stale instance is an `sbatch` job running this qpipe on a worker;
+    /// resources per stage kind come from `executor.slurm` in pipeline.yaml.
+    #[arg(long, value_enum, value_name = "EXECUTOR")]
+    pub executor: Option<ExecutorKind>,
+    /// With `--executor slurm`: resubmit a failed job up to N times.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub retries: usize,
+    /// After a failure, go on with everything that does not depend on it (the default with
+    /// `--executor slurm`).
+    #[arg(short = 'k', long)]
+    pub keep_going: bool,
 }
 
 #[derive(Args, Debug)]
@@ -237,6 +267,7 @@ fn dispatch(cli: Cli, domain: &dyn Domain, cwd: &Path, ui: &Ui) -> Result<i32> {
         // They write nothing: show what such a run would mean, and warn that a build would
         // refuse it.
         Command::Status(_) | Command::Dag(_) => ws.published_guard_warns = true,
+        Command::RunInstance { spec } => return crate::slurm::run_spec(&mut ws, spec, ui),
         _ => {}
     }
     match cli.command {
@@ -245,7 +276,31 @@ fn dispatch(cli: Cli, domain: &dyn Domain, cwd: &Path, ui: &Ui) -> Result<i32> {
             let (overrides, targets) = Workspace::split_args(&a.args);
             let planned = plan(&ws, &overrides, ui)?;
             let sel = planned.dag.select(&targets, cwd)?;
-            let opts = BuildOptions { dry_run: a.dry_run, force: a.force, jobs: a.jobs.unwrap_or_else(default_jobs) };
+            let kind = match (a.executor, ws.pipeline.executor.default.as_deref()) {
+                (Some(k), _) => k,
+                (None, Some("slurm")) => ExecutorKind::Slurm,
+                _ => ExecutorKind::Local,
+            };
+            let executor = match kind {
+                ExecutorKind::Slurm if !a.dry_run => Some(std::sync::Arc::new(crate::slurm::Executor::new(
+                    &ws,
+                    &ws.pipeline.executor.slurm,
+                    &overrides,
+                    a.retries,
+                )?)),
+                _ => None,
+            };
+            if a.retries > 0 && kind != ExecutorKind::Slurm {
+                bail!("--retries resubmits failed Slurm jobs: use it with `--executor slurm`");
+            }
+            let opts = BuildOptions {
+                dry_run: a.dry_run,
+                force: a.force,
+                // Slurm queues the jobs: many may be in flight (each a polling thread here).
+                jobs: a.jobs.unwrap_or_else(|| if executor.is_some() { 256 } else { default_jobs() }),
+                keep_going: a.keep_going || kind == ExecutorKind::Slurm,
+                executor,
+            };
             let report = build(&ws, &planned, &sel, &opts, ui)?;
             if overrides.is_empty() && targets.is_empty() && !a.dry_run {
                 // The whole publish matrix is built: forget what it no longer publishes.
@@ -284,10 +339,11 @@ fn dispatch(cli: Cli, domain: &dyn Domain, cwd: &Path, ui: &Ui) -> Result<i32> {
             let planned = plan(&ws, &overrides, ui)?;
             let sel = planned.dag.select(&targets, cwd)?;
             let st = status(&ws, &planned, &sel)?;
+            let remote = crate::slurm::in_flight(&ws.root);
             if a.json {
-                ui.out(&serde_json::to_string_pretty(&render_json(&planned, &st))?);
+                ui.out(&serde_json::to_string_pretty(&render_json(&planned, &st, &remote))?);
             } else {
-                ui.out(&render_text(&planned, &st));
+                ui.out(&render_text(&planned, &st, &remote));
             }
             Ok(i32::from(st.iter().any(|x| x.stale())))
         }
@@ -328,6 +384,7 @@ fn dispatch(cli: Cli, domain: &dyn Domain, cwd: &Path, ui: &Ui) -> Result<i32> {
             }
             Ok(outcome.exit_code())
         }
+        Command::RunInstance { .. } => unreachable!("dispatched above"),
         Command::Cache(CacheCommand::Gc { older_than }) => {
             let Some(store) = ws.store() else {
                 bail!("no cache is configured: set `cache.dir` in the pipeline file or {}", crate::store::ENV);

@@ -6,7 +6,7 @@
 //! inside strings. `GROUP=OPTION` selects an option; a comma in a value sweeps
 //! (`dataset.size=small,medium,large`), and several sweeps make a cartesian product.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -33,6 +33,8 @@ pub struct Pipeline {
     pub publish: Vec<Map<String, Value>>,
     /// `cache.dir`: the shared output cache's folder ([`crate::store`]), if set.
     pub cache_dir: Option<String>,
+    /// `executor:`: where `qpipe build` runs stages ([`crate::slurm`]).
+    pub executor: ExecutorConfig,
     /// The file's text, to point at where a value is set ([`Pipeline::locate`]).
     text: String,
 }
@@ -51,6 +53,8 @@ struct RawPipeline {
     publish: serde_yaml::Value,
     #[serde(default)]
     cache: Option<RawCache>,
+    #[serde(default)]
+    executor: ExecutorConfig,
 }
 
 /// `cache:` — where the shared output cache lives (see [`crate::store`]).
@@ -58,6 +62,77 @@ struct RawPipeline {
 #[serde(deny_unknown_fields)]
 struct RawCache {
     dir: String,
+}
+
+/// `executor:` in pipeline.yaml: where `qpipe build` runs stages ([`crate::slurm`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutorConfig {
+    /// `local` (the default) or `slurm`: what `qpipe build` uses without `--executor`.
+    #[serde(default)]
+    pub default: Option<String>,
+    #[serde(default)]
+    pub slurm: SlurmConfig,
+}
+
+/// `executor.slurm`: what every job asks for, and per stage kind what it adds.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmConfig {
+    /// `--partition`.
+    pub partition: Option<String>,
+    /// `--account`.
+    pub account: Option<String>,
+    /// `--time` (Slurm's formats: `MM`, `HH:MM:SS`, `D-HH`…).
+    pub time: Option<String>,
+    /// More `sbatch` arguments for every job (`--qos=…`, `--constraint=…`).
+    #[serde(default)]
+    pub sbatch_args: Vec<String>,
+    /// Seconds between two looks at a job's state (default 2).
+    pub poll_seconds: Option<f64>,
+    /// Per stage kind (`score`, `render`, …).
+    #[serde(default)]
+    pub stages: BTreeMap<String, StageResources>,
+}
+
+/// `executor.slurm.stages.<kind>`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageResources {
+    /// `sbatch` arguments for this kind's jobs, e.g. `["--gres=gpu:1", "--cpus-per-task=8",
+    /// "--mem=64G"]`.
+    #[serde(default)]
+    pub sbatch_args: Vec<String>,
+    /// Run this kind in the submitting process instead (quick CPU stages).
+    #[serde(default)]
+    pub local: bool,
+}
+
+impl ExecutorConfig {
+    /// Checks what can be checked before anything runs: the default's name and the stage
+    /// kinds (errors name the key).
+    pub fn validate(&self, kinds: &[&str]) -> Result<()> {
+        if let Some(d) = &self.default {
+            if d != "local" && d != "slurm" {
+                bail!("`executor.default`: unknown executor `{d}`; valid: local, slurm");
+            }
+        }
+        for kind in self.slurm.stages.keys() {
+            if !kinds.contains(&kind.as_str()) {
+                bail!(
+                    "`executor.slurm.stages.{kind}`: no stage kind `{kind}`; kinds: {}{}",
+                    list(kinds, 20),
+                    did_you_mean(kind, kinds.iter())
+                );
+            }
+        }
+        if let Some(p) = self.slurm.poll_seconds {
+            if !(p > 0.0 && p.is_finite()) {
+                bail!("`executor.slurm.poll_seconds`: {p} is not a positive number of seconds");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One `key=value` assignment of a single composed run.
@@ -204,6 +279,7 @@ impl Pipeline {
             groups,
             publish,
             cache_dir,
+            executor: raw.executor,
             text: text.to_string(),
         })
     }
@@ -668,6 +744,21 @@ impl Resolver<'_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn config_is_checked_against_the_stage_kinds() {
+        let cfg: ExecutorConfig = serde_yaml::from_str(
+            "default: slurm\nslurm:\n  partition: gpu\n  stages:\n    score: {sbatch_args: ['--gres=gpu:1']}\n    \
+             render: {local: true}\n",
+        )
+        .unwrap();
+        cfg.validate(&["score", "render"]).unwrap();
+        let e = cfg.validate(&["scores", "render"]).unwrap_err().to_string();
+        assert!(e.contains("executor.slurm.stages.score") && e.contains("scores"), "{e}");
+        let bad: ExecutorConfig = serde_yaml::from_str("default: cluster\n").unwrap();
+        assert!(bad.validate(&[]).unwrap_err().to_string().contains("valid: local, slurm"));
+        assert!(serde_yaml::from_str::<ExecutorConfig>("slurm: {partitoin: x}\n").is_err());
+    }
+
     use super::*;
     use serde_json::json;
 

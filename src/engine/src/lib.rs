@@ -15,6 +15,7 @@ pub mod dag;
 pub mod hashing;
 pub mod lock;
 pub mod scheduler;
+pub mod slurm;
 pub mod status;
 pub mod store;
 pub mod suggest;

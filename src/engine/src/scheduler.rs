@@ -3,7 +3,9 @@
 //! The main thread checks instances as their producers finish, launches stale ones on
 //! worker threads (up to `-j`, at most one `exclusive` stage at a time), and on each
 //! success renames the temporary outputs into place, hashes them and writes the lock
-//! entry last. A failed stage leaves its old outputs and lock entry untouched.
+//! entry last. A failed stage leaves its old outputs and lock entry untouched. With
+//! `--executor slurm` a worker thread submits the instance as a Slurm job and follows it
+//! instead of running it ([`crate::slurm`]); everything else is the same.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -24,11 +26,16 @@ use crate::workspace::{Planned, Workspace, STAT_CACHE};
 /// Lock entries of stages quicker than this are written in batches.
 const LOCK_BATCH: Duration = Duration::from_millis(100);
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct BuildOptions {
     pub dry_run: bool,
     pub force: bool,
     pub jobs: usize,
+    /// After a failure, go on with everything that does not depend on it (`make -k`);
+    /// otherwise start nothing new.
+    pub keep_going: bool,
+    /// Run stages as Slurm jobs (`--executor slurm`); `None`: in this process.
+    pub executor: Option<std::sync::Arc<crate::slurm::Executor>>,
 }
 
 /// What a build did.
@@ -81,6 +88,9 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
     let mut failure: Option<anyhow::Error> = None;
     let jobs = opts.jobs.max(1);
     let store = if opts.dry_run { None } else { ws.store() };
+    // Launch new work: while nothing failed, or with `keep_going`.
+    let launch = |failure: &Option<anyhow::Error>| failure.is_none() || opts.keep_going;
+    let remote = |kind: &str| opts.executor.as_ref().filter(|e| e.remote(kind)).cloned();
 
     let result = std::thread::scope(|s| -> Result<()> {
         let (tx, rx) = mpsc::channel::<Finished>();
@@ -91,7 +101,7 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
         loop {
             // 1. Check every waiting instance whose producers are done.
             let mut progressed = true;
-            while progressed && failure.is_none() {
+            while progressed && launch(&failure) {
                 progressed = false;
                 for &i in &dag.order {
                     if !sel[i] || state[i] != State::Waiting || dag.producers(i).any(|p| state[p] != State::Done) {
@@ -159,7 +169,7 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
             // 2. Launch what may run now.
             let mut k = 0;
             let mut dry_progress = false;
-            while k < queue.len() && running < jobs && failure.is_none() {
+            while k < queue.len() && running < jobs && launch(&failure) {
                 let i = queue[k];
                 let inst = &dag.instances[i];
                 let stage = ws.stage(&inst.kind)?;
@@ -175,7 +185,11 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
                     let temps = match temp_outputs(ws, dag, i) {
                         Ok(t) => t,
                         Err(e) => {
-                            failure = Some(e.context(format!("cannot prepare the outputs of `{}`", inst.id)));
+                            let e = e.context(format!("cannot prepare the outputs of `{}`", inst.id));
+                            match failure {
+                                None => failure = Some(e),
+                                Some(_) => ui.error(&e),
+                            }
                             state[i] = State::Failed;
                             break;
                         }
@@ -207,7 +221,10 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
                     }
                     continue;
                 }
-                if stage.exclusive() && exclusive_running {
+                // On the cluster each job has its own resources: nothing to keep exclusive here.
+                let executor = remote(&inst.kind);
+                let exclusive = stage.exclusive() && executor.is_none();
+                if exclusive && exclusive_running {
                     k += 1;
                     continue;
                 }
@@ -243,23 +260,31 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
                     }
                 }
                 let mut group_temps = Vec::new();
+                let mut prepared = true;
                 for &g in &group {
                     let ev = evals[g].as_ref().expect("queued instances are evaluated");
                     let why = ev.reasons.iter().map(Reason::describe).collect::<Vec<_>>().join("; ");
-                    ui.status("Running", &dag.instances[g].id);
+                    if executor.is_none() {
+                        // (The Slurm executor says `Submitted` and `Running … on NODE`.)
+                        ui.status("Running", &dag.instances[g].id);
+                    }
                     if ui.verbose {
                         ui.note(&format!("             because {why}"));
                     }
                     match temp_outputs(ws, dag, g) {
                         Ok(t) => group_temps.push(t),
                         Err(e) => {
-                            failure =
-                                Some(e.context(format!("cannot prepare the outputs of `{}`", dag.instances[g].id)));
+                            let e = e.context(format!("cannot prepare the outputs of `{}`", dag.instances[g].id));
+                            match failure {
+                                None => failure = Some(e),
+                                Some(_) => ui.error(&e),
+                            }
+                            prepared = false;
                             break;
                         }
                     }
                 }
-                if failure.is_some() {
+                if !prepared {
                     for &g in &group {
                         state[g] = State::Failed;
                     }
@@ -269,8 +294,24 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
                     ui.note(&format!("             {} `{}` instances run as one execution", group.len(), inst.kind));
                 }
                 let tx = tx.clone();
-                let exclusive = stage.exclusive();
                 exclusive_running |= exclusive;
+                let specs: Vec<crate::slurm::SpecInstance> = match &executor {
+                    Some(_) => group
+                        .iter()
+                        .zip(&group_temps)
+                        .map(|(&g, temps)| crate::slurm::SpecInstance {
+                            id: dag.instances[g].id.clone(),
+                            key: evals[g].as_ref().and_then(|e| e.key.clone()).unwrap_or_default(),
+                            outs: dag.instances[g]
+                                .outs
+                                .iter()
+                                .zip(temps)
+                                .map(|(o, t)| (o.name.clone(), t.to_path_buf()))
+                                .collect(),
+                        })
+                        .collect(),
+                    None => Vec::new(),
+                };
                 running += 1;
                 for &g in &group {
                     state[g] = State::Running;
@@ -320,7 +361,11 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
                             }
                         })
                         .collect();
-                    let run = || if jobs.len() == 1 { vec![stage.run(&jobs[0])] } else { stage.run_fused(&jobs) };
+                    let run = || match &executor {
+                        Some(ex) => ex.run(ui, &inst.kind, &specs),
+                        None if jobs.len() == 1 => vec![stage.run(&jobs[0])],
+                        None => stage.run_fused(&jobs),
+                    };
                     let results = match catch_unwind(AssertUnwindSafe(run)) {
                         Ok(r) if r.len() == jobs.len() => r,
                         Ok(r) => {
@@ -380,7 +425,7 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
             let inst = &dag.instances[f.node];
             if f.slot_free {
                 running -= 1;
-                if ws.stage(&inst.kind)?.exclusive() && !f.restored {
+                if ws.stage(&inst.kind)?.exclusive() && !f.restored && remote(&inst.kind).is_none() {
                     exclusive_running = false;
                 }
             }

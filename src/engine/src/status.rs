@@ -1,11 +1,14 @@
 //! `qpipe status`: which selected instances are stale, and why.
 
+use std::collections::HashMap;
+
 use anyhow::Result;
 use serde_json::{json, Value};
 
 use crate::check::{Checker, Reason};
 use crate::hashing::StatCache;
 use crate::lock::Locks;
+use crate::slurm::RemoteJob;
 use crate::workspace::{Planned, Workspace, STAT_CACHE};
 
 /// One instance's state.
@@ -44,18 +47,28 @@ pub fn status(ws: &Workspace<'_>, planned: &Planned, sel: &[bool]) -> Result<Vec
     Ok(out)
 }
 
-/// Human-readable report (stale instances only) and a summary line.
-pub fn render_text(planned: &Planned, st: &[InstanceStatus]) -> String {
+/// Human-readable report (stale instances only) and a summary line. `remote`: instances a
+/// build has queued or running on Slurm ([`crate::slurm::in_flight`]).
+pub fn render_text(planned: &Planned, st: &[InstanceStatus], remote: &HashMap<String, RemoteJob>) -> String {
     let mut s = String::new();
     for x in st.iter().filter(|x| x.stale()) {
         let inst = &planned.dag.instances[x.index];
         let word = if x.reasons.contains(&Reason::NeverBuilt) { "missing" } else { "stale" };
+        if let Some(r) = remote.get(&inst.id) {
+            let on = if r.node.is_empty() { String::new() } else { format!(" on {}", r.node) };
+            s.push_str(&format!("{:>8} {} (Slurm job {}, {}{on})\n", r.word(), inst.id, r.job, r.state));
+            continue;
+        }
         s.push_str(&format!("{word:>8} {}\n", inst.id));
         for r in &x.reasons {
             s.push_str(&format!("           {}\n", r.describe()));
         }
     }
     let n = st.iter().filter(|x| x.stale()).count();
+    let flying = st.iter().filter(|x| x.stale() && remote.contains_key(&planned.dag.instances[x.index].id)).count();
+    if flying > 0 {
+        s.push_str(&format!("{flying} of them queued or running on Slurm\n"));
+    }
     if n == 0 {
         s.push_str(&format!("up to date: {} instances\n", st.len()));
     } else {
@@ -64,18 +77,27 @@ pub fn render_text(planned: &Planned, st: &[InstanceStatus]) -> String {
     s
 }
 
-pub fn render_json(planned: &Planned, st: &[InstanceStatus]) -> Value {
+pub fn render_json(planned: &Planned, st: &[InstanceStatus], remote: &HashMap<String, RemoteJob>) -> Value {
     let items: Vec<Value> = st
         .iter()
         .map(|x| {
             let inst = &planned.dag.instances[x.index];
-            json!({
+            let r = remote.get(&inst.id).filter(|_| x.stale());
+            let mut v = json!({
                 "id": inst.id,
                 "kind": inst.kind,
-                "state": if x.stale() { "stale" } else { "fresh" },
+                "state": match r {
+                    Some(r) => r.word(),
+                    None if x.stale() => "stale",
+                    None => "fresh",
+                },
                 "published": planned.published[x.index],
                 "reasons": x.reasons.iter().map(Reason::to_json).collect::<Vec<_>>(),
-            })
+            });
+            if let Some(r) = r {
+                v["slurm"] = json!({"job": r.job, "state": r.state, "node": r.node});
+            }
+            v
         })
         .collect();
     json!({

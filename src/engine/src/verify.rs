@@ -267,7 +267,7 @@ pub fn verify(ws: &Workspace<'_>, opts: &VerifyOptions, cwd: &Path, ui: &Ui) -> 
         let built = ws.plan_runs(&scratch_runs, Some(published)).and_then(|planned| {
             let sel = vec![true; planned.dag.instances.len()];
             ui.status("Rebuilding", &format!("{} run(s) into {VERIFY_DIR}/", scratch_runs.len()));
-            build(ws, &planned, &sel, &BuildOptions { dry_run: false, force: false, jobs: opts.jobs }, ui)
+            build(ws, &planned, &sel, &BuildOptions { jobs: opts.jobs, ..Default::default() }, ui)
         });
         match built {
             Err(e) => {

@@ -80,6 +80,9 @@ impl<'d> Workspace<'d> {
         for s in domain.stages() {
             stages.insert(s.kind(), s);
         }
+        let mut kinds: Vec<&str> = stages.keys().copied().collect();
+        kinds.sort();
+        pipeline.executor.validate(&kinds).with_context(|| format!("{}", pipeline.file.display()))?;
         Ok(Workspace { domain, pipeline, root, overwrite_published: false, published_guard_warns: false, stages })
     }
 

@@ -676,3 +676,18 @@ fn instances_with_one_fusion_key_run_as_one_execution() {
     assert_eq!(ran, ["score@out/a/small"]);
     assert!(fused.fake.log.fused.lock().unwrap().is_empty(), "a group of one is an ordinary run");
 }
+
+#[test]
+fn keep_going_builds_everything_that_does_not_depend_on_a_failure() {
+    let env = Env::new();
+    let r = env.qp(&["build", "-k", "-j", "1", "fail=true,false", "out_dir=tmp/k/${fail}"]);
+    assert_eq!(r.code, 1, "{}", r.err);
+    assert!(r.err.contains("scoring failed half-way"), "{}", r.err);
+    // (Without -k the same order stops after `score@tmp/k/true` fails: no report.)
+    assert!(env.path("tmp/k/false/report.md").exists(), "the run that does not fail is built:\n{}", r.err);
+    assert!(!env.path("tmp/k/true/result.txt").exists());
+    assert!(env.temp_leftovers().is_empty(), "{:?}", env.temp_leftovers());
+    let r = env.qp(&["build", "--retries", "1"]);
+    assert_eq!(r.code, 1);
+    assert!(r.err.contains("--executor slurm"), "{}", r.err);
+}
