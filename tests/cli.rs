@@ -40,10 +40,12 @@ fn the_whole_grid_dry_runs_and_skips_only_what_cannot_be_built() {
         assert!(err.contains(&line), "{line}\n{err}");
     }
     assert_eq!(err.matches("Would run search@").count(), 384, "{err}");
-    // The scores of the 6 published runs are shared with their tmp-layout twins: fresh
+    // The scores of the 9 published runs are shared with their tmp-layout twins: fresh
     // where this checkout has built them (their scores are git-ignored intermediates).
     let scores = err.matches("Would run score@").count();
-    assert!((378..=384).contains(&scores), "{scores} scores would run:\n{err}");
+    assert!((375..=384).contains(&scores), "{scores} scores would run:\n{err}");
+    // One recipe per model × size × granularity whose runs can be built (pairs ≥ 2).
+    assert_eq!(err.matches("Would run recipe@").count(), 27, "{err}");
     assert!(err.contains("weight-fp4-act-fp8/w_group64/"), "{err}");
     assert!(err.contains("quant pair `wint4_aint4` (INT4_WEIGHT_INT4_ACT_CFG) is marked experimental"), "{err}");
     // Asked for alone, the same cell is an error naming pair, overlay and reason.

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::{aggregate, build_calib, docs, fetch_model, parity, plan, render, score, search};
+use crate::{aggregate, build_calib, docs, fetch_model, parity, plan, recipe, render, score, search};
 use qpipe_contract::{Domain, ParityReport, Plan, PlanContext, Run, Stage, Tolerance};
 
 /// The domain: its stage kinds, its planner, its parity comparison.
@@ -17,6 +17,7 @@ impl Domain for Qwen3Vl {
             &search::Search,
             &aggregate::Aggregate,
             &render::Render,
+            &recipe::RecipeStage,
             &docs::Docs,
         ]
     }

@@ -32,6 +32,7 @@ pub mod aggregate;
 pub mod build_calib;
 pub mod docs;
 pub mod fetch_model;
+pub mod recipe;
 pub mod render;
 pub mod score;
 pub mod search;

@@ -59,7 +59,23 @@ impl Stage for BuildCalib {
         let tokenizer_config = find("tokenizer_config", "tokenizer_config.json")?;
 
         job.progress.phase("tokenizing captions", None);
-        let captions = read_captions(captions_path, params.max_samples)?;
+        let captions = match params.held_out_after {
+            Some(first) => {
+                let all = read_captions(captions_path, usize::MAX)?;
+                ensure!(
+                    all.len() >= first + params.max_samples,
+                    "{} has {} captions: holding out the last {} for validation, apart from the first {} used for \
+                     calibration, needs {}; add captions or lower `recipe.holdout_samples`",
+                    captions_path.display(),
+                    all.len(),
+                    params.max_samples,
+                    first,
+                    first + params.max_samples
+                );
+                all[all.len() - params.max_samples..].to_vec()
+            }
+            None => read_captions(captions_path, params.max_samples)?,
+        };
         if captions.len() < params.max_samples {
             job.progress.note(&format!(
                 "warning: {} has {} non-blank lines, fewer than the {} samples asked for; using {}",
@@ -85,22 +101,30 @@ pub struct Params {
     pub pad_left: bool,
     /// Drop tokens past `max_length` from the right (`true`, the pipeline's setting) or the left.
     pub truncate_right: bool,
+    /// Held-out captions (the `recipe` stage's validation set): the *last* `max_samples`
+    /// captions of the file, none of them among its first `held_out_after` (the
+    /// calibration ones). `None`: the first `max_samples`.
+    pub held_out_after: Option<usize>,
 }
 
 impl Params {
     /// The pipeline's tokenization: left padding, right truncation.
     pub fn pipeline(max_samples: usize, max_length: usize) -> Self {
-        Self { max_samples, max_length, pad_left: true, truncate_right: true }
+        Self { max_samples, max_length, pad_left: true, truncate_right: true, held_out_after: None }
     }
 
     fn to_json(&self) -> Value {
         let side = |left: bool| if left { "left" } else { "right" };
-        json!({
+        let mut v = json!({
             "max_samples": self.max_samples,
             "max_length": self.max_length,
             "padding_side": side(self.pad_left),
             "truncation_side": side(!self.truncate_right),
-        })
+        });
+        if let Some(m) = self.held_out_after {
+            v["held_out_after"] = json!(m);
+        }
+        v
     }
 }
 
@@ -131,7 +155,12 @@ pub fn instance(id: String, params: &Params, files: &CalibFiles<'_>, locators: V
         locators,
         deps,
         outs: vec![OutSpec::intermediate("calib", files.out)],
-        description: format!("tokenize {} captions × {} tokens", params.max_samples, params.max_length),
+        description: match params.held_out_after {
+            Some(_) => {
+                format!("tokenize the last {} captions × {} tokens (held out)", params.max_samples, params.max_length)
+            }
+            None => format!("tokenize {} captions × {} tokens", params.max_samples, params.max_length),
+        },
     }
 }
 
@@ -154,6 +183,10 @@ impl Params {
             max_length: num("max_length")?,
             pad_left: side("padding_side", "left")?,
             truncate_right: !side("truncation_side", "right")?,
+            held_out_after: match v.get("held_out_after") {
+                None | Some(Value::Null) => None,
+                Some(x) => Some(x.as_u64().context("parameter `held_out_after` is not a number")? as usize),
+            },
         })
     }
 }

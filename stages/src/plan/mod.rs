@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use crate::fetch_model::{self, CheckpointSource};
 use crate::score::{self, Method};
-use crate::{aggregate, build_calib, docs, render, search};
+use crate::{aggregate, build_calib, docs, recipe, render, search};
 use qpipe_contract::{Instance, KeyError, Plan, PlanContext, Run};
 
 /// The domain's view of one composed run. Unknown keys are errors.
@@ -38,6 +38,48 @@ pub struct RunConfig {
     pub runner: RunnerCfg,
     #[serde(default)]
     pub experiment: Option<String>,
+    #[serde(default)]
+    pub recipe: RecipeCfg,
+}
+
+/// `recipe:` — the mixed-precision recipe across the pairs of one model × size × method ×
+/// granularity ([`crate::recipe`]).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeCfg {
+    /// Effective-bits budgets, one recipe each.
+    #[serde(default = "default_budgets")]
+    pub budgets: Vec<f64>,
+    /// The pairs to combine (default: every pair planned for that model and size).
+    #[serde(default)]
+    pub pairs: Option<Vec<String>>,
+    /// Captions held out for validation: the last N of the captions file.
+    #[serde(default = "default_holdout")]
+    pub holdout_samples: usize,
+    /// Pareto points validated beside the budgets.
+    #[serde(default = "default_validate_points")]
+    pub validate_points: usize,
+}
+
+fn default_budgets() -> Vec<f64> {
+    vec![4.5, 5.0, 6.0, 7.0, 8.0]
+}
+fn default_holdout() -> usize {
+    64
+}
+fn default_validate_points() -> usize {
+    8
+}
+
+impl Default for RecipeCfg {
+    fn default() -> Self {
+        Self {
+            budgets: default_budgets(),
+            pairs: None,
+            holdout_samples: default_holdout(),
+            validate_points: default_validate_points(),
+        }
+    }
 }
 
 /// `model`: a local checkpoint folder (`path`) or a hub model (`repo` + pinned `revision`).
@@ -268,6 +310,16 @@ impl RunConfig {
                 format!("unknown dtype `{}`; valid: auto, f32, bf16, f16, f64 (CPU only)", a.dtype)
             ));
         }
+        let r = &self.recipe;
+        if r.budgets.is_empty() || r.budgets.iter().any(|b| !(*b > 0.0 && *b <= 16.0)) {
+            bail!(KeyError::new(
+                "recipe.budgets",
+                format!("{:?}: give one or more effective bits in (0, 16]", r.budgets)
+            ));
+        }
+        if r.holdout_samples == 0 {
+            bail!(KeyError::new("recipe.holdout_samples", "must be at least 1"));
+        }
         for (key, value) in [
             ("quant_pair.name", &self.quant_pair.name),
             ("quant_granularity.name", &self.quant_granularity.name),
@@ -397,6 +449,20 @@ struct RunPlan {
     run: Run,
     run_dir: PathBuf,
     manifest: PathBuf,
+    files: RunFiles,
+}
+
+/// Where a run's shared inputs and its scores are (what a recipe over runs reads).
+#[derive(Clone)]
+struct RunFiles {
+    src_slug: String,
+    src_tag: String,
+    locator: Value,
+    identity: PathBuf,
+    checkpoint: Option<PathBuf>,
+    calib: PathBuf,
+    scores: PathBuf,
+    score_params: score::ScoreParams,
 }
 
 /// Expand runs into instances. Runs are checked first; the first bad run stops planning
@@ -456,11 +522,11 @@ pub fn plan(ctx: &PlanContext, runs: &[Run]) -> Result<Plan> {
                 cfg.quant_pair.name, cfg.quant_pair.format_name
             ));
         }
-        let (instances, run_dir, manifest) = run_instances(ctx, &cfg)?;
+        let (instances, run_dir, manifest, files) = run_instances(ctx, &cfg)?;
         for inst in instances {
             push(inst, &mut out)?;
         }
-        planned.push(RunPlan { cfg, run: run.clone(), run_dir, manifest });
+        planned.push(RunPlan { cfg, run: run.clone(), run_dir, manifest, files });
     }
     let n_skipped: usize = skipped.iter().map(|(_, r)| r.len()).sum();
     let lines: Vec<String> = skipped
@@ -479,6 +545,9 @@ pub fn plan(ctx: &PlanContext, runs: &[Run]) -> Result<Plan> {
             "{n_skipped} of {} runs skipped: their pair × granularity cannot be built (see above)",
             runs.len()
         ));
+    }
+    for inst in recipe_instances(ctx, &planned)? {
+        push(inst, &mut out)?;
     }
     for inst in docs_instances(ctx, &planned)? {
         push(inst, &mut out)?;
@@ -531,7 +600,7 @@ fn describe_run(run: &Run) -> String {
     }
 }
 
-fn run_instances(ctx: &PlanContext, cfg: &RunConfig) -> Result<(Vec<Instance>, PathBuf, PathBuf)> {
+fn run_instances(ctx: &PlanContext, cfg: &RunConfig) -> Result<(Vec<Instance>, PathBuf, PathBuf, RunFiles)> {
     let src = cfg.checkpoint();
     let src_slug = src.slug();
     let src_tag = format!("{}-{}", slug(&cfg.model.name), short_hash(&src_slug));
@@ -556,6 +625,7 @@ fn run_instances(ctx: &PlanContext, cfg: &RunConfig) -> Result<(Vec<Instance>, P
         short_hash(&rel(&captions)),
     ));
     let local_file = |f: &str| local.as_ref().map(|d| d.join(f)).filter(|p| ctx.root.join(p).is_file());
+    let files0 = (identity.clone(), calib_out.clone());
     let (tokenizer, tokenizer_config) = (local_file("tokenizer.json"), local_file("tokenizer_config.json"));
     let calib = build_calib::instance(
         format!("build-calib@{src_slug}:{}:{n}x{t}", rel(&captions)),
@@ -627,7 +697,137 @@ fn run_instances(ctx: &PlanContext, cfg: &RunConfig) -> Result<(Vec<Instance>, P
     let search = search::instance(&run_id, &search_params, &scores, &state_pt, &state_json);
     let aggregate = aggregate::instance(&run_id, scheme_block, &cfg.model_id(), &state_json, &manifest);
     let render = render::instance(&run_id, &manifest, &run_dir);
-    Ok((vec![fetch, calib, score, search, aggregate, render], run_dir, manifest))
+    let files = RunFiles {
+        src_slug,
+        src_tag,
+        locator,
+        identity: files0.0,
+        checkpoint: local.clone(),
+        calib: files0.1,
+        scores,
+        score_params,
+    };
+    Ok((vec![fetch, calib, score, search, aggregate, render], run_dir, manifest, files))
+}
+
+/// One `recipe` instance per model × calibration set × method × granularity (and
+/// compute) over the pairs planned for it — at least two, or `recipe.pairs` — with the
+/// held-out captions it validates on. Runs with `runner.output_dir` get none.
+fn recipe_instances(ctx: &PlanContext, planned: &[RunPlan]) -> Result<Vec<Instance>> {
+    let mut groups: Vec<(String, Vec<&RunPlan>)> = Vec::new();
+    for p in planned.iter().filter(|p| p.cfg.runner.output_dir.is_none()) {
+        let sp = &p.files.score_params;
+        let key = format!(
+            "{}|{}|{}|{}|{}|{}|{}|{}|{}",
+            p.cfg.output_layout.root_dir,
+            p.files.src_tag,
+            rel(&p.files.calib),
+            sp.method.as_str(),
+            p.cfg.quant_granularity.name,
+            sp.batch_size,
+            sp.score_size,
+            sp.device,
+            sp.dtype
+        );
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(p),
+            None => groups.push((key, vec![p])),
+        }
+    }
+    let mut out = Vec::new();
+    for (_, runs) in groups {
+        let first = &runs[0];
+        let cfg = &first.cfg;
+        let rc = &cfg.recipe;
+        let mut pairs: Vec<&RunPlan> = Vec::new();
+        for r in &runs {
+            if !pairs.iter().any(|q| q.cfg.quant_pair.name == r.cfg.quant_pair.name) {
+                pairs.push(r);
+            }
+        }
+        if let Some(want) = &rc.pairs {
+            for w in want {
+                if !pairs.iter().any(|q| &q.cfg.quant_pair.name == w) {
+                    bail!(KeyError::new(
+                        "recipe.pairs",
+                        format!(
+                            "pair `{w}` is not built for {} at size `{}`; add it to the runs (quant_pair=…)",
+                            cfg.model.name, cfg.dataset.size
+                        )
+                    ));
+                }
+            }
+            pairs.retain(|q| want.contains(&q.cfg.quant_pair.name));
+        } else if pairs.len() < 2 {
+            continue;
+        }
+        let f = &first.files;
+        let (n, t) = (cfg.num_samples(), cfg.dataset.calib_seq_len);
+        let h = rc.holdout_samples;
+        let captions = PathBuf::from(&cfg.dataset.captions_path);
+        let holdout = PathBuf::from(format!(
+            "tmp/qpipe/calib/{}/{}-{}-holdout{h}-after{n}x{t}.pt",
+            f.src_tag,
+            slug(captions.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default().as_ref()),
+            short_hash(&rel(&captions)),
+        ));
+        let local_file =
+            |name: &str| f.checkpoint.as_ref().map(|d| d.join(name)).filter(|p| ctx.root.join(p).is_file());
+        let (tokenizer, tokenizer_config) = (local_file("tokenizer.json"), local_file("tokenizer_config.json"));
+        let captions_name = captions.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let held = build_calib::instance(
+            format!("build-calib@{}:{}:holdout{h}-after{n}x{t}", f.src_slug, rel(&captions)),
+            &build_calib::Params { held_out_after: Some(n), ..build_calib::Params::pipeline(h, t) },
+            &build_calib::CalibFiles {
+                captions: &captions,
+                identity: &f.identity,
+                tokenizer: tokenizer.as_deref(),
+                tokenizer_config: tokenizer_config.as_deref(),
+                out: &holdout,
+            },
+            json!({"checkpoint": f.locator, "captions_name": captions_name}),
+        );
+        let gran = &cfg.quant_granularity.name;
+        let mut dir = PathBuf::from(&cfg.output_layout.root_dir).join("recipes").join(&cfg.dataset.size);
+        if gran != "default" {
+            dir = dir.join(gran);
+        }
+        let sp = &f.score_params;
+        let params = recipe::RecipeParams {
+            model_id: cfg.model_id(),
+            size: cfg.dataset.size.clone(),
+            granularity: gran.clone(),
+            method: sp.method,
+            pairs: pairs
+                .iter()
+                .map(|q| recipe::RecipePair {
+                    name: q.cfg.quant_pair.name.clone(),
+                    format: q.files.score_params.format.clone(),
+                })
+                .collect(),
+            budgets: rc.budgets.clone(),
+            batch_size: sp.batch_size,
+            validate_points: rc.validate_points,
+            device: sp.device.clone(),
+            dtype: sp.dtype.clone(),
+        };
+        let inst = recipe::instance(
+            format!("recipe@{}", rel(&dir)),
+            &params,
+            &recipe::RecipeFiles {
+                identity: &f.identity,
+                calib: &f.calib,
+                holdout: &holdout,
+                checkpoint: f.checkpoint.as_deref(),
+                scores: pairs.iter().map(|q| q.files.scores.clone()).collect(),
+                dir: &dir,
+            },
+            json!({"checkpoint": f.locator}),
+        )?;
+        out.push(held);
+        out.push(inst);
+    }
+    Ok(out)
 }
 
 /// One README per published pair folder and one per model's `layer-analysis/` folder.
@@ -965,9 +1165,17 @@ pub(crate) mod tests {
                 "score",
                 "search",
                 "aggregate",
-                "render"
+                "render",
+                "build-calib",
+                "recipe"
             ]
         );
+        // Two pairs on one calibration set: a recipe over both, validated on held-out captions.
+        let recipe = inst.iter().find(|i| i.kind == "recipe").unwrap();
+        let deps: Vec<&str> = recipe.deps.iter().map(|d| d.name.as_str()).collect();
+        assert!(deps.contains(&"holdout") && deps.iter().filter(|d| d.starts_with("scores_")).count() == 2, "{deps:?}");
+        let held = inst.iter().filter(|i| i.kind == "build-calib").nth(1).unwrap();
+        assert!(held.params["held_out_after"].as_u64().is_some(), "{}", held.params);
         let calib = &inst[1];
         assert_eq!(calib.params["max_samples"], json!(16));
         assert_eq!(inst[2].deps[1].name, "calib");
