@@ -185,6 +185,21 @@ pub struct ModelDoc {
     pub model: ModelInfo,
     pub calib: CalibInfo,
     pub pairs: Vec<PairSummary>,
+    /// The recipes across pairs under this folder (absent when there are none, so that a
+    /// model without recipes keeps its key).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipes: Vec<RecipeSummary>,
+}
+
+/// One `recipe` folder as the model README lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecipeSummary {
+    /// Relative to the model's folder: `recipes/small`.
+    pub dir: String,
+    pub size: String,
+    pub granularity: String,
+    pub pairs: Vec<String>,
+    pub budgets: Vec<f64>,
 }
 
 /// (recipe, importance) in manifest order.
@@ -420,6 +435,28 @@ pub fn model_readme(m: &ModelDoc) -> String {
             if p.pair.experimental { "experimental" } else { "stock ModelOpt format" }
         );
     }
+    if !m.recipes.is_empty() {
+        let _ = writeln!(s, "\n## Mixed-precision recipes across pairs\n");
+        let _ = writeln!(
+            s,
+            "One precision per layer for each bit budget, chosen exactly from the pairs' scores, with ModelOpt and \
+             llm-compressor exports and the prediction checked on held-out captions.\n"
+        );
+        let _ = writeln!(s, "| Recipes | Size | Granularity | Pairs | Budgets (bits) |\n|---|---|---|---|---|");
+        for r in &m.recipes {
+            let budgets: Vec<String> = r.budgets.iter().map(|b| b.to_string()).collect();
+            let _ = writeln!(
+                s,
+                "| [{}]({}/README.md) | {} | {} | {} | {} |",
+                r.dir,
+                r.dir,
+                r.size,
+                r.granularity,
+                r.pairs.join(", "),
+                budgets.join(", ")
+            );
+        }
+    }
     let _ = writeln!(s, "\n## Calibration sizes\n");
     sizes_paragraph(&mut s, &m.calib);
     let _ = writeln!(s, "## Layout\n\n```text");
@@ -431,6 +468,9 @@ pub fn model_readme(m: &ModelDoc) -> String {
     let _ = writeln!(s, "    per-layer-sensitivity.json|md|svg     the report and its heatmap");
     let _ = writeln!(s, "    <scheme>_autoquant_state.json        the raw search state");
     let _ = writeln!(s, "    <scheme>_autoquant_state.pt          the same, for torch.load (git-ignored)");
+    if !m.recipes.is_empty() {
+        let _ = writeln!(s, "  recipes/<size>[/<granularity>]/      recipe.json, pareto.json|svg, exports, README.md");
+    }
     let _ = writeln!(s, "```\n");
     let _ = writeln!(s, "## Regenerate\n\n```sh");
     let _ = writeln!(s, "qpipe build    # every published run (the `publish` matrix of {})", m.pipeline_file);
@@ -567,11 +607,30 @@ pub(crate) mod tests {
                 sizes: vec!["small".into(), "medium".into(), "large".into()],
                 overrides: d.overrides.clone(),
             }],
+            recipes: vec![],
         };
         let text = model_readme(&m);
         assert!(text.contains("| [weight-fp8-act-fp16](weight-fp8-act-fp16/README.md) | fp8 | fp16 | `FP8_WEIGHT_ONLY_CFG` | small, medium, large |"), "{text}");
         assert!(text.contains("| small | 16 |"));
         assert!(text.contains("qpipe clean"));
+        assert!(!text.contains("recipes") && serde_json::to_value(&m).unwrap().get("recipes").is_none());
+        let with = ModelDoc {
+            recipes: vec![RecipeSummary {
+                dir: "recipes/small".into(),
+                size: "small".into(),
+                granularity: "default".into(),
+                pairs: vec!["wint8_aint8".into(), "wfp4_afp16".into()],
+                budgets: vec![4.5, 8.0],
+            }],
+            ..m
+        };
+        let text = model_readme(&with);
+        assert!(
+            text.contains(
+                "| [recipes/small](recipes/small/README.md) | small | default | wint8_aint8, wfp4_afp16 | 4.5, 8 |"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

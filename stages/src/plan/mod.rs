@@ -546,10 +546,9 @@ pub fn plan(ctx: &PlanContext, runs: &[Run]) -> Result<Plan> {
             runs.len()
         ));
     }
-    for inst in recipe_instances(ctx, &planned)? {
-        push(inst, &mut out)?;
-    }
-    for inst in docs_instances(ctx, &planned)? {
+    let recipes = recipe_instances(ctx, &planned)?;
+    let docs = docs_instances(ctx, &planned, &recipes)?;
+    for inst in recipes.into_iter().chain(docs) {
         push(inst, &mut out)?;
     }
     Ok(Plan { instances: out, warnings })
@@ -835,7 +834,7 @@ fn recipe_instances(ctx: &PlanContext, planned: &[RunPlan]) -> Result<Vec<Instan
 /// Only published runs placed by the output layout count (not `runner.output_dir` runs,
 /// nor layouts outside the workspace). Parameters are built from the runs' configs and
 /// hold workspace-relative paths only, so they key the same on every machine.
-fn docs_instances(ctx: &PlanContext, planned: &[RunPlan]) -> Result<Vec<Instance>> {
+fn docs_instances(ctx: &PlanContext, planned: &[RunPlan], recipes: &[Instance]) -> Result<Vec<Instance>> {
     use docs::{ModelDoc, PairDoc, PairSummary, RunDoc};
 
     // (layout root, pair dir) → runs, and layout root → pair dirs, in first-seen order.
@@ -903,12 +902,28 @@ fn docs_instances(ctx: &PlanContext, planned: &[RunPlan]) -> Result<Vec<Instance
         out.push(docs::pair_instance(doc, runs.iter().map(|p| p.manifest.clone()).collect())?);
     }
     for (root, summaries, first) in models {
+        let recipes: Vec<docs::RecipeSummary> = recipes
+            .iter()
+            .filter(|i| i.kind == "recipe")
+            .filter_map(|i| {
+                let dir = i.id.strip_prefix("recipe@")?.strip_prefix(&format!("{root}/"))?.to_string();
+                let p: recipe::RecipeParams = serde_json::from_value(i.params.clone()).ok()?;
+                Some(docs::RecipeSummary {
+                    dir,
+                    size: p.size,
+                    granularity: p.granularity,
+                    pairs: p.pairs.into_iter().map(|x| x.name).collect(),
+                    budgets: p.budgets,
+                })
+            })
+            .collect();
         let doc = ModelDoc {
             path: root.clone(),
             pipeline_file: workspace_rel(ctx, &ctx.pipeline_file),
             model: model_info(ctx, &first.cfg),
             calib: calib_info(ctx, &first.cfg),
             pairs: summaries,
+            recipes,
         };
         out.push(docs::model_instance(doc)?);
     }
