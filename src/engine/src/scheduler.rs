@@ -317,18 +317,8 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
                     state[g] = State::Running;
                 }
                 let root = ws.root.clone();
-                let files = |g: usize| -> (Vec<JobFile>, Vec<JobFile>) {
-                    let inst = &dag.instances[g];
-                    let deps = dag.dep_paths[g]
-                        .iter()
-                        .zip(&inst.deps)
-                        .map(|(p, d)| JobFile { name: d.name.clone(), path: ws.abs(p) })
-                        .collect();
-                    let finals =
-                        inst.outs.iter().map(|o| JobFile { name: o.name.clone(), path: o.path.clone() }).collect();
-                    (deps, finals)
-                };
-                let files: Vec<(Vec<JobFile>, Vec<JobFile>)> = group.iter().map(|&g| files(g)).collect();
+                let files: Vec<(Vec<JobFile>, Vec<JobFile>)> =
+                    group.iter().map(|&g| crate::workspace::job_files(ws, dag, g)).collect();
                 s.spawn(move || {
                     let t0 = Instant::now();
                     let outs: Vec<Vec<JobFile>> = group
@@ -348,17 +338,7 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
                         .zip(&files)
                         .zip(&outs)
                         .map(|((&g, (deps, finals)), outs)| {
-                            let inst = &dag.instances[g];
-                            Job {
-                                id: &inst.id,
-                                root: &root,
-                                params: &inst.params,
-                                locators: &inst.locators,
-                                deps,
-                                outs,
-                                final_outs: finals,
-                                progress: &progress,
-                            }
+                            crate::workspace::job(&dag.instances[g], &root, (deps, outs, finals), &progress)
                         })
                         .collect();
                     let run = || match &executor {

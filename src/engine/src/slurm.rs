@@ -443,18 +443,12 @@ pub fn run_spec(ws: &mut Workspace<'_>, spec_file: &Path, ui: &Ui) -> Result<i32
         let files: Vec<(Vec<JobFile>, Vec<JobFile>, Vec<JobFile>)> = nodes
             .iter()
             .map(|(i, s)| {
-                let inst = &dag.instances[*i];
-                let deps = dag.dep_paths[*i]
-                    .iter()
-                    .zip(&inst.deps)
-                    .map(|(p, d)| JobFile { name: d.name.clone(), path: ws.abs(p) })
-                    .collect();
-                let outs = inst
+                let (deps, finals) = crate::workspace::job_files(ws, dag, *i);
+                let outs = dag.instances[*i]
                     .outs
                     .iter()
                     .map(|o| JobFile { name: o.name.clone(), path: s.outs.get(&o.name).cloned().unwrap_or_default() })
                     .collect();
-                let finals = inst.outs.iter().map(|o| JobFile { name: o.name.clone(), path: o.path.clone() }).collect();
                 (deps, outs, finals)
             })
             .collect();
@@ -463,17 +457,7 @@ pub fn run_spec(ws: &mut Workspace<'_>, spec_file: &Path, ui: &Ui) -> Result<i32
             .iter()
             .zip(&files)
             .map(|((i, _), (deps, outs, finals))| {
-                let inst = &dag.instances[*i];
-                Job {
-                    id: &inst.id,
-                    root: &ws.root,
-                    params: &inst.params,
-                    locators: &inst.locators,
-                    deps,
-                    outs,
-                    final_outs: finals,
-                    progress: &progress,
-                }
+                crate::workspace::job(&dag.instances[*i], &ws.root, (deps, outs, finals), &progress)
             })
             .collect();
         for ((_, s), o) in nodes.iter().zip(&files) {

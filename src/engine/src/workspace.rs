@@ -5,7 +5,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use qpipe_contract::{Domain, Instance, PlanContext, Run, Stage};
+use qpipe_contract::{Domain, Instance, Job, JobFile, PlanContext, Progress, Run, Stage};
 
 use crate::config::Pipeline;
 use crate::dag::Dag;
@@ -252,4 +252,26 @@ impl BuildLock {
             }
         }
     }
+}
+
+/// The input files and the final output files of instance `i`, as its [`Job`] names them.
+pub(crate) fn job_files(ws: &Workspace<'_>, dag: &Dag, i: usize) -> (Vec<JobFile>, Vec<JobFile>) {
+    let inst = &dag.instances[i];
+    let deps = dag.dep_paths[i]
+        .iter()
+        .zip(&inst.deps)
+        .map(|(p, d)| JobFile { name: d.name.clone(), path: ws.abs(p) })
+        .collect();
+    let finals = inst.outs.iter().map(|o| JobFile { name: o.name.clone(), path: o.path.clone() }).collect();
+    (deps, finals)
+}
+
+/// The [`Job`] of `inst`: its inputs, the paths to write and its final outputs.
+pub(crate) fn job<'a>(
+    inst: &'a Instance,
+    root: &'a Path,
+    (deps, outs, finals): (&'a [JobFile], &'a [JobFile], &'a [JobFile]),
+    progress: &'a dyn Progress,
+) -> Job<'a> {
+    Job { id: &inst.id, root, params: &inst.params, locators: &inst.locators, deps, outs, final_outs: finals, progress }
 }
