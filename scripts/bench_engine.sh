@@ -25,7 +25,7 @@ ws="$(mktemp -d)"
 trap 'rm -rf "$ws"' EXIT
 mkdir -p "$ws/models/tiny_qwen3_vl" "$ws/data"
 cp -r models/tiny_qwen3_vl/checkpoint "$ws/models/tiny_qwen3_vl/"
-cp -r data/calibration "$ws/data/"
+cp -r data/calibration data/coco "$ws/data/"
 pairs="$(sed -n '/^  quant_pair:/,/^  quant_granularity:/p' pipeline.yaml | grep -oE '^    w[a-z0-9]+_a[a-z0-9]+' | tr -d ' ' | paste -sd, -)"
 sed '/^publish:/,$d' pipeline.yaml > "$ws/pipeline.yaml"
 cat >> "$ws/pipeline.yaml" <<YAML

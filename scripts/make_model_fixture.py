@@ -8,11 +8,11 @@ f32), takes its language model (`model.model.language_model`, a Qwen3VLTextModel
 attention_mask only (position ids 0..T-1, as the extracted language model does), and
 writes to stages/model/tests/fixtures/model_tiny_expected.safetensors:
 
-  input_ids, attention_mask     [3, 16] int64
+  input_ids, attention_mask     [3, 16] int64; ids are text tokens (3 .. the first vision token)
   hidden_sdpa, hidden_eager     [3, 16, 128] final hidden states (after the last norm) at
                                 every position, pads included, with attn_implementation
                                 "sdpa" (transformers' default) and "eager"
-  logits_sdpa                   [3, 16, 512]
+  logits_sdpa                   [3, 16, 516]
   loss_sdpa                     [] cross-entropy of shifted logits, ignore_index = pad id
   grad.<linear name>            dL/dy of the Linear outputs of layers 0 and 3 ([3, 16, out]),
                                 sdpa, from loss_sdpa.backward()
@@ -36,9 +36,9 @@ LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
-def batch(pad_id, vocab):
+def batch(pad_id, text_vocab):
     g = torch.Generator().manual_seed(1234)
-    ids = torch.randint(3, vocab, (len(PADS), T), generator=g)
+    ids = torch.randint(3, text_vocab, (len(PADS), T), generator=g)
     mask = torch.ones_like(ids)
     for r, p in enumerate(PADS):
         ids[r, :p] = pad_id
@@ -77,9 +77,13 @@ def run(impl, ids, mask, pad_id, want_grads):
 
 def main():
     torch.manual_seed(0)
-    cfg = Qwen3VLForConditionalGeneration.from_pretrained(CKPT, dtype=torch.float32).config.text_config
-    pad_id = cfg.pad_token_id
-    ids, mask = batch(pad_id, cfg.vocab_size)
+    config = Qwen3VLForConditionalGeneration.from_pretrained(CKPT, dtype=torch.float32).config
+    pad_id = config.text_config.pad_token_id
+    # Text tokens only: ids 3 .. the first vision token (the vision tokens are appended after
+    # the BPE vocabulary, so this is the BPE vocabulary minus its three specials).
+    text_vocab = min(config.vision_start_token_id, config.vision_end_token_id, config.image_token_id,
+                     config.video_token_id)
+    ids, mask = batch(pad_id, text_vocab)
     h_s, logits, loss, grads = run("sdpa", ids, mask, pad_id, True)
     h_e, _, _, _ = run("eager", ids, mask, pad_id, False)
     tensors = {"input_ids": ids, "attention_mask": mask, "hidden_sdpa": h_s, "hidden_eager": h_e,

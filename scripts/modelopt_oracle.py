@@ -40,7 +40,8 @@ places that would cast down (see `keep_float64`): the text RMSNorm, the rotary t
 the loss, the gradient score `(dL/dY · (Y_q − Y))²` and the kl_div log-softmax. The quantizers are left
 as ModelOpt computes them (`_tensor_quant` / `_fp8_eager` quantize `inputs.float()` in
 float32 and cast back): that float32 arithmetic is the format's definition, and qpipe's
-f64 mode does the same.
+f64 mode does the same. (`keep_float64` also covers the vision tower and transformers' loss,
+for the whole-model oracle `scripts/modelopt_oracle_vl.py`, which shares this file's helpers.)
 `--checkpoint/--captions/--out` let the benchmark reuse this on a synthetic checkpoint.
 """
 
@@ -84,9 +85,18 @@ def fp8_weight_only_cfg(mtq):
 def keep_float64():
     """For a float64 run: undo the float32 casts transformers and ModelOpt make for
     half-precision models (each a rounding for a float64 model). Every replacement computes
-    the same formula as the original, in the input's dtype."""
+    the same formula as the original, in the input's dtype.
+
+    Language model: the text RMSNorm, the (M)RoPE tables, the gradient score, the kl_div
+    log-softmax. Whole VLM (`modelopt_oracle_vl.py`), in addition: the vision tower's 2D
+    rotary tables (computed in float32) and their application to q/k (done in float32), the
+    position-grid interpolation weights (float32), and transformers' causal-LM loss (which
+    upcasts the logits with `.float()`). The vision LayerNorms, GELUs, the Conv3d and the
+    attention keep the input's dtype already."""
     import torch
     import modelopt.torch.quantization.algorithms as algo
+    import transformers.vision_utils as vu
+    from transformers.loss import loss_utils
     from transformers.models.qwen3_vl import modeling_qwen3_vl as qv
 
     def rms_norm_forward(self, hidden_states):
@@ -111,8 +121,52 @@ def keep_float64():
         sin = self.recomposition_frequencies(freqs.sin() * self.attention_scaling)
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
+    def vision_rotary_forward(self, x, position_ids):
+        # axial 2D rope: the same inverse frequencies for rows and columns, float64
+        dim = 2 * self.inv_freq.shape[0]
+        base = self.config.rope_parameters["rope_theta"]
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64, device=x.device) / dim))
+        freqs = position_ids[..., None].double() * inv_freq
+        cos = self.recomposition_frequencies(freqs.cos() * self.attention_scaling)
+        sin = self.recomposition_frequencies(freqs.sin() * self.attention_scaling)
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+    def apply_rotary_vision(q, k, cos, sin):
+        cos, sin = cos.unsqueeze(-2).to(q.dtype), sin.unsqueeze(-2).to(q.dtype)
+        return (q * cos) + (qv.rotate_half(q) * sin), (k * cos) + (qv.rotate_half(k) * sin)
+
+    def interpolation_taps_weights(index, size, side, mode, align_corners, padding="border"):
+        # bilinear taps as transformers computes them, the weights in float64
+        if mode != "bilinear" or padding != "border":
+            raise NotImplementedError(f"keep_float64: interpolation {mode}/{padding}")
+        index = index.to(torch.float64)
+        if align_corners:
+            src = index * (side - 1) / torch.clamp(size - 1, min=1)
+        else:
+            src = (index + 0.5) * side / size - 0.5
+        floor = torch.floor(src)
+        offsets = torch.arange(0, 2, device=index.device)
+        taps = (floor.long()[:, None] + offsets).clamp(0, side - 1)
+        weights = (1 - (src[:, None] - floor[:, None] - offsets).abs()).clamp(min=0)
+        return taps, weights
+
+    def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
+                       shift_labels=None, **kwargs):
+        # ForCausalLMLoss without the `.float()`: mean cross-entropy over the shifted labels
+        if num_items_in_batch is not None or shift_labels is not None:
+            raise NotImplementedError("keep_float64: causal-LM loss with num_items_in_batch/shift_labels")
+        shift = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), shift.reshape(-1).to(logits.device),
+                                                 ignore_index=ignore_index)
+
     qv.Qwen3VLTextRMSNorm.forward = rms_norm_forward
     qv.Qwen3VLTextRotaryEmbedding.forward = rotary_forward
+    qv.Qwen3VLVisionRotaryEmbedding.forward = vision_rotary_forward
+    qv.apply_rotary_pos_emb_vision = apply_rotary_vision  # looked up as a module global
+    vu._interpolation_axis_taps_weights = interpolation_taps_weights  # likewise
+    for key, fn in list(loss_utils.LOSS_MAPPING.items()):  # `PreTrainedModel.loss_function` reads it;
+        if fn is loss_utils.ForCausalLMLoss:  # Qwen3VLForConditionalGeneration's is "ForConditionalGeneration"
+            loss_utils.LOSS_MAPPING[key] = causal_lm_loss
     algo._get_auto_quantize_score = score  # `_add_auto_quantize_score` looks it up here
     algo._get_log_prob = log_prob
 
@@ -148,10 +202,40 @@ def make_batches(input_ids, attention_mask, batch_size):
     return out
 
 
+def format_cfg(fmt_name: str):
+    """A case's format as `auto_quantize` takes it: the built-in's name, or the custom config."""
+    import modelopt.torch.quantization as mtq
+
+    return fp8_weight_only_cfg(mtq) if fmt_name == "FP8_WEIGHT_ONLY" else fmt_name
+
+
+def auto_quantize(model, batches, fmt_cfg, method, effective_bits, score_steps, forward_step, loss_func=None):
+    """One `mtq.auto_quantize` run: the format(s) (plus ModelOpt's implicit NONE), calibration
+    on every batch, `score_steps` scoring batches. Returns (model, state, seconds)."""
+    import modelopt.torch.quantization as mtq
+
+    kwargs = dict(
+        constraints={"effective_bits": effective_bits},
+        quantization_formats=fmt_cfg if isinstance(fmt_cfg, list) else [fmt_cfg],
+        data_loader=batches,
+        forward_step=forward_step,
+        num_calib_steps=len(batches),
+        num_score_steps=score_steps,
+        verbose=False,
+        method=method,
+    )
+    if method == "gradient":
+        kwargs["loss_func"] = loss_func
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, state = mtq.auto_quantize(model, **kwargs)
+    return model, state, time.perf_counter() - t0
+
+
 def run_case(lm, lm_head, batches, pad_id, fmt_cfg, method, effective_bits, score_steps):
     import torch
     import torch.nn.functional as F
-    import modelopt.torch.quantization as mtq
 
     # The seed's runner takes the loss in float32; a float64 run keeps float64.
     loss_dtype = torch.float64 if next(lm.parameters()).dtype == torch.float64 else torch.float32
@@ -167,21 +251,19 @@ def run_case(lm, lm_head, batches, pad_id, fmt_cfg, method, effective_bits, scor
             logits[:, :-1, :].reshape(-1, v).to(loss_dtype), labels[:, 1:].reshape(-1), ignore_index=pad_id
         )
 
-    kwargs = dict(
-        constraints={"effective_bits": effective_bits},
-        quantization_formats=fmt_cfg if isinstance(fmt_cfg, list) else [fmt_cfg],
-        data_loader=batches,
-        forward_step=forward_step,
-        num_calib_steps=len(batches),
-        num_score_steps=score_steps,
-        verbose=False,
-        method=method,
-    )
-    if method == "gradient":
-        kwargs["loss_func"] = loss_func
-    t0 = time.perf_counter()
-    model, state = mtq.auto_quantize(lm, **kwargs)
-    return model, state, time.perf_counter() - t0
+    return auto_quantize(lm, batches, fmt_cfg, method, effective_bits, score_steps, forward_step, loss_func)
+
+
+def versions() -> dict:
+    import modelopt
+    import torch
+    import transformers
+
+    return {"modelopt": modelopt.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def rel_path(path: Path) -> str:
+    return os.path.relpath(path, ROOT) if path.resolve().is_relative_to(ROOT) else str(path)
 
 
 def state_to_json(state, model_names):
@@ -240,11 +322,9 @@ def main() -> int:
         args.out = ROOT / f"stages/tests/fixtures/oracle_modelopt{suffix}.json"
 
     import torch
-    import modelopt
-    import transformers
 
     torch.manual_seed(0)
-    import modelopt.torch.quantization as mtq
+    import modelopt.torch.quantization  # noqa: F401  (registers ModelOpt's plugins before any model loads)
 
     input_ids, attention_mask, pad_id = tokenize(args.checkpoint, args.captions, args.samples, args.max_length)
     batches = make_batches(input_ids, attention_mask, args.batch_size)
@@ -257,13 +337,10 @@ def main() -> int:
     for case, fmt_name, method, bits in CASES:
         if wanted is not None and case not in wanted:
             continue
-        fmt_cfg = fp8_weight_only_cfg(mtq) if fmt_name == "FP8_WEIGHT_ONLY" else fmt_name
         _, lm, lm_head = load_lm(args.checkpoint)  # fresh model per case: auto_quantize converts in place
         if args.dtype == "f64":
             lm, lm_head = lm.double(), lm_head.double()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _, state, secs = run_case(lm, lm_head, batches, pad_id, fmt_cfg, method, bits, score_steps)
+        _, state, secs = run_case(lm, lm_head, batches, pad_id, format_cfg(fmt_name), method, bits, score_steps)
         res = state_to_json(state, None)
         res.update({"format": fmt_name, "method": method, "effective_bits": bits, "seconds": secs})
         results[case] = res
@@ -273,9 +350,8 @@ def main() -> int:
     doc = {
         "format": "qpipe.oracle_modelopt/1",
         "generator": "scripts/modelopt_oracle.py",
-        "versions": {"modelopt": modelopt.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-        "checkpoint": os.path.relpath(args.checkpoint, ROOT) if args.checkpoint.is_relative_to(ROOT) else str(args.checkpoint),
+        "versions": versions(),
+        "checkpoint": rel_path(args.checkpoint),
         "dtype": args.dtype,
         "batch_size": args.batch_size,
         "score_size": args.score_size,

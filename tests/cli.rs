@@ -126,8 +126,10 @@ fn verify_selects_published_runs_by_folder_name() {
     let o = qpipe(dir.path(), &["verify", "--parity", "weight-int8-act-int8"]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(2), "nothing is committed in a fresh copy: {out}{err}");
-    assert_eq!(out.matches("does not exist").count(), 3, "{out}");
+    // The three LM-only INT8 runs and the three whole-model (all-layers) ones.
+    assert_eq!(out.matches("does not exist").count(), 6, "{out}");
     assert!(out.contains("tiny_qwen3_vl_autoquant_int8_lm_medium"), "{out}");
+    assert!(out.contains("tiny_qwen3_vl_autoquant_all_layers_int8_medium"), "{out}");
     let o = qpipe(dir.path(), &["verify", "--parity", "weight-int9-act-int8"]);
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(2));

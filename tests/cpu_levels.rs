@@ -1,8 +1,8 @@
 //! The committed analyses are the bytes every x86-64 CPU writes: the real scorer, forced to
 //! each vector level this CPU has (`QPIPE_SIMD`) and run on different thread counts,
-//! rebuilds two published runs — one on the integer-product path (INT8 × INT8), one on the
-//! f32 GEMM path (FP8 weights, unquantized inputs) — and must write the committed files
-//! byte for byte.
+//! rebuilds three published runs — one on the integer-product path (INT8 × INT8), one on
+//! the f32 GEMM path (FP8 weights, unquantized inputs), one of the whole model on images
+//! (the vision tower) — and must write the committed files byte for byte.
 
 use std::fs;
 use std::path::Path;
@@ -10,9 +10,11 @@ use std::path::Path;
 mod support;
 use support::real::{copy_into, repo, text, workspace_copy};
 
-const RUNS: [&str; 2] = [
+const RUNS: [&str; 3] = [
     "models/tiny_qwen3_vl/layer-analysis/weight-int8-act-int8/tiny_qwen3_vl_autoquant_int8_lm_small",
     "models/tiny_qwen3_vl/layer-analysis/weight-fp8-act-fp16/tiny_qwen3_vl_autoquant_wfp8_afp16_lm_small",
+    // The whole model on images: the vision tower's forward and backward too.
+    "models/tiny_qwen3_vl/layer-analysis/weight-int8-act-int8/tiny_qwen3_vl_autoquant_all_layers_int8_small",
 ];
 
 /// The levels this CPU supports, as `QPIPE_SIMD` names them (the conditions of

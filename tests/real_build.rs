@@ -270,3 +270,67 @@ fn status_of_a_new_budget_shows_the_search_stale_and_the_scores_fresh() {
     let err = text(&o).1;
     assert!(!o.status.success() && err.contains("would overwrite the published"), "{err}");
 }
+
+/// Image-text calibration end to end on the tiny model: a whole-model run scores the tower,
+/// the language model and `lm_head`; an image is an input of the calibration key; a build
+/// that must re-score after the intermediates were deleted re-makes both of build-calib's
+/// outputs (tokens and image references) first; bad inputs name the file and annotation.
+#[test]
+fn image_text_calibration_scores_the_whole_model() {
+    let dir = workspace_copy();
+    let args = ["output_layout=tmp", "dataset=coco_tiny", "autoquant.coverage=full", "dataset.max_calib_samples=8"];
+    let build = |extra: &[&str]| {
+        let mut a = vec!["build"];
+        a.extend_from_slice(&args);
+        a.extend_from_slice(extra);
+        qpipe(dir.path(), &a)
+    };
+    let o = build(&[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    let manifests = files_named(&dir.path().join("tmp/runs"), "_quant_manifest.json");
+    assert_eq!(manifests.len(), 1, "{manifests:?}");
+    let v: serde_json::Value = serde_json::from_slice(&fs::read(&manifests[0]).unwrap()).unwrap();
+    let groups = v["layer_sensitivity"].as_object().unwrap();
+    assert_eq!(groups.len(), 30, "13 tower groups, 16 language-model groups, lm_head");
+    assert!(groups.contains_key("model.visual.patch_embed.proj.quant_recipe"));
+    assert!(groups.contains_key("lm_head.quant_recipe"));
+    assert_eq!(v["scheme"]["coverage_mode"], "full");
+    // The tower's scores are real: positive, and the conv is not a `layers` entry.
+    assert!(groups["model.visual.blocks.0.mlp.linear_fc2.quant_recipe"]["scores"][0].as_f64().unwrap() > 0.0);
+    assert!(!v["layers"].as_object().unwrap().contains_key("model.visual.patch_embed.proj"));
+
+    // An image is an input of the calibration key.
+    let coco: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.path().join("data/coco/captions_tiny.json")).unwrap()).unwrap();
+    let first = coco["annotations"][0]["image_id"].clone();
+    let file = coco["images"].as_array().unwrap().iter().find(|i| i["id"] == first).unwrap()["file_name"].clone();
+    let image = dir.path().join("data/coco/images").join(file.as_str().unwrap());
+    let o = qpipe(dir.path(), &["status", args[0], args[1], args[2], args[3]]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).0);
+    let bytes = fs::read(&image).unwrap();
+    fs::write(&image, b"not an image").unwrap();
+    let o = qpipe(dir.path(), &["status", args[0], args[1], args[2], args[3]]);
+    let (out, _) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains(image.file_name().unwrap().to_str().unwrap()), "{out}");
+    // …and an undecodable one is an error naming the file and the annotation.
+    let o = build(&[]);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{out}{err}");
+    assert!(err.contains(image.file_name().unwrap().to_str().unwrap()) && err.contains("annotation 0"), "{err}");
+    fs::write(&image, bytes).unwrap();
+
+    // Scores must be re-made (a new method), the intermediates are gone: both come back.
+    fs::remove_dir_all(dir.path().join("tmp/qpipe/calib")).unwrap();
+    let o = build(&["autoquant.method=kl_div"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(err.contains("Running build-calib@"), "{err}");
+
+    // Images need coverage=full; coverage=full needs images.
+    let o = qpipe(dir.path(), &["status", "dataset=coco_tiny"]);
+    assert!(text(&o).1.contains("autoquant.coverage"), "{}", text(&o).1);
+    let o = qpipe(dir.path(), &["status", "autoquant.coverage=full"]);
+    assert!(text(&o).1.contains("dataset.coco_captions"), "{}", text(&o).1);
+}

@@ -153,7 +153,7 @@ fn the_published_grid_built_on_slurm_is_the_committed_one_and_a_second_clone_res
     let o = qpipe_env(b.path(), &["build"], &[("QPIPE_CACHE_DIR", cache.path())]);
     let (_, err) = text(&o);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("(0 ran, 52 restored from the cache, 0 fresh)") && !err.contains("Running"), "{err}");
+    assert!(err.contains("(0 ran, 67 restored from the cache, 0 fresh)") && !err.contains("Running"), "{err}");
     assert_eq!(fs::read(b.path().join("qpipe.lock")).unwrap(), fs::read(repo().join("qpipe.lock")).unwrap());
 }
 

@@ -46,6 +46,7 @@ fn gen(dir: &Path) -> Result<()> {
         head_dim: env_usize("BENCH_HEAD_DIM", m.head_dim),
         vocab: env_usize("BENCH_VOCAB", m.vocab),
         max_positions: m.max_positions,
+        vision: None,
     };
     let (h, l, inter, v) = (shape.hidden, shape.layers, shape.intermediate, shape.vocab);
     let (samples, seq) = (env_usize("BENCH_SAMPLES", 32), env_usize("BENCH_SEQ", 128));

@@ -12,6 +12,11 @@
 //! head dim 128, vocab 151936, tied); `mid` the score benchmark's. The size options change
 //! the preset's. bf16, 4 GiB shards with an index, the embedded tiny model's tokenizer (so
 //! `qpipe build model.path=<dir>` can tokenize captions for it). Prints the parameter count.
+//!
+//! `--vision 4b` adds Qwen3-VL-4B's vision tower (24 blocks of 1024, patch 16, merge 2,
+//! DeepStack after blocks 5, 11, 17) and a `preprocessor_config.json`; `--coco DIR` also
+//! writes `--images N` synthetic `--image-size`×`--image-size` PNGs and a COCO captions file
+//! there (`scripts/bench_vl.sh` times a whole-model build on them).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +30,7 @@ fn main() -> Result<()> {
     let mut dir: Option<PathBuf> = None;
     let (mut shape, mut dtype, mut shard_gib, mut seed) = (Shape::QWEN3_VL_4B, Dtype::Bf16, 4.0f64, 0u64);
     let mut tokenizer = Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny_qwen3_vl/checkpoint")));
+    let (mut coco, mut images, mut image_size): (Option<PathBuf>, usize, usize) = (None, 16, 448);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("`{a}` needs a value"));
         match a.as_str() {
@@ -40,12 +46,23 @@ fn main() -> Result<()> {
             "--shard-gib" => shard_gib = value()?.parse().context("--shard-gib: a number of GiB")?,
             "--seed" => seed = value()?.parse().context("--seed: an integer")?,
             "--tokenizer-from" => tokenizer = Some(PathBuf::from(value()?)),
+            "--vision" => {
+                shape.vision = match value()?.as_str() {
+                    "4b" => Some(synth::VisionShape::QWEN3_VL_4B),
+                    "none" => None,
+                    other => bail!("--vision: `{other}` (valid: 4b, none)"),
+                }
+            }
+            "--coco" => coco = Some(PathBuf::from(value()?)),
+            "--images" => images = value()?.parse().context("--images: a whole number")?,
+            "--image-size" => image_size = value()?.parse().context("--image-size: pixels")?,
             "--no-tokenizer" => tokenizer = None,
             "-h" | "--help" => {
                 eprintln!(
                     "usage: synth_checkpoint <dir> [--preset 4b|2b|mid] [--layers N] [--hidden H] [--intermediate I] \
                      [--heads Q] [--kv-heads K] [--head-dim D] [--vocab V] [--dtype bf16|f32] [--shard-gib N] \
-                     [--seed N] [--tokenizer-from DIR | --no-tokenizer]"
+                     [--seed N] [--tokenizer-from DIR | --no-tokenizer] [--vision 4b|none] \
+                     [--coco DIR [--images N] [--image-size PX]]"
                 );
                 return Ok(());
             }
@@ -83,6 +100,12 @@ fn main() -> Result<()> {
     let summary = synth::write(&dir, &shape, dtype, shard_bytes, seed, &progress)?;
     if let Some(from) = tokenizer {
         synth::copy_tokenizer(&from, &dir)?;
+    }
+    if let Some(coco) = coco {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../data/calibration/captions.txt"))?;
+        let captions: Vec<String> = text.lines().map(str::to_string).collect();
+        synth::write_coco(&coco, images, image_size, &captions, seed)?;
+        eprintln!("wrote {images} images of {image_size}×{image_size} and {}", coco.join("captions.json").display());
     }
     eprintln!(
         "wrote {} file(s), {:.2} GiB, in {:.1} s",

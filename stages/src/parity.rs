@@ -8,7 +8,10 @@
 //!    one is an error: the comparison could not be made);
 //! 2. schema drift: the key paths of both JSON files, recursively, with their value types
 //!    (per-layer maps are compared through their members' keys: `layer_sensitivity.*.rank`);
-//! 3. the layer set: recipes only one side has. Vision-tower recipes (`visual.*`) that only
+//! 3. the layer set: recipes only one side has. Recipes past the last block or layer of the
+//!    same kind on the other side, when the sides are different models (`model.id`), are a
+//!    *model size* difference (the tiny model against the legacy 4B runs), in `notes`.
+//!    Vision-tower recipes (`visual.*`) that only
 //!    one side lists are a *scope difference* (the legacy INT8 "LM-only" files came from a
 //!    full-model scope), reported in `notes`, not drift; so is a different module prefix
 //!    (`language_model.layers.0…` vs `layers.0…`);
@@ -193,6 +196,24 @@ pub fn is_vision(name: &str) -> bool {
     name.split('.').any(|c| matches!(c, "visual" | "vision_tower" | "vision_model"))
 }
 
+/// A recipe name with its block and layer indices replaced: `layers.N.mlp.down_proj…`.
+fn kind_of(name: &str) -> String {
+    name.split('.')
+        .map(|c| if !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) { "N" } else { c })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Whether `name` is of a kind `other` has too, at an index past every index `other` has
+/// for that kind (a block or layer the other, smaller model does not have).
+fn beyond_the_other_model(name: &str, other: &BTreeSet<&str>) -> bool {
+    let kind = kind_of(name);
+    let index = |n: &str| -> Vec<u64> { n.split('.').filter_map(|c| c.parse().ok()).collect() };
+    let mine = index(name);
+    let theirs: Vec<Vec<u64>> = other.iter().filter(|o| kind_of(o) == kind).map(|o| index(o)).collect();
+    !theirs.is_empty() && theirs.iter().all(|t| t.len() == mine.len() && t < &mine)
+}
+
 /// `model.language_model.layers.0.x` / `language_model.layers.0.x` → `layers.0.x`.
 pub fn normalize(name: &str) -> &str {
     match name.find("language_model.") {
@@ -249,8 +270,23 @@ fn compare_layers(ma: &Value, mb: &Value, tol: &Tolerance, report: &mut ParityRe
     let names_b: BTreeSet<&str> = ib.iter().map(|(k, _)| k.as_str()).collect();
     let only_a: Vec<&str> = names_a.difference(&names_b).copied().collect();
     let only_b: Vec<&str> = names_b.difference(&names_a).copied().collect();
-    for (label, only) in [("committed", &only_a), ("candidate", &only_b)] {
-        let (vision, lm): (Vec<&str>, Vec<&str>) = only.iter().partition(|k| is_vision(k));
+    // Whole-model runs on both sides: their tower recipes are compared like the others.
+    let both_full = names_a.iter().any(|k| is_vision(k)) && names_b.iter().any(|k| is_vision(k));
+    // Two different models (`model.id`) of one architecture: recipes past the smaller
+    // model's blocks and layers are its size, not drift.
+    let other_model = ma.pointer("/model/id").is_some() && ma.pointer("/model/id") != mb.pointer("/model/id");
+    for (label, only, other) in [("committed", &only_a, &names_b), ("candidate", &only_b, &names_a)] {
+        let (vision, lm): (Vec<&str>, Vec<&str>) = only.iter().partition(|k| is_vision(k) && !both_full);
+        let (sized, lm): (Vec<&str>, Vec<&str>) =
+            lm.into_iter().partition(|k| other_model && beyond_the_other_model(k, other));
+        if !sized.is_empty() {
+            report.notes.push(format!(
+                "model size: only the {label} files list {} recipes (e.g. `{}`) past the other model's last block or \
+                 layer of the same kind: the models differ in size; left out of the comparison",
+                sized.len(),
+                sized[0]
+            ));
+        }
         if !vision.is_empty() {
             report.notes.push(format!(
                 "scope difference: only the {label} files list {} vision-tower recipes (e.g. `{}`): it came from a \
@@ -279,7 +315,7 @@ fn compare_layers(ma: &Value, mb: &Value, tol: &Tolerance, report: &mut ParityRe
     let mut over: Vec<(String, f64, f64, f64)> = Vec::new();
     for (k, va) in &ia {
         let Some(vb) = mb_map.get(k.as_str()) else { continue };
-        if is_vision(k) {
+        if is_vision(k) && !both_full {
             continue;
         }
         let (Some(x), Some(y)) = (va, vb) else {
@@ -440,6 +476,25 @@ mod tests {
         pyjson::write(&dir.join(REPORT_JSON), &r.to_json()).unwrap();
         std::fs::write(dir.join(REPORT_MD), markdown::render(&r, Some("per-layer-sensitivity.svg"))).unwrap();
         std::fs::write(dir.join("per-layer-sensitivity.svg"), svg::render(&r)).unwrap();
+    }
+
+    /// A smaller model of the same architecture (another `model.id`): the layers it lacks
+    /// are a size note; the same model missing its last layer is drift.
+    #[test]
+    fn a_smaller_model_is_a_size_note_and_a_lost_layer_of_the_same_model_is_drift() {
+        let t = tempfile::tempdir().unwrap();
+        let small = build_manifest(&synthetic_state(2, "FP8"), &scheme(), &json!({"id": "tiny"})).unwrap();
+        let big = build_manifest(&synthetic_state(4, "FP8"), &scheme(), &json!({"id": "4b"})).unwrap();
+        let (a, b, c) = (t.path().join("a"), t.path().join("b"), t.path().join("c"));
+        write_run(&a, &small);
+        write_run(&b, &big);
+        let r = compare(&a, &b, &Tolerance::default());
+        assert!(r.notes.iter().any(|n| n.contains("model size") && n.contains("8 recipes")), "{r:#?}");
+        assert!(!r.drift.iter().any(|d| d.contains("layer set")), "{r:#?}");
+        let same = build_manifest(&synthetic_state(4, "FP8"), &scheme(), &json!({"id": "tiny"})).unwrap();
+        write_run(&c, &same);
+        let r = compare(&a, &c, &Tolerance::default());
+        assert!(r.drift.iter().any(|d| d.contains("layer set: 8 new layer(s)")), "{r:#?}");
     }
 
     fn two_runs() -> (tempfile::TempDir, PathBuf, PathBuf) {

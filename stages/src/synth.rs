@@ -5,7 +5,8 @@
 //! [`write`] produces what the Hub's Qwen3-VL checkpoints look like to qpipe: a
 //! `config.json` in the transformers 4.57 dialect (`text_config` with `rope_scaling` and
 //! `rope_theta`), the language model's tensors under `model.language_model.` (tied
-//! embeddings, no `lm_head`; no vision tower — qpipe scores the language model only), in
+//! embeddings, no `lm_head`) and, with a [`VisionShape`], the vision tower's under
+//! `model.visual.` with a `preprocessor_config.json` (else none), in
 //! safetensors shards of at most `shard_bytes` each plus `model.safetensors.index.json`,
 //! or one `model.safetensors` when everything fits in one shard.
 //!
@@ -23,7 +24,7 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
-/// The shape of a Qwen3-VL language model.
+/// The shape of a Qwen3-VL language model (and, with [`Shape::vision`], its vision tower).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shape {
     pub hidden: usize,
@@ -34,6 +35,107 @@ pub struct Shape {
     pub head_dim: usize,
     pub vocab: usize,
     pub max_positions: usize,
+    /// The vision tower's tensors too (`model.visual.*`), and its `vision_config`.
+    pub vision: Option<VisionShape>,
+}
+
+/// The shape of a Qwen3-VL vision tower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VisionShape {
+    pub depth: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub patch: usize,
+    pub temporal_patch: usize,
+    pub merge: usize,
+    pub num_position_embeddings: usize,
+    pub deepstack: &'static [usize],
+}
+
+impl VisionShape {
+    /// Qwen3-VL-4B-Instruct's vision tower (its Hub `config.json`; the legacy all-layers
+    /// manifests' costs agree): 24 blocks of hidden 1024, MLP 4096, 16 heads, 16-pixel
+    /// patches, 2×2 merge, a 48×48 position grid, DeepStack after blocks 5, 11 and 17.
+    pub const QWEN3_VL_4B: VisionShape = VisionShape {
+        depth: 24,
+        hidden: 1024,
+        intermediate: 4096,
+        heads: 16,
+        patch: 16,
+        temporal_patch: 2,
+        merge: 2,
+        num_position_embeddings: 2304,
+        deepstack: &[5, 11, 17],
+    };
+
+    /// Every tensor of the tower: name and shape (`out` is the language model's hidden size).
+    pub fn tensors(&self, out: usize) -> Vec<(String, Vec<usize>)> {
+        let (h, i, m) = (self.hidden, self.intermediate, self.hidden * self.merge * self.merge);
+        let p = "model.visual.";
+        let mut v = vec![
+            (format!("{p}patch_embed.proj.weight"), vec![h, 3, self.temporal_patch, self.patch, self.patch]),
+            (format!("{p}patch_embed.proj.bias"), vec![h]),
+            (format!("{p}pos_embed.weight"), vec![self.num_position_embeddings, h]),
+        ];
+        for b in 0..self.depth {
+            for (name, shape) in [
+                ("norm1.weight", vec![h]),
+                ("norm1.bias", vec![h]),
+                ("attn.qkv.weight", vec![3 * h, h]),
+                ("attn.qkv.bias", vec![3 * h]),
+                ("attn.proj.weight", vec![h, h]),
+                ("attn.proj.bias", vec![h]),
+                ("norm2.weight", vec![h]),
+                ("norm2.bias", vec![h]),
+                ("mlp.linear_fc1.weight", vec![i, h]),
+                ("mlp.linear_fc1.bias", vec![i]),
+                ("mlp.linear_fc2.weight", vec![h, i]),
+                ("mlp.linear_fc2.bias", vec![h]),
+            ] {
+                v.push((format!("{p}blocks.{b}.{name}"), shape));
+            }
+        }
+        let merger = |q: String, norm: usize| {
+            vec![
+                (format!("{q}norm.weight"), vec![norm]),
+                (format!("{q}norm.bias"), vec![norm]),
+                (format!("{q}linear_fc1.weight"), vec![m, m]),
+                (format!("{q}linear_fc1.bias"), vec![m]),
+                (format!("{q}linear_fc2.weight"), vec![out, m]),
+                (format!("{q}linear_fc2.bias"), vec![out]),
+            ]
+        };
+        v.extend(merger(format!("{p}merger."), h));
+        for j in 0..self.deepstack.len() {
+            v.extend(merger(format!("{p}deepstack_merger_list.{j}."), m));
+        }
+        v
+    }
+
+    fn config(&self, out: usize) -> Value {
+        json!({
+            "deepstack_visual_indexes": self.deepstack, "depth": self.depth, "hidden_act": "gelu_pytorch_tanh",
+            "hidden_size": self.hidden, "in_channels": 3, "initializer_range": 0.02,
+            "intermediate_size": self.intermediate, "model_type": "qwen3_vl_vision", "num_heads": self.heads,
+            "num_position_embeddings": self.num_position_embeddings, "out_hidden_size": out,
+            "patch_size": self.patch, "spatial_merge_size": self.merge, "temporal_patch_size": self.temporal_patch
+        })
+    }
+
+    /// A `preprocessor_config.json` as Qwen3-VL's (mean and std 0.5, 16-pixel patches),
+    /// for this tower's patch and merge sizes.
+    pub fn preprocessor_config(&self) -> Value {
+        let factor = self.patch * self.merge;
+        json!({
+            "image_processor_type": "Qwen2VLImageProcessor", "do_resize": true, "do_rescale": true,
+            "rescale_factor": 1.0 / 255.0, "do_normalize": true, "do_convert_rgb": true, "resample": 3,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+            "patch_size": self.patch, "temporal_patch_size": self.temporal_patch, "merge_size": self.merge,
+            "min_pixels": factor * factor * 4, "max_pixels": 16_777_216,
+            "size": {"shortest_edge": factor * factor * 4, "longest_edge": 16_777_216}
+        })
+    }
 }
 
 impl Shape {
@@ -47,6 +149,7 @@ impl Shape {
         head_dim: 128,
         vocab: 151_936,
         max_positions: 262_144,
+        vision: None,
     };
 
     /// The score benchmark's mid-size model (`scripts/bench_score.sh`).
@@ -59,6 +162,7 @@ impl Shape {
         head_dim: 64,
         vocab: 4096,
         max_positions: 4096,
+        vision: None,
     };
 
     /// Qwen3-VL-2B-Instruct's language model (28 layers, hidden 2048, tied embeddings).
@@ -71,6 +175,7 @@ impl Shape {
         head_dim: 128,
         vocab: 151_936,
         max_positions: 262_144,
+        vision: None,
     };
 
     /// A shape by name: `4b` (also `qwen3-vl-4b`), `2b` (`qwen3-vl-2b`) or `mid`.
@@ -132,6 +237,9 @@ impl Shape {
             }
         }
         out.push((format!("{p}norm.weight"), vec![h]));
+        if let Some(v) = &self.vision {
+            out.extend(v.tensors(h));
+        }
         out
     }
 
@@ -142,6 +250,13 @@ impl Shape {
 
     /// `config.json` in the transformers 4.57 dialect, as the Hub's Qwen3-VL-4B has it.
     pub fn config(&self, dtype: Dtype) -> Value {
+        let v = self.vocab as u64;
+        self.config_with_ids(dtype, [v - 1, v - 2, v - 3, v - 4])
+    }
+
+    /// [`Self::config`] with the image, video, vision-start and vision-end token ids of the
+    /// tokenizer the checkpoint goes with.
+    pub fn config_with_ids(&self, dtype: Dtype, [image, video, start, end]: [u64; 4]) -> Value {
         let half = self.head_dim / 2;
         // Qwen3-VL-4B: head_dim 128 → [24, 20, 20]; other head dims scaled alike.
         let t = half * 3 / 8;
@@ -151,7 +266,7 @@ impl Shape {
         json!({
             "architectures": ["Qwen3VLForConditionalGeneration"],
             "model_type": "qwen3_vl",
-            "image_token_id": v - 1, "video_token_id": v - 2, "vision_start_token_id": v - 3, "vision_end_token_id": v - 4,
+            "image_token_id": image, "video_token_id": video, "vision_start_token_id": start, "vision_end_token_id": end,
             "tie_word_embeddings": true,
             "transformers_version": "4.57.0",
             "text_config": {
@@ -164,11 +279,15 @@ impl Shape {
                 "rope_scaling": {"mrope_interleaved": true, "mrope_section": section, "rope_type": "default"},
                 "rope_theta": 5_000_000.0, "tie_word_embeddings": true, "use_cache": true, "vocab_size": v
             },
-            "vision_config": {
-                "deepstack_visual_indexes": [0], "depth": 1, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 32,
-                "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 64, "model_type": "qwen3_vl_vision",
-                "num_heads": 2, "num_position_embeddings": 16, "out_hidden_size": self.hidden, "patch_size": 8,
-                "spatial_merge_size": 2, "temporal_patch_size": 2
+            "vision_config": match &self.vision {
+                Some(vs) => vs.config(self.hidden),
+                None => json!({
+                    "deepstack_visual_indexes": [0], "depth": 1, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 32,
+                    "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 64,
+                    "model_type": "qwen3_vl_vision", "num_heads": 2, "num_position_embeddings": 16,
+                    "out_hidden_size": self.hidden, "patch_size": 8, "spatial_merge_size": 2,
+                    "temporal_patch_size": 2
+                }),
             }
         })
     }
@@ -229,17 +348,37 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The little-endian bytes of one tensor: ones for norm weights (1-D), else uniform values
-/// with standard deviation 0.02.
-fn tensor_bytes(index: usize, numel: usize, is_norm: bool, dtype: Dtype, seed: u64) -> Vec<u8> {
+/// How a tensor is filled: norm weights with ones, biases with zeros, the rest randomly.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    Ones,
+    Zeros,
+    Random,
+}
+
+fn fill_of(name: &str, shape: &[usize]) -> Fill {
+    if name.ends_with(".bias") {
+        Fill::Zeros
+    } else if shape.len() == 1 {
+        Fill::Ones
+    } else {
+        Fill::Random
+    }
+}
+
+/// The little-endian bytes of one tensor: ones for norm weights (1-D), zeros for biases,
+/// else uniform values with standard deviation 0.02.
+fn tensor_bytes(index: usize, numel: usize, fill: Fill, dtype: Dtype, seed: u64) -> Vec<u8> {
     let size = dtype.size();
     let mut out = vec![0u8; numel * size];
     let half_width = 0.02f32 * 3f32.sqrt(); // uniform on [-a, a] has std a/√3
     out.par_chunks_mut(CHUNK * size).enumerate().for_each(|(c, bytes)| {
         let mut state = splitmix(seed ^ splitmix(index as u64) ^ splitmix((c as u64) << 20));
         for e in bytes.chunks_exact_mut(size) {
-            let v = if is_norm {
+            let v = if fill == Fill::Ones {
                 1.0
+            } else if fill == Fill::Zeros {
+                0.0
             } else {
                 state = splitmix(state);
                 let u = (state >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
@@ -288,7 +427,7 @@ fn write_shard(
         f.write_all(text.as_bytes())?;
         for &i in tensors {
             let (name, shape) = &all[i];
-            let bytes = tensor_bytes(i, shape.iter().product(), shape.len() == 1, dtype, seed);
+            let bytes = tensor_bytes(i, shape.iter().product(), fill_of(name, shape), dtype, seed);
             f.write_all(&bytes).with_context(|| format!("writing tensor {name}"))?;
             progress(bytes.len() as u64);
         }
@@ -338,6 +477,10 @@ pub fn write(
     };
     let config = serde_json::to_string_pretty(&shape.config(dtype))? + "\n";
     std::fs::write(dir.join("config.json"), config).context("writing config.json")?;
+    if let Some(v) = &shape.vision {
+        let pre = serde_json::to_string_pretty(&v.preprocessor_config())? + "\n";
+        std::fs::write(dir.join("preprocessor_config.json"), pre).context("writing preprocessor_config.json")?;
+    }
     let mut total = 0u64;
     let mut weight_map = Map::new();
     for (file, tensors) in files.iter().zip(&shards) {
@@ -367,6 +510,61 @@ pub fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
         }
         std::fs::copy(&src, to.join(name)).with_context(|| format!("copying the tokenizer file {}", src.display()))?;
     }
+    // The image token ids of `config.json` follow the tokenizer's vision tokens, when it has them.
+    let tok: Value = serde_json::from_slice(&std::fs::read(from.join("tokenizer.json"))?)?;
+    let id =
+        |t: &str| tok["added_tokens"].as_array()?.iter().find(|a| a["content"] == t).and_then(|a| a["id"].as_u64());
+    if let (Some(image), Some(video), Some(start), Some(end)) =
+        (id("<|image_pad|>"), id("<|video_pad|>"), id("<|vision_start|>"), id("<|vision_end|>"))
+    {
+        let path = to.join("config.json");
+        let mut cfg: Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        for (k, v) in [
+            ("image_token_id", image),
+            ("video_token_id", video),
+            ("vision_start_token_id", start),
+            ("vision_end_token_id", end),
+        ] {
+            cfg[k] = json!(v);
+        }
+        std::fs::write(&path, serde_json::to_string_pretty(&cfg)? + "\n")?;
+    }
+    Ok(())
+}
+
+/// Writes `n` synthetic `size`×`size` RGB PNG images (smooth seeded patterns: gradients
+/// and stripes) into `dir/images/` and a COCO captions file `dir/captions.json` with one
+/// annotation per image, its caption taken in turn from `captions`.
+pub fn write_coco(dir: &Path, n: usize, size: usize, captions: &[String], seed: u64) -> Result<()> {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).with_context(|| format!("creating {}", images.display()))?;
+    let mut imgs = Vec::new();
+    let mut anns = Vec::new();
+    for k in 0..n {
+        let name = format!("{k:012}.png");
+        let r = splitmix(seed ^ splitmix(k as u64));
+        let (fx, fy, phase) = ((r & 0xff) as f32 / 40.0 + 1.0, ((r >> 8) & 0xff) as f32 / 40.0 + 1.0, (r >> 16) as f32);
+        let mut px = Vec::with_capacity(size * size * 3);
+        for y in 0..size {
+            for x in 0..size {
+                let (u, v) = (x as f32 / size as f32, y as f32 / size as f32);
+                for c in 0..3 {
+                    let w = ((u * fx + v * fy) * std::f32::consts::PI * (c + 1) as f32 + phase).sin();
+                    px.push((127.5 + 120.0 * w) as u8);
+                }
+            }
+        }
+        let file = File::create(images.join(&name)).with_context(|| format!("creating {name}"))?;
+        let mut enc = png::Encoder::new(BufWriter::new(file), size as u32, size as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.write_header()?.write_image_data(&px)?;
+        imgs.push(json!({"id": k + 1, "file_name": name, "width": size, "height": size}));
+        let caption = captions.get(k % captions.len().max(1)).cloned().unwrap_or_else(|| "An image.".into());
+        anns.push(json!({"id": k + 1, "image_id": k + 1, "caption": caption}));
+    }
+    let doc = json!({"info": {"description": "synthetic images (qpipe synth)"}, "images": imgs, "annotations": anns});
+    std::fs::write(dir.join("captions.json"), serde_json::to_string_pretty(&doc)? + "\n")?;
     Ok(())
 }
 
@@ -397,6 +595,7 @@ mod tests {
         head_dim: 16,
         vocab: 300,
         max_positions: 256,
+        vision: None,
     };
 
     #[test]

@@ -32,6 +32,6 @@ pub fn copy_into(dir: &Path, subs: &[&str]) {
 /// A copy of the repository's pipeline, embedded checkpoint and captions.
 pub fn workspace_copy() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    copy_into(dir.path(), &["pipeline.yaml", "models/tiny_qwen3_vl/checkpoint", "data/calibration"]);
+    copy_into(dir.path(), &["pipeline.yaml", "models/tiny_qwen3_vl/checkpoint", "data/calibration", "data/coco"]);
     dir
 }

@@ -138,11 +138,15 @@ pub fn build(ws: &Workspace<'_>, planned: &Planned, sel: &[bool], opts: &BuildOp
                         });
                         match producer {
                             Some(p) if opts.dry_run && ran[p] => {}
-                            Some(p) if !rerun[p] && !ran[p] => {
-                                rerun[p] = true;
-                                force[p] = true;
-                                state[p] = State::Waiting;
-                                report.fresh = report.fresh.saturating_sub(1);
+                            // (Several missing outputs of one producer — or another
+                            // consumer's — ask for one re-run and wait for it.)
+                            Some(p) if !ran[p] => {
+                                if !rerun[p] {
+                                    rerun[p] = true;
+                                    force[p] = true;
+                                    state[p] = State::Waiting;
+                                    report.fresh = report.fresh.saturating_sub(1);
+                                }
                                 waits = true;
                             }
                             Some(p) => bail!(

@@ -312,7 +312,7 @@ pub(crate) mod tests {
     fn committed_tiny_config_parses() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny_qwen3_vl/checkpoint");
         let c = TextConfig::from_dir(&dir).unwrap();
-        assert_eq!((c.hidden_size, c.num_hidden_layers, c.head_dim, c.vocab_size), (128, 4, 32, 512));
+        assert_eq!((c.hidden_size, c.num_hidden_layers, c.head_dim, c.vocab_size), (128, 4, 32, 516));
         assert_eq!(c.pad_token_id, Some(0));
     }
 }

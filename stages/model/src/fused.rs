@@ -226,7 +226,13 @@ pub fn qk_norm_rope(
     (b, t, heads): (usize, usize, usize),
 ) -> Option<Tensor> {
     let (rows, d) = raw.dims2().ok()?;
-    if rows != b * t * heads || w.dims() != [d] || d % 2 != 0 || cos.dims() != [t, d / 2] || sin.dims() != [t, d / 2] {
+    // Tables `[T, D/2]` shared by the rows, or `[B, T, D/2]` per row (M-RoPE with images).
+    let per_row = cos.dims() == [b, t, d / 2] && sin.dims() == [b, t, d / 2];
+    if rows != b * t * heads
+        || w.dims() != [d]
+        || d % 2 != 0
+        || !(per_row || (cos.dims() == [t, d / 2] && sin.dims() == [t, d / 2]))
+    {
         return None;
     }
     let out = with_f32(raw, |raw| {
@@ -239,7 +245,7 @@ pub fn qk_norm_rope(
                         let (bi, h) = (bh / heads, bh % heads);
                         for (ti, o) in o.chunks_mut(d).enumerate() {
                             let src = &raw[((bi * t + ti) * heads + h) * d..][..d];
-                            let cs = ti * (d / 2);
+                            let cs = if per_row { (bi * t + ti) * (d / 2) } else { ti * (d / 2) };
                             norm_rope_row(o, src, w, eps as f32, &cos[cs..cs + d / 2], &sin[cs..cs + d / 2]);
                         }
                     });

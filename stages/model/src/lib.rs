@@ -65,6 +65,8 @@ pub mod loss;
 pub mod memory;
 pub mod names;
 pub mod ops;
+pub mod vision;
+pub mod vl;
 pub mod weights;
 
 use std::path::Path;
@@ -124,6 +126,99 @@ pub struct Batch {
     pub input_ids: Vec<Vec<u32>>,
     /// `[B][T]`, 1 = token, 0 = pad.
     pub attention_mask: Vec<Vec<u32>>,
+    /// The image tokens' embeddings, DeepStack features and M-RoPE positions, for a batch
+    /// with images (the vision tower's output); `None` for text.
+    pub visual: Option<VisualTokens>,
+}
+
+/// What the vision tower gives the language model for a batch with images (as
+/// transformers' `Qwen3VLModel.forward` passes it): the embeddings that replace the image
+/// tokens' (`masked_scatter`), the DeepStack features added to the residual stream at the
+/// image positions after decoder layer `j` for the `j`-th feature, and the 3-D positions
+/// of every token ([`rope_index`]).
+#[derive(Debug, Clone)]
+pub struct VisualTokens {
+    /// Flat rows `b·T + t` of the image tokens, in order (the tower's output order).
+    pub rows: Vec<u32>,
+    /// `[M, H]`, M = `rows.len()`.
+    pub embeds: Tensor,
+    /// Each `[M, H]`.
+    pub deepstack: Vec<Tensor>,
+    /// `(t, h, w)` M-RoPE position of every token, each `[B·T]` (0 at pads).
+    pub positions: [Vec<u32>; 3],
+}
+
+/// dL/d(the tower's outputs) at the image positions, from the language model's backward.
+#[derive(Debug, Clone)]
+pub struct VisualGrads {
+    /// `[M, H]`: dL/d(the image tokens' input embeddings).
+    pub embeds: Tensor,
+    /// Per DeepStack feature `[M, H]`.
+    pub deepstack: Vec<Tensor>,
+}
+
+/// transformers' `Qwen3VLModel.get_rope_index` for a batch whose images are each one run
+/// of `image_token_id` tokens: per row, over its non-pad tokens, text runs count on from
+/// the current position on all three axes; an image of patch grid `(t, h, w)` takes
+/// positions `(start + t', start + h', start + w')` over its merged grid
+/// `(t, h/merge, w/merge)` and moves the position on by `max(h, w)/merge`. Pads get 0.
+/// `grids` are the images in batch order.
+pub fn rope_index(
+    input_ids: &[Vec<u32>],
+    attention_mask: &[Vec<u32>],
+    grids: &[[usize; 3]],
+    image_token_id: u32,
+    merge: usize,
+) -> Result<[Vec<u32>; 3]> {
+    let t = input_ids.first().map_or(0, Vec::len);
+    let n = input_ids.len() * t;
+    let mut pos = [vec![0u32; n], vec![0u32; n], vec![0u32; n]];
+    let mut grids = grids.iter();
+    for (bi, (ids, mask)) in input_ids.iter().zip(attention_mask).enumerate() {
+        let kept: Vec<usize> = (0..t).filter(|&i| mask[i] != 0).collect();
+        let mut cur = 0u32;
+        let mut k = 0;
+        while k < kept.len() {
+            let is_image = ids[kept[k]] == image_token_id;
+            let mut end = k;
+            while end < kept.len() && (ids[kept[end]] == image_token_id) == is_image {
+                end += 1;
+            }
+            if is_image {
+                let g = grids.next().with_context(|| format!("row {bi} has more image runs than there are images"))?;
+                let (gt, gh, gw) = (g[0], g[1] / merge, g[2] / merge);
+                ensure!(
+                    end - k == gt * gh * gw,
+                    "row {bi}: an image run of {} tokens, but its grid {g:?} makes {} (truncated?)",
+                    end - k,
+                    gt * gh * gw
+                );
+                let mut i = k;
+                for a in 0..gt {
+                    for b in 0..gh {
+                        for c in 0..gw {
+                            let flat = bi * t + kept[i];
+                            pos[0][flat] = cur + a as u32;
+                            pos[1][flat] = cur + b as u32;
+                            pos[2][flat] = cur + c as u32;
+                            i += 1;
+                        }
+                    }
+                }
+                cur += (g[1].max(g[2]) / merge) as u32;
+            } else {
+                for (j, &i) in kept[k..end].iter().enumerate() {
+                    for p in pos.iter_mut() {
+                        p[bi * t + i] = cur + j as u32;
+                    }
+                }
+                cur += (end - k) as u32;
+            }
+            k = end;
+        }
+    }
+    ensure!(grids.next().is_none(), "more images than image runs in the batch");
+    Ok(pos)
 }
 
 impl Batch {
@@ -145,7 +240,24 @@ impl Batch {
                 m.len()
             );
         }
-        Ok(Batch { input_ids, attention_mask })
+        Ok(Batch { input_ids, attention_mask, visual: None })
+    }
+
+    /// This batch with the vision tower's outputs for its image tokens.
+    pub fn with_visual(mut self, visual: VisualTokens) -> Result<Self> {
+        let (b, t) = self.dims();
+        ensure!(
+            visual.embeds.dim(0)? == visual.rows.len(),
+            "{} image rows, {} embeddings",
+            visual.rows.len(),
+            visual.embeds.dim(0)?
+        );
+        ensure!(visual.positions.iter().all(|p| p.len() == b * t), "positions must cover the [{b}, {t}] batch");
+        if let Some(&r) = visual.rows.iter().find(|&&r| r as usize >= b * t) {
+            bail!("image row {r} is outside the [{b}, {t}] batch");
+        }
+        self.visual = Some(visual);
+        Ok(self)
     }
 
     /// A batch without padding.
@@ -158,6 +270,9 @@ impl Batch {
         (self.input_ids.len(), self.input_ids[0].len())
     }
 }
+
+/// Sees the head's Linear (`lm_head`) chunk by chunk: its input, logits and dL/dlogits.
+pub type HeadSink<'a> = dyn FnMut(&Tensor, &Tensor, &Tensor) -> Result<()> + 'a;
 
 /// Receives one decoder layer in the backward pass: its index, kept activations, attention
 /// probabilities and dL/dy of its seven Linears (module order).
@@ -235,6 +350,9 @@ pub struct ForwardCache {
     sin: Tensor,
     masks: AttnMasks,
     dims: (usize, usize),
+    /// The image tokens' flat rows and the number of DeepStack features, for a batch with
+    /// images: the backward then also hands out dL/d(embeddings) and dL/d(features) there.
+    visual: Option<(Tensor, usize)>,
 }
 
 impl ForwardCache {
@@ -481,14 +599,39 @@ impl TextModel {
         if let Some(bad) = flat.iter().find(|&&id| id as usize >= c.vocab_size) {
             bail!("token id {bad} is outside the vocabulary (vocab_size {})", c.vocab_size);
         }
+        let visual = batch.visual.as_ref();
+        let rows = visual.map(|v| Tensor::from_vec(v.rows.clone(), v.rows.len(), dev)).transpose()?;
         let (first, mut h) = match from {
             Some((l, h)) => (l, h),
             None => {
-                let e = self.w.embed_tokens.index_select(&Tensor::from_vec(flat, n, dev)?, 0)?;
-                (0, e.to_dtype(self.dtype)?)
+                let e = self.w.embed_tokens.index_select(&Tensor::from_vec(flat, n, dev)?, 0)?.to_dtype(self.dtype)?;
+                match visual {
+                    // `masked_scatter`: the image tokens' rows taken from the tower's output
+                    // (a gather, so exactly those values).
+                    Some(v) => {
+                        let mut gather: Vec<u32> = (0..n as u32).collect();
+                        for (k, &r) in v.rows.iter().enumerate() {
+                            gather[r as usize] = (n + k) as u32;
+                        }
+                        let both = Tensor::cat(&[e, v.embeds.to_dtype(self.dtype)?.to_device(dev)?], 0)?;
+                        (0, both.index_select(&Tensor::from_vec(gather, n, dev)?, 0)?)
+                    }
+                    None => (0, e),
+                }
             }
         };
-        let (cos, sin) = ops::rope_tables(t, c.head_dim, c.rope_theta, self.dtype, dev)?;
+        let (cos, sin) = match visual {
+            Some(v) => ops::mrope_tables(
+                &v.positions,
+                (b, t),
+                c.head_dim,
+                c.rope_theta,
+                (&c.mrope_section, c.mrope_interleaved),
+                self.dtype,
+                dev,
+            )?,
+            None => ops::rope_tables(t, c.head_dim, c.rope_theta, self.dtype, dev)?,
+        };
         let masks = AttnMasks::new(&batch.attention_mask, t, self.dtype, dev)?;
         let mut layers = Vec::with_capacity(if cache { c.num_hidden_layers } else { 0 });
         let ctx = LayerCtx { cos: &cos, sin: &sin, masks: &masks, dims: (b, t) };
@@ -499,6 +642,12 @@ impl TextModel {
             let x = h;
             let (out, acts) = self.layer_forward(l, &x, &ctx, tap)?;
             h = out;
+            // DeepStack: the j-th feature joins the residual stream after decoder layer j.
+            if let (Some(v), Some(rows)) = (visual, &rows) {
+                if let Some(ds) = v.deepstack.get(l) {
+                    h = h.index_add(rows, &ds.to_dtype(self.dtype)?.to_device(dev)?, 0)?;
+                }
+            }
             if cache {
                 layers.push(match keep {
                     Keep::All => LayerSlot::Kept(acts),
@@ -521,6 +670,7 @@ impl TextModel {
             sin,
             masks,
             dims: (b, t),
+            visual: rows.map(|r| (r, visual.map_or(0, |v| v.deepstack.len()))),
         });
         Ok((logits, hidden, kept))
     }
@@ -648,7 +798,8 @@ impl TextModel {
         sink: &mut dyn FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>,
     ) -> Result<()> {
         let dhidden = self.head_backward(&fw, dlogits)?;
-        self.backward_linears_from(fw, dhidden, sink)
+        self.backward_linears_from(fw, dhidden, sink)?;
+        Ok(())
     }
 
     /// [`Self::backward_linears`] of the mean shifted cross-entropy of `labels` (as
@@ -667,6 +818,23 @@ impl TextModel {
         head_rows: usize,
         sink: &mut dyn FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>,
     ) -> Result<f64> {
+        Ok(self.backward_ce(fw, labels, ignore_index, loss_scale, head_rows, None, sink)?.0)
+    }
+
+    /// [`Self::backward_linears_ce`] that also shows `head_sink` the head's Linear
+    /// (`lm_head`) chunk by chunk — its input `[rows, H]`, logits `[rows, V]` and
+    /// dL/dlogits — and, for a batch with images, returns dL/d(the tower's outputs).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_ce(
+        &self,
+        fw: ForwardCache,
+        labels: &[Vec<u32>],
+        ignore_index: Option<u32>,
+        loss_scale: f64,
+        head_rows: usize,
+        mut head_sink: Option<&mut HeadSink<'_>>,
+        sink: &mut dyn FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>,
+    ) -> Result<(f64, Option<VisualGrads>)> {
         let (b, t) = fw.dims;
         let (targets, weights, count) = loss::shifted_targets(labels, (b, t), self.cfg.vocab_size, ignore_index)?;
         let n = b * t;
@@ -679,21 +847,25 @@ impl TextModel {
             let (l, dlogits) = loss::cross_entropy_rows(&logits, &targets[r0..r1], &weights[r0..r1])?;
             loss += l;
             let dlogits = if loss_scale == 1.0 { dlogits } else { (dlogits * loss_scale)? };
+            if let Some(hs) = head_sink.as_deref_mut() {
+                hs(&fw.hidden.narrow(0, r0, r1 - r0)?, &logits, &dlogits)?;
+            }
             parts.push(matmul_xw(&dlogits, w)?);
         }
         let dhidden = Tensor::cat(&parts, 0)?;
         drop(parts);
-        self.backward_linears_from(fw, dhidden, sink)?;
-        Ok(if count == 0 { f64::NAN } else { loss })
+        let visual = self.backward_linears_from(fw, dhidden, sink)?;
+        Ok((if count == 0 { f64::NAN } else { loss }, visual))
     }
 
-    /// [`Self::backward_linears`] from dL/dhidden `[N, H]`.
+    /// [`Self::backward_linears`] from dL/dhidden `[N, H]`; for a batch with images, also
+    /// dL/d(the tower's outputs).
     fn backward_linears_from(
         &self,
         fw: ForwardCache,
         dhidden: Tensor,
         sink: &mut dyn FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>,
-    ) -> Result<()> {
+    ) -> Result<Option<VisualGrads>> {
         let c = &self.cfg;
         let (b, t) = fw.dims;
         let (hq, hkv, d, g) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.group_size());
@@ -723,7 +895,12 @@ impl TextModel {
     /// first, `on_layer` gets the layer's activations (kept, or recomputed from its kept
     /// input), its attention probabilities `[B, Hkv, G·T, T]` and dL/dy of its seven
     /// Linears in module order; the activations are dropped after it returns.
-    fn backward_layers(&self, mut fw: ForwardCache, dhidden: Tensor, on_layer: &mut LayerSink<'_>) -> Result<()> {
+    fn backward_layers(
+        &self,
+        mut fw: ForwardCache,
+        dhidden: Tensor,
+        on_layer: &mut LayerSink<'_>,
+    ) -> Result<Option<VisualGrads>> {
         let c = &self.cfg;
         let (b, t) = fw.dims;
         let (hq, hkv, d, g) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.group_size());
@@ -737,9 +914,15 @@ impl TextModel {
 
         let mut dh = ops::rms_norm_backward(&fw.h_last, &self.w.norm, eps, &dhidden)?;
         drop(dhidden);
+        let visual = fw.visual.take();
+        let mut ds_grads: Vec<Option<Tensor>> = vec![None; visual.as_ref().map_or(0, |v| v.1)];
 
         while let Some(slot) = fw.layers.pop() {
             let l = fw.layers.len();
+            // dL/d(layer l's output) is dL/d(the DeepStack feature added there).
+            if let (Some((rows, _)), Some(g)) = (&visual, ds_grads.get_mut(l)) {
+                *g = Some(dh.index_select(rows, 0)?);
+            }
             let a = match slot {
                 LayerSlot::Kept(a) => a,
                 LayerSlot::Input(x) => {
@@ -778,14 +961,21 @@ impl TextModel {
             let dq = ops::rms_norm_backward(&a.q_raw, &nw.q_norm, eps, &dq)?.reshape((n, hq * d))?;
             let dk = ops::rms_norm_backward(&a.k_raw, &nw.k_norm, eps, &dk)?.reshape((n, hkv * d))?;
             let dv = dv.transpose(1, 2)?.contiguous()?.reshape((n, hkv * d))?;
-            if l > 0 {
-                // nothing before layer 0 needs a gradient
+            if l > 0 || visual.is_some() {
+                // nothing before layer 0 needs a gradient, but the image tokens' embeddings
                 let dn1 = ((matmul_xw(&dq, &lw[i0])? + matmul_xw(&dk, &lw[i0 + 1])?)? + matmul_xw(&dv, &lw[i0 + 2])?)?;
                 dh = (&dh_mid + ops::rms_norm_backward(&a.x, &nw.input_layernorm, eps, &dn1)?)?;
             }
             on_layer(l, &a, &p, [dq, dk, dv, dh_mid, dgate, dup, ddown])?;
         }
-        Ok(())
+        let Some((rows, _)) = visual else { return Ok(None) };
+        Ok(Some(VisualGrads {
+            embeds: dh.index_select(&rows, 0)?,
+            deepstack: ds_grads
+                .into_iter()
+                .map(|g| g.context("a DeepStack feature past the last layer"))
+                .collect::<Result<_>>()?,
+        }))
     }
 }
 
@@ -811,7 +1001,7 @@ fn dense(t: &Tensor) -> Result<Tensor> {
 }
 
 /// Batched `a · bᵀ` (attention scores).
-fn bmm_t(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub(crate) fn bmm_t(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if let Some(y) = gemm::batched_matmul(&dense(a)?, &dense(b)?, gemm::RhsLayout::Transposed) {
         return Ok(y);
     }
@@ -819,7 +1009,7 @@ fn bmm_t(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// Batched `aᵀ · b`.
-fn bmm_tn(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub(crate) fn bmm_tn(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if let Some(y) = gemm::batched_matmul_lhs_t(&dense(a)?, &dense(b)?, gemm::RhsLayout::Normal) {
         return Ok(y);
     }
@@ -827,7 +1017,7 @@ fn bmm_tn(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// Batched `a · b`.
-fn bmm_n(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub(crate) fn bmm_n(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if let Some(y) = gemm::batched_matmul(&dense(a)?, &dense(b)?, gemm::RhsLayout::Normal) {
         return Ok(y);
     }

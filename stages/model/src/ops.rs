@@ -135,6 +135,72 @@ pub fn rope_tables(t: usize, head_dim: usize, theta: f64, dtype: DType, dev: &De
     Ok((cos, sin))
 }
 
+/// M-RoPE tables for per-token 3-D positions (`positions[axis][b·T + t]`, a batch with
+/// images): `(cos, sin)`, each `[B, T, head_dim/2]`. Frequency `j` takes its position from
+/// axis t, h or w as transformers' `Qwen3VLTextRotaryEmbedding` assigns it: interleaved
+/// (`j % 3 == 1` below `3·section[1]` → h, `j % 3 == 2` below `3·section[2]` → w, else t),
+/// or by consecutive sections. Angles `pos·inv_freq` in f32 as [`rope_tables`] (f64 in an
+/// f64 model).
+pub fn mrope_tables(
+    positions: &[Vec<u32>; 3],
+    (b, t): (usize, usize),
+    head_dim: usize,
+    theta: f64,
+    (section, interleaved): (&[usize], bool),
+    dtype: DType,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let sec = |k: usize| section.get(k).copied().unwrap_or(0);
+    let axis = |j: usize| -> usize {
+        if interleaved {
+            if j % 3 == 1 && j < sec(1) * 3 {
+                1
+            } else if j % 3 == 2 && j < sec(2) * 3 {
+                2
+            } else {
+                0
+            }
+        } else if j < sec(0) {
+            0
+        } else if j < sec(0) + sec(1) {
+            1
+        } else {
+            2
+        }
+    };
+    let axes: Vec<usize> = (0..half).map(axis).collect();
+    let n = b * t;
+    let pos_at = |axis: usize, r: usize| positions[axis][r];
+    if dtype == DType::F64 {
+        let inv: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect();
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for r in 0..n {
+            for (&axis, f) in axes.iter().zip(&inv) {
+                let a = f64::from(pos_at(axis, r)) * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        return Ok((Tensor::from_vec(cos, (b, t, half), dev)?, Tensor::from_vec(sin, (b, t, half), dev)?));
+    }
+    let base = theta as f32;
+    let inv: Vec<f32> = (0..half).map(|i| 1.0f32 / base.powf((2 * i) as f32 / head_dim as f32)).collect();
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for r in 0..n {
+        for (&axis, f) in axes.iter().zip(&inv) {
+            let a = pos_at(axis, r) as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    let cos = Tensor::from_vec(cos, (b, t, half), dev)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (b, t, half), dev)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
 /// The queries (or keys) of attention from a q_proj (k_proj) output `raw: [b·t·heads, d]`:
 /// per-head RMSNorm with `w`, as `[b, heads, t, d]`, then RoPE with tables `[t, d/2]`.
 pub fn qk_norm_rope(

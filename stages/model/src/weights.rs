@@ -115,7 +115,7 @@ struct Entry {
 /// memory map: a mapped file's pages count in the process's resident memory until it is
 /// unmapped, so mapping every shard while copying its tensors out would hold the model
 /// twice at the end of loading. Read this way, only the tensors themselves are resident.
-struct Reader {
+pub(crate) struct Reader {
     files: Vec<(PathBuf, std::fs::File)>,
     entries: std::collections::HashMap<String, Entry>,
     dtype: DType,
@@ -137,7 +137,7 @@ fn safetensors_dtype(s: &str) -> Option<DType> {
 }
 
 impl Reader {
-    fn open(dir: &Path, paths: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+    pub(crate) fn open(dir: &Path, paths: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
         use std::io::Read;
         let mut files = Vec::new();
         let mut entries = std::collections::HashMap::new();
@@ -228,13 +228,13 @@ impl Reader {
         Ok(t)
     }
 
-    fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    pub(crate) fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.load_as(name, shape, false)
     }
 
     /// A large matrix (Linear weight, embedding, head): kept in the checkpoint's half
     /// precision when the model computes in f32.
-    fn load_matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    pub(crate) fn load_matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.load_as(name, shape, true)
     }
 }

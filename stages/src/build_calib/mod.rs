@@ -14,6 +14,8 @@
 //! tensors `input_ids` [N,T], `attention_mask` [N,T] (1 = token, 0 = pad), `labels` [N,T]
 //! (= input_ids) and `pad_token_id` [1]. [`crate::io::calib::load_calib`] reads it back.
 
+pub mod images;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -58,6 +60,26 @@ impl Stage for BuildCalib {
         let tokenizer_json = find("tokenizer", "tokenizer.json")?;
         let tokenizer_config = find("tokenizer_config", "tokenizer_config.json")?;
 
+        if params.image_text {
+            let tok = CalibTokenizer::load(&tokenizer_json, &tokenizer_config, vocab_size)?;
+            let processor = crate::io::image::ImageProcessorConfig::from_file(&find(
+                "preprocessor_config",
+                "preprocessor_config.json",
+            )?)?;
+            let image_dir = job.locators.get("image_dir").and_then(Value::as_str).map(|d| job.root.join(d));
+            let (set, imgs) =
+                images::encode(&tok, captions_path, image_dir.as_deref(), &processor, &params, job.root, job.progress)?;
+            let grids: Vec<i64> = imgs.samples.iter().flat_map(|r| r.grid_thw.map(|g| g as i64)).collect();
+            let mut pt = set.to_pt()?;
+            if let torch_pt::Value::Dict(items) = &mut pt {
+                items.push(("image_grid_thw".into(), torch_pt::Tensor::from_i64(&[set.n, 3], &grids)?.into()));
+            }
+            torch_pt::write(out, &pt)?;
+            let text = serde_json::to_string_pretty(&imgs)? + "\n";
+            let path = job.out("calib_images")?;
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+            return Ok(());
+        }
         job.progress.phase("tokenizing captions", None);
         let captions = match params.held_out_after {
             Some(first) => {
@@ -105,12 +127,14 @@ pub struct Params {
     /// captions of the file, none of them among its first `held_out_after` (the
     /// calibration ones). `None`: the first `max_samples`.
     pub held_out_after: Option<usize>,
+    /// Image-text samples from a COCO captions file ([`images`]) rather than caption lines.
+    pub image_text: bool,
 }
 
 impl Params {
     /// The pipeline's tokenization: left padding, right truncation.
     pub fn pipeline(max_samples: usize, max_length: usize) -> Self {
-        Self { max_samples, max_length, pad_left: true, truncate_right: true, held_out_after: None }
+        Self { max_samples, max_length, pad_left: true, truncate_right: true, held_out_after: None, image_text: false }
     }
 
     fn to_json(&self) -> Value {
@@ -123,6 +147,9 @@ impl Params {
         });
         if let Some(m) = self.held_out_after {
             v["held_out_after"] = json!(m);
+        }
+        if self.image_text {
+            v["samples"] = json!("coco_captions");
         }
         v
     }
@@ -141,6 +168,17 @@ pub struct CalibFiles<'a> {
     pub tokenizer_config: Option<&'a Path>,
     /// Where the tokens go (out `calib`).
     pub out: &'a Path,
+    /// Image-text calibration: a local checkpoint's `preprocessor_config.json` (dep
+    /// `preprocessor_config`, else found through the locator), every image file the samples
+    /// use (deps `image:<k>`), and where the image references go (out `calib_images`).
+    pub images: Option<ImageFiles<'a>>,
+}
+
+/// The image side of an image-text `build-calib` instance.
+pub struct ImageFiles<'a> {
+    pub preprocessor_config: Option<&'a Path>,
+    pub files: &'a [PathBuf],
+    pub out: &'a Path,
 }
 
 /// The `build-calib` instance `id`.
@@ -148,14 +186,26 @@ pub fn instance(id: String, params: &Params, files: &CalibFiles<'_>, locators: V
     let mut deps = vec![DepSpec::new("captions", files.captions), DepSpec::new("identity", files.identity)];
     deps.extend(files.tokenizer.map(|p| DepSpec::new("tokenizer", p)));
     deps.extend(files.tokenizer_config.map(|p| DepSpec::new("tokenizer_config", p)));
+    let mut outs = vec![OutSpec::intermediate("calib", files.out)];
+    if let Some(im) = &files.images {
+        deps.extend(im.preprocessor_config.map(|p| DepSpec::new("preprocessor_config", p)));
+        deps.extend(im.files.iter().enumerate().map(|(k, p)| DepSpec::new(format!("image:{k}"), p)));
+        outs.push(OutSpec::intermediate("calib_images", im.out));
+    }
     Instance {
         id,
         kind: "build-calib".into(),
         params: params.to_json(),
         locators,
         deps,
-        outs: vec![OutSpec::intermediate("calib", files.out)],
+        outs,
         description: match params.held_out_after {
+            None if params.image_text => format!(
+                "read {} images and tokenize {} captions × {} tokens",
+                files.images.as_ref().map_or(0, |i| i.files.len()),
+                params.max_samples,
+                params.max_length
+            ),
             Some(_) => {
                 format!("tokenize the last {} captions × {} tokens (held out)", params.max_samples, params.max_length)
             }
@@ -186,6 +236,11 @@ impl Params {
             held_out_after: match v.get("held_out_after") {
                 None | Some(Value::Null) => None,
                 Some(x) => Some(x.as_u64().context("parameter `held_out_after` is not a number")? as usize),
+            },
+            image_text: match v.get("samples").and_then(Value::as_str) {
+                None => false,
+                Some("coco_captions") => true,
+                Some(other) => bail!("parameter `samples`: `{other}` (valid: coco_captions)"),
             },
         })
     }
@@ -273,6 +328,36 @@ impl CalibTokenizer {
 
     pub fn pad_id(&self) -> u32 {
         self.pad_id
+    }
+
+    /// The id of a token (a special one such as `<|image_pad|>`), if the tokenizer has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// The `tokenizer.json` this was loaded from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// The ids of `text` with no special tokens, no truncation and no padding, checked
+    /// against the model's vocabulary.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let mut tok = self.tokenizer.clone();
+        tok.with_truncation(None).map_err(|e| anyhow::anyhow!("{e}"))?;
+        tok.with_padding(None);
+        let e = tok
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("tokenizing with {} failed", self.source.display()))?;
+        if let Some(&bad) = e.get_ids().iter().find(|&&id| id as usize >= self.vocab_size) {
+            bail!(
+                "tokenizer {} gives id {bad}, outside the model's vocabulary of {}",
+                self.source.display(),
+                self.vocab_size
+            );
+        }
+        Ok(e.get_ids().to_vec())
     }
 
     /// Tokenizes, truncates and pads `captions` to `params.max_length`.
@@ -531,13 +616,13 @@ print("OK", d["input_ids"].tolist(), m.tolist())
             "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
         std::fs::write(tok.path().join("tokenizer.json"), tj.to_string()).unwrap();
         let e = format!("{:#}", run(&captions, 1, 4, tok.path(), &Silent).unwrap_err());
-        assert!(e.contains("does not belong to this checkpoint") && e.contains("vocab_size) has 512"), "{e}");
+        assert!(e.contains("does not belong to this checkpoint") && e.contains("vocab_size) has 516"), "{e}");
     }
 
     #[test]
     fn calib_sets_slice_into_batches_and_tensors() {
         let tok =
-            CalibTokenizer::load(&ckpt().join("tokenizer.json"), &ckpt().join("tokenizer_config.json"), 512).unwrap();
+            CalibTokenizer::load(&ckpt().join("tokenizer.json"), &ckpt().join("tokenizer_config.json"), 516).unwrap();
         let params = Params::from_json(&json!({"max_samples": 3, "max_length": 5})).unwrap();
         assert!(params.pad_left && params.truncate_right);
         let caps: Vec<String> = ["a", "b c d e f g h", "c"].iter().map(|s| s.to_string()).collect();

@@ -200,7 +200,7 @@ mod tests {
         assert_eq!(id["format"], "qpipe.checkpoint/1");
         assert_eq!(id["source"], json!({"source": "local"}));
         assert_eq!(id["summary"]["num_hidden_layers"], 4);
-        assert_eq!(id["summary"]["vocab_size"], 512);
+        assert_eq!(id["summary"]["vocab_size"], 516);
         assert_eq!(id["summary"]["dtype"], "bfloat16");
         assert_eq!(id["weights"]["layout"], "single");
         let files = id["files"].as_array().unwrap();

@@ -107,7 +107,16 @@ pub struct ModelCfg {
 #[serde(deny_unknown_fields)]
 pub struct DatasetCfg {
     pub name: String,
-    pub captions_path: String,
+    /// A text file of captions, one per line (text-only calibration).
+    #[serde(default)]
+    pub captions_path: Option<String>,
+    /// A COCO captions file (`images[]`, `annotations[]`): image-text calibration, one
+    /// sample per annotation in file order.
+    #[serde(default)]
+    pub coco_captions: Option<String>,
+    /// Where the COCO file's `file_name`s are (default: the file's folder).
+    #[serde(default)]
+    pub image_dir: Option<String>,
     pub size: String,
     pub size_to_max_samples: BTreeMap<String, usize>,
     #[serde(default)]
@@ -136,6 +145,13 @@ pub struct QuantPairCfg {
     pub publish_pair_dir: Option<String>,
     #[serde(default)]
     pub publish_run_dir: Option<String>,
+    /// The scheme and run-folder names of this pair's whole-model runs
+    /// (`autoquant.coverage=full`), when they are not `<pair>_autoquant_all_layers` and
+    /// `<run_prefix>_autoquant_<pair>_all_layers_<size>` (the legacy INT8 names).
+    #[serde(default)]
+    pub full_scheme_name: Option<String>,
+    #[serde(default)]
+    pub full_publish_run_dir: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -203,6 +219,11 @@ pub struct AutoquantCfg {
     /// the model computes, less a margin. Changes no score, so it is not in any key.
     #[serde(default)]
     pub memory_limit: Option<MemorySize>,
+    /// Which Linears are scored: the language model's (`lm_only`) or every Linear of the
+    /// whole model (`full`: the vision tower, its mergers, the language model, `lm_head`;
+    /// needs image-text calibration).
+    #[serde(default)]
+    pub coverage: score::Coverage,
 }
 
 /// A memory size as written in the pipeline or on the command line: `12GiB` or bytes.
@@ -274,6 +295,37 @@ impl RunConfig {
             }
         }
         let d = &self.dataset;
+        match (&d.captions_path, &d.coco_captions) {
+            (Some(_), None) | (None, Some(_)) => {}
+            (None, None) => bail!(KeyError::new(
+                "dataset",
+                format!(
+                    "`{}` has neither `captions_path` (a text file) nor `coco_captions` (a COCO captions file)",
+                    d.name
+                )
+            )),
+            (Some(_), Some(_)) => bail!(KeyError::new(
+                "dataset.coco_captions",
+                "set either `captions_path` (text) or `coco_captions` (images and captions), not both"
+            )),
+        }
+        if d.image_dir.is_some() && d.coco_captions.is_none() {
+            bail!(KeyError::new("dataset.image_dir", "only `coco_captions` datasets have images"));
+        }
+        if self.autoquant.coverage == score::Coverage::LmOnly && d.coco_captions.is_some() {
+            bail!(KeyError::new(
+                "autoquant.coverage",
+                "image-text calibration (`dataset.coco_captions`) scores the whole model: set `autoquant.coverage=full` \
+                 (the language model alone on images is not supported)"
+            ));
+        }
+        if self.autoquant.coverage == score::Coverage::Full && d.coco_captions.is_none() {
+            bail!(KeyError::new(
+                "autoquant.coverage",
+                "`full` scores the vision tower, which only runs on images: use an image-text dataset \
+                 (`dataset.coco_captions`)"
+            ));
+        }
         if d.max_calib_samples.is_none() && !d.size_to_max_samples.contains_key(&d.size) {
             let valid: Vec<_> = d.size_to_max_samples.keys().cloned().collect();
             bail!(KeyError::new(
@@ -331,6 +383,17 @@ impl RunConfig {
         Ok(())
     }
 
+    /// The captions file: `dataset.captions_path` or `dataset.coco_captions`.
+    pub fn captions_file(&self) -> &str {
+        let d = &self.dataset;
+        d.coco_captions.as_deref().or(d.captions_path.as_deref()).unwrap_or_default()
+    }
+
+    /// Whether calibration samples are images with captions.
+    pub fn image_text(&self) -> bool {
+        self.dataset.coco_captions.is_some()
+    }
+
     /// Number of calibration samples: `dataset.max_calib_samples`, else the size's.
     pub fn num_samples(&self) -> usize {
         let d = &self.dataset;
@@ -339,7 +402,22 @@ impl RunConfig {
 
     /// The AutoQuant scheme name: `<pair>_autoquant_lm` unless the pair overrides it.
     pub fn scheme_name(&self) -> String {
-        self.quant_pair.scheme_name.clone().unwrap_or_else(|| format!("{}_autoquant_lm", self.quant_pair.name))
+        let q = &self.quant_pair;
+        match self.autoquant.coverage {
+            score::Coverage::Full => {
+                q.full_scheme_name.clone().unwrap_or_else(|| format!("{}_autoquant_all_layers", q.name))
+            }
+            score::Coverage::LmOnly => q.scheme_name.clone().unwrap_or_else(|| format!("{}_autoquant_lm", q.name)),
+        }
+    }
+
+    /// `scheme.coverage_mode`: `full` for whole-model runs, else the pair's (legacy
+    /// `lm_default`) or `lm_only`.
+    pub fn coverage_mode(&self) -> String {
+        match self.autoquant.coverage {
+            score::Coverage::Full => "full".into(),
+            score::Coverage::LmOnly => self.quant_pair.coverage_mode.clone().unwrap_or_else(|| "lm_only".into()),
+        }
     }
 
     /// `weight-<w>-act-<a>` unless the pair overrides it.
@@ -349,11 +427,15 @@ impl RunConfig {
         })
     }
 
-    /// `<run_prefix>_autoquant_<pair>_lm_<size>` unless the pair overrides it.
+    /// `<run_prefix>_autoquant_<pair>_lm_<size>` (`…_all_layers_<size>` for whole-model
+    /// runs) unless the pair overrides it.
     pub fn run_dir_name(&self) -> String {
-        self.quant_pair.publish_run_dir.clone().unwrap_or_else(|| {
+        let full = self.autoquant.coverage == score::Coverage::Full;
+        let named = if full { &self.quant_pair.full_publish_run_dir } else { &self.quant_pair.publish_run_dir };
+        named.clone().unwrap_or_else(|| {
             let prefix = self.model.run_prefix.as_deref().unwrap_or(&self.model.name);
-            format!("{prefix}_autoquant_{}_lm_{}", self.quant_pair.name, self.dataset.size)
+            let scope = if full { "all_layers" } else { "lm" };
+            format!("{prefix}_autoquant_{}_{scope}_{}", self.quant_pair.name, self.dataset.size)
         })
     }
 
@@ -616,7 +698,7 @@ fn run_instances(ctx: &PlanContext, cfg: &RunConfig) -> Result<(Vec<Instance>, P
     // build-calib: captions → tokens.
     let n = cfg.num_samples();
     let t = cfg.dataset.calib_seq_len;
-    let captions = PathBuf::from(&cfg.dataset.captions_path);
+    let captions = PathBuf::from(cfg.captions_file());
     let captions_name = captions.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let calib_out = PathBuf::from(format!(
         "tmp/qpipe/calib/{src_tag}/{}-{}-{n}x{t}.pt",
@@ -626,17 +708,43 @@ fn run_instances(ctx: &PlanContext, cfg: &RunConfig) -> Result<(Vec<Instance>, P
     let local_file = |f: &str| local.as_ref().map(|d| d.join(f)).filter(|p| ctx.root.join(p).is_file());
     let files0 = (identity.clone(), calib_out.clone());
     let (tokenizer, tokenizer_config) = (local_file("tokenizer.json"), local_file("tokenizer_config.json"));
+    // Image-text calibration: every image the samples use is an input of the key.
+    let image_dir = cfg.dataset.image_dir.as_ref().map(PathBuf::from);
+    let calib_images = cfg.image_text().then(|| calib_out.with_extension("images.json"));
+    // (A captions file that cannot be read lists no images: build-calib then fails on it
+    // with the file and the reason, and `status` still plans.)
+    let image_files: Vec<PathBuf> = match &calib_images {
+        Some(_) => build_calib::images::image_files(
+            &ctx.root.join(&captions),
+            image_dir.as_ref().map(|d| ctx.root.join(d)).as_deref(),
+            n,
+        )
+        .map(|files| files.into_iter().map(|p| workspace_path(ctx, &p)).collect())
+        .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let preprocessor_config = local_file("preprocessor_config.json");
+    let mut params = build_calib::Params::pipeline(n, t);
+    params.image_text = cfg.image_text();
     let calib = build_calib::instance(
         format!("build-calib@{src_slug}:{}:{n}x{t}", rel(&captions)),
-        &build_calib::Params::pipeline(n, t),
+        &params,
         &build_calib::CalibFiles {
             captions: &captions,
             identity: &identity,
             tokenizer: tokenizer.as_deref(),
             tokenizer_config: tokenizer_config.as_deref(),
             out: &calib_out,
+            images: calib_images.as_ref().map(|out| build_calib::ImageFiles {
+                preprocessor_config: preprocessor_config.as_deref(),
+                files: &image_files,
+                out,
+            }),
         },
-        json!({"checkpoint": locator, "captions_name": captions_name}),
+        match &image_dir {
+            Some(d) => json!({"checkpoint": locator, "captions_name": captions_name, "image_dir": rel(d)}),
+            None => json!({"checkpoint": locator, "captions_name": captions_name}),
+        },
     );
 
     // score → aggregate → render, in the run folder.
@@ -660,6 +768,7 @@ fn run_instances(ctx: &PlanContext, cfg: &RunConfig) -> Result<(Vec<Instance>, P
         score_size: a.score_size,
         device: compute.device,
         dtype: compute.dtype,
+        coverage: a.coverage,
     };
     // The scores are named by what they depend on — not by the run folder, nor by the bit
     // budget — so runs that differ only in those share one `score` instance (and one
@@ -673,7 +782,13 @@ fn run_instances(ctx: &PlanContext, cfg: &RunConfig) -> Result<(Vec<Instance>, P
     let score = score::instance(
         format!("score@{}", rel(&scores)),
         &score_params,
-        &score::ScoreFiles { identity: &identity, calib: &calib_out, checkpoint: local.as_deref(), scores: &scores },
+        &score::ScoreFiles {
+            identity: &identity,
+            calib: &calib_out,
+            calib_images: calib_images.as_deref(),
+            checkpoint: local.as_deref(),
+            scores: &scores,
+        },
         json!({
             "checkpoint": locator,
             "quant_pair": cfg.quant_pair.name,
@@ -688,7 +803,7 @@ fn run_instances(ctx: &PlanContext, cfg: &RunConfig) -> Result<(Vec<Instance>, P
         "auto_quantize_bits": a.effective_bits,
         "auto_quantize_method": a.method.as_str(),
         "auto_quantize_score_size": a.score_size,
-        "coverage_mode": cfg.quant_pair.coverage_mode.clone().unwrap_or_else(|| "lm_only".into()),
+        "coverage_mode": cfg.coverage_mode(),
         "coverage_fraction": cfg.quant_pair.coverage_fraction.unwrap_or(1.0),
         "quant_formats": [cfg.quant_pair.format_name],
     });
@@ -714,7 +829,8 @@ fn run_instances(ctx: &PlanContext, cfg: &RunConfig) -> Result<(Vec<Instance>, P
 /// held-out captions it validates on. Runs with `runner.output_dir` get none.
 fn recipe_instances(ctx: &PlanContext, planned: &[RunPlan]) -> Result<Vec<Instance>> {
     let mut groups: Vec<(String, Vec<&RunPlan>)> = Vec::new();
-    for p in planned.iter().filter(|p| p.cfg.runner.output_dir.is_none()) {
+    // (Held-out validation is tokenized from caption lines: image-text runs get no recipe.)
+    for p in planned.iter().filter(|p| p.cfg.runner.output_dir.is_none() && !p.cfg.image_text()) {
         let sp = &p.files.score_params;
         let key = format!(
             "{}|{}|{}|{}|{}|{}|{}|{}|{}",
@@ -763,7 +879,7 @@ fn recipe_instances(ctx: &PlanContext, planned: &[RunPlan]) -> Result<Vec<Instan
         let f = &first.files;
         let (n, t) = (cfg.num_samples(), cfg.dataset.calib_seq_len);
         let h = rc.holdout_samples;
-        let captions = PathBuf::from(&cfg.dataset.captions_path);
+        let captions = PathBuf::from(cfg.captions_file());
         let holdout = PathBuf::from(format!(
             "tmp/qpipe/calib/{}/{}-{}-holdout{h}-after{n}x{t}.pt",
             f.src_tag,
@@ -783,6 +899,7 @@ fn recipe_instances(ctx: &PlanContext, planned: &[RunPlan]) -> Result<Vec<Instan
                 tokenizer: tokenizer.as_deref(),
                 tokenizer_config: tokenizer_config.as_deref(),
                 out: &holdout,
+                images: None,
             },
             json!({"checkpoint": f.locator, "captions_name": captions_name}),
         );
@@ -941,6 +1058,11 @@ fn workspace_rel_opt(ctx: &PlanContext, p: &Path) -> Option<String> {
 }
 
 /// [`workspace_rel_opt`], falling back to the file name.
+/// `p` relative to the workspace when inside it (as the other deps are written), else as is.
+fn workspace_path(ctx: &PlanContext, p: &Path) -> PathBuf {
+    p.strip_prefix(&ctx.root).map(Path::to_path_buf).unwrap_or_else(|_| p.to_path_buf())
+}
+
 fn workspace_rel(ctx: &PlanContext, p: &Path) -> String {
     workspace_rel_opt(ctx, p)
         .unwrap_or_else(|| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
@@ -966,7 +1088,7 @@ fn calib_info(ctx: &PlanContext, cfg: &RunConfig) -> docs::CalibInfo {
     sizes.sort_by(|a, b| (a.samples, &a.name).cmp(&(b.samples, &b.name)));
     let a = &cfg.autoquant;
     docs::CalibInfo {
-        captions_path: workspace_rel(ctx, Path::new(&d.captions_path)),
+        captions_path: workspace_rel(ctx, Path::new(cfg.captions_file())),
         seq_len: d.calib_seq_len,
         sizes,
         method: a.method.as_str().into(),

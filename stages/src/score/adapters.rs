@@ -272,6 +272,25 @@ impl ScoreFormat for QuantFormat {
     fn input_amax(&self, linear: &str) -> Option<f32> {
         self.amax(linear).map(|a| a.values.iter().cloned().fold(0.0, f32::max))
     }
+    fn conv_as_linear_exact(&self, kernel_width: usize) -> bool {
+        use quant::{AmaxKind, Scheme};
+        let blocks_fit = |n: usize| n > 0 && kernel_width.is_multiple_of(n);
+        let weight = match self.weight.scheme() {
+            Scheme::Off => true,
+            Scheme::Scaled { kind: AmaxKind::PerTensor | AmaxKind::PerRow, .. } => true,
+            Scheme::Scaled { kind: AmaxKind::PerBlock(n), .. } => blocks_fit(*n),
+            Scheme::Nvfp4 { block, .. } | Scheme::Mx { block, .. } => blocks_fit(*block),
+            Scheme::Scaled { kind: AmaxKind::PerCol, .. } => false,
+        };
+        let input = match self.input.scheme() {
+            Scheme::Off => true,
+            Scheme::Scaled { kind: AmaxKind::PerTensor, .. } => true,
+            Scheme::Scaled { kind: AmaxKind::PerBlock(n), .. } => blocks_fit(*n),
+            Scheme::Nvfp4 { block, .. } | Scheme::Mx { block, .. } => blocks_fit(*block),
+            Scheme::Scaled { kind: AmaxKind::PerRow | AmaxKind::PerCol, .. } => false,
+        };
+        weight && input
+    }
     fn quant_weight(&self, linear: &str, w: &Tensor) -> Result<Tensor> {
         self.weight_dims(linear, w)?;
         self.weight.fake_quant_weight_tensor(w)
@@ -295,6 +314,78 @@ impl ScoreFormat for QuantFormat {
         let (rows, cols) = quant::types::rows_cols(x.dims())?;
         qpipe_compute::f32_data::with_values(x, |v| self.input.int_codes(v, rows, cols, amax.as_ref()))?
     }
+}
+
+/// Image-text calibration batches: the build-calib `.pt`, each row's image preprocessed
+/// again from the file build-calib recorded (its hash checked) with the checkpoint's
+/// `preprocessor_config.json`. The loss ignores the vision tokens (labels −100 there).
+pub fn load_image_batches(
+    calib: &Path,
+    images: &Path,
+    ckpt: &Path,
+    root: &Path,
+    batch_size: usize,
+    progress: &dyn qpipe_contract::Progress,
+) -> Result<Vec<Batch>> {
+    use crate::io::calib_images::{load_pixels, CalibImages};
+    let set = crate::io::calib::load_calib(calib)?;
+    let refs = CalibImages::read(images)?;
+    if refs.samples.len() != set.n {
+        bail!(
+            "{}: {} images for {} samples in {}; rebuild them",
+            images.display(),
+            refs.samples.len(),
+            set.n,
+            calib.display()
+        );
+    }
+    let processor = crate::io::image::ImageProcessorConfig::from_file(&ckpt.join("preprocessor_config.json"))?;
+    progress.note(&format!("score: preprocessing the images of {} samples", set.n));
+    let pixels = load_pixels(&refs, &processor, root)?;
+    let rows = |v: &[u32]| -> Vec<Vec<u32>> { v.chunks(set.t).map(<[u32]>::to_vec).collect() };
+    let (ids, mask) = (rows(&set.input_ids), rows(&set.attention_mask));
+    // The ignored label positions' tokens (pads aside): the vision tokens.
+    let mut ignored: Vec<u32> = set
+        .labels
+        .iter()
+        .zip(&set.input_ids)
+        .zip(&set.attention_mask)
+        .filter(|((l, _), m)| **l == -100 && **m == 1)
+        .map(|((_, &i), _)| i)
+        .collect();
+    ignored.sort_unstable();
+    ignored.dedup();
+    if let Some((l, i)) = set.labels.iter().zip(&set.input_ids).find(|(l, i)| **l != -100 && **l != i64::from(**i)) {
+        bail!(
+            "calibration set {}: a label {l} differs from its input id {i}; rebuild it (build-calib)",
+            calib.display()
+        );
+    }
+    let mut out = Vec::new();
+    for (k, (ids, mask)) in ids.chunks(batch_size.max(1)).zip(mask.chunks(batch_size.max(1))).enumerate() {
+        let first = k * batch_size.max(1);
+        let images = (first..first + ids.len())
+            .map(|r| {
+                let p = &pixels[r];
+                Ok(super::backend::RowImage {
+                    pixel_values: Tensor::from_slice(
+                        &p.pixel_values,
+                        (p.num_patches(), p.patch_dim()),
+                        &candle_core::Device::Cpu,
+                    )?,
+                    grid_thw: p.grid_thw,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out.push(Batch {
+            input_ids: ids.to_vec(),
+            attention_mask: mask.to_vec(),
+            pad_token_id: set.pad_token_id,
+            ignored_token_ids: ignored.clone(),
+            images,
+        });
+    }
+    Ok(out)
 }
 
 /// Calibration batches from the build-calib `.pt`.

@@ -14,7 +14,8 @@ use super::recipes::LinearInfo;
 pub use qpipe_model::memory::Needs;
 use qpipe_quant::IntCodes;
 
-/// One batch of calibration tokens (left padded).
+/// One batch of calibration tokens (left padded), and for image-text calibration the
+/// image of each row.
 #[derive(Debug, Clone)]
 pub struct Batch {
     /// `[B, T]` token ids.
@@ -23,16 +24,40 @@ pub struct Batch {
     pub attention_mask: Vec<Vec<u32>>,
     /// Labels are the input ids; positions whose label is this id are ignored by the loss.
     pub pad_token_id: u32,
+    /// Further token ids the loss ignores (the vision tokens of image-text calibration).
+    pub ignored_token_ids: Vec<u32>,
+    /// One image per row for image-text calibration (its image tokens in the row), empty
+    /// for text.
+    pub images: Vec<RowImage>,
+}
+
+/// One row's image, preprocessed: `[t·h·w, C·T·p·p]` patch rows and its patch grid.
+#[derive(Debug, Clone)]
+pub struct RowImage {
+    pub pixel_values: Tensor,
+    pub grid_thw: [usize; 3],
 }
 
 impl Batch {
+    /// A batch of text rows.
+    pub fn text(input_ids: Vec<Vec<u32>>, attention_mask: Vec<Vec<u32>>, pad_token_id: u32) -> Batch {
+        Batch { input_ids, attention_mask, pad_token_id, ignored_token_ids: Vec::new(), images: Vec::new() }
+    }
+
     /// The sub-batch of rows `r`.
     pub fn rows(&self, r: std::ops::Range<usize>) -> Batch {
         Batch {
             input_ids: self.input_ids[r.clone()].to_vec(),
-            attention_mask: self.attention_mask[r].to_vec(),
+            attention_mask: self.attention_mask[r.clone()].to_vec(),
             pad_token_id: self.pad_token_id,
+            ignored_token_ids: self.ignored_token_ids.clone(),
+            images: if self.images.is_empty() { Vec::new() } else { self.images[r].to_vec() },
         }
+    }
+
+    /// Whether the loss ignores a position whose label is `y`.
+    pub fn ignores(&self, y: u32) -> bool {
+        y == self.pad_token_id || self.ignored_token_ids.contains(&y)
     }
 }
 
@@ -108,8 +133,22 @@ pub trait ScoreModel {
     /// Logits `[rows, V]` of positions `rows` of final hidden states `[N, H]` — the same
     /// values, row by row, as the whole batch's logits.
     fn head_logits(&self, hidden: &Tensor, rows: std::ops::Range<usize>) -> Result<Tensor>;
+    /// [`Self::head_logits`] with the overrides that apply to the head (a model whose head
+    /// is a scored Linear); the others are ignored.
+    fn head_logits_with(
+        &self,
+        hidden: &Tensor,
+        rows: std::ops::Range<usize>,
+        _overrides: &HashMap<String, LinearOverride<'_>>,
+    ) -> Result<Tensor> {
+        self.head_logits(hidden, rows)
+    }
     /// The vocabulary size (the head's width).
     fn vocab_size(&self) -> usize;
+    /// A line on where the time went, for the stage's log once scoring is done.
+    fn report(&self) -> Option<String> {
+        None
+    }
 }
 
 /// One quantization format as the scorer uses it (see `score::adapters` for the adapter to
@@ -134,6 +173,14 @@ pub trait ScoreFormat: Sync {
     /// Fake-quantized input `[tokens, in]` with the calibrated (or dynamic) range, in f32
     /// on the input's device.
     fn quant_input(&self, linear: &str, x: &Tensor) -> Result<Tensor>;
+    /// Whether quantizing a convolution whose stride equals its kernel (the vision tower's
+    /// `patch_embed.proj`) as the Linear over its flattened patches gives what ModelOpt
+    /// computes on the 5-D weight and input, where blocks and per-row ranges run along the
+    /// last axis of `kernel_width` values: per-tensor and per-output-channel weights and
+    /// per-tensor inputs do; blocks do when they divide the kernel width.
+    fn conv_as_linear_exact(&self, _kernel_width: usize) -> bool {
+        true
+    }
     /// [`Self::quant_weight`] as integer codes (`Wq = codes / divisor`), when the weight
     /// format is a signed integer grid of at most 8 bits with per-channel or per-tensor
     /// ranges and `w` is on the CPU; `None` otherwise.

@@ -16,6 +16,7 @@ pub mod memory;
 pub mod recipes;
 pub mod scorer;
 pub mod state;
+pub mod whole_model;
 
 use std::path::Path;
 
@@ -41,6 +42,30 @@ pub struct ScoreParams {
     /// Resolved at plan time: `f32`, `bf16` or `f16`.
     #[serde(default = "f32_name")]
     pub dtype: String,
+    /// Which Linears are scored (absent from the key when `lm_only`, as before it existed).
+    #[serde(default, skip_serializing_if = "Coverage::is_lm_only")]
+    pub coverage: Coverage,
+}
+
+/// `autoquant.coverage`: the language model's Linears, or every Linear of the whole model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Coverage {
+    #[default]
+    LmOnly,
+    Full,
+}
+
+impl Coverage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Coverage::LmOnly => "lm_only",
+            Coverage::Full => "full",
+        }
+    }
+    fn is_lm_only(&self) -> bool {
+        *self == Coverage::LmOnly
+    }
 }
 
 fn f32_name() -> String {
@@ -103,7 +128,7 @@ pub fn make_batches(input_ids: &[Vec<u32>], attention_mask: &[Vec<u32>], pad: u3
     input_ids
         .chunks(batch_size)
         .zip(attention_mask.chunks(batch_size))
-        .map(|(ids, mask)| Batch { input_ids: ids.to_vec(), attention_mask: mask.to_vec(), pad_token_id: pad })
+        .map(|(ids, mask)| Batch::text(ids.to_vec(), mask.to_vec(), pad))
         .collect()
 }
 
@@ -150,6 +175,9 @@ pub fn run_scoring_fused(
             scorer::kl_div_scores(model, formats, &recipes, &batches[..score_steps], limit, progress)?
         }
     };
+    if let Some(line) = model.report() {
+        progress.note(&format!("score: {line}"));
+    }
     let info = state::RunInfo {
         method: settings.method.as_str().into(),
         batch_size: settings.batch_size,
@@ -157,7 +185,13 @@ pub fn run_scoring_fused(
         num_score_steps: score_steps,
         device: settings.device.clone(),
         dtype: model.dtype_name().into(),
-        quantized_layers: linears.iter().map(|l| l.name.clone()).collect(),
+        // The manifest's `layers` lists ModelOpt's QuantLinear modules: not the tower's
+        // Conv3d (`patch_embed.proj`), which is a scored recipe all the same.
+        quantized_layers: linears
+            .iter()
+            .filter(|l| !l.name.ends_with("patch_embed.proj"))
+            .map(|l| l.name.clone())
+            .collect(),
     };
     Ok(formats
         .iter()
@@ -218,6 +252,8 @@ pub struct ScoreFiles<'a> {
     pub identity: &'a Path,
     /// The calibration tokens (dep `calib`).
     pub calib: &'a Path,
+    /// Image-text calibration: each sample's image file and hash (dep `calib_images`).
+    pub calib_images: Option<&'a Path>,
     /// A local checkpoint folder (dep `checkpoint`); a hub checkpoint is keyed through its
     /// identity and found through the `checkpoint` locator.
     pub checkpoint: Option<&'a Path>,
@@ -234,6 +270,7 @@ pub fn instance(
     description: String,
 ) -> Result<Instance> {
     let mut deps = vec![DepSpec::new("identity", files.identity), DepSpec::new("calib", files.calib)];
+    deps.extend(files.calib_images.map(|p| DepSpec::new("calib_images", p)));
     deps.extend(files.checkpoint.map(|p| DepSpec::new("checkpoint", p)));
     Ok(Instance {
         id,
@@ -330,14 +367,26 @@ fn run_group(jobs: &[Job<'_>]) -> Result<()> {
     let free = qpipe_compute::device::available_bytes(&device);
     check_weights_fit(&ckpt, dtype, &compute.device, settings.memory_limit.or(free))?;
     progress.note(&format!("score: loading {} ({} on {})", ckpt.display(), compute.dtype, compute.device));
-    let model = adapters::load_model_on(&ckpt, dtype, &device)?;
     let formats: Vec<Box<dyn ScoreFormat>> =
         params.iter().map(|p| adapters::load_format(&p.format)).collect::<Result<_>>()?;
+    let model: Box<dyn ScoreModel> = match p.coverage {
+        Coverage::LmOnly => adapters::load_model_on(&ckpt, dtype, &device)?,
+        Coverage::Full => {
+            let m = whole_model::load(&ckpt, dtype, &device)?;
+            formats.iter().try_for_each(|f| m.check_format(f.as_ref()))?;
+            Box::new(m)
+        }
+    };
     let names: Vec<&str> = params.iter().map(|p| p.format.name.as_str()).collect();
     if jobs.len() > 1 {
         progress.note(&format!("score: {} formats in one pass: {}", jobs.len(), names.join(", ")));
     }
-    let batches = adapters::load_batches(job.dep("calib")?, settings.batch_size)?;
+    let batches = match job.dep_opt("calib_images") {
+        None => adapters::load_batches(job.dep("calib")?, settings.batch_size)?,
+        Some(images) => {
+            adapters::load_image_batches(job.dep("calib")?, images, &ckpt, job.root, settings.batch_size, progress)?
+        }
+    };
     let refs: Vec<&dyn ScoreFormat> = formats.iter().map(|f| f.as_ref()).collect();
     let (flops0, t0) = (qpipe_model::gemm::flops_done(), std::time::Instant::now());
     let all = run_scoring_fused(model.as_ref(), &refs, &batches, &settings, progress)

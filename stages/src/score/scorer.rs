@@ -232,7 +232,7 @@ impl Piece {
 /// Positions of `b` the shifted cross-entropy counts: those whose next token is not the pad
 /// id (`ignore_index`).
 fn target_count(b: &Batch) -> usize {
-    b.input_ids.iter().map(|row| row.iter().skip(1).filter(|&&y| y != b.pad_token_id).count()).sum()
+    b.input_ids.iter().map(|row| row.iter().skip(1).filter(|&&y| !b.ignores(y)).count()).sum()
 }
 
 /// What decides how the `gradient` scorer walks the batches for a format — whether the
@@ -265,10 +265,17 @@ pub fn gradient_plan(
 ) -> Result<memory::Plan> {
     let batch_rows = batches.first().map_or(1, |b| b.input_ids.len());
     let t = batches.first().and_then(|b| b.input_ids.first()).map_or(1, Vec::len);
+    let first = batches.first();
     let shape = |rows: usize| Batch {
         input_ids: vec![vec![0; t]; rows],
         attention_mask: vec![vec![1; t]; rows],
         pad_token_id: 0,
+        ignored_token_ids: Vec::new(),
+        // The first batch's images stand for every batch's (the tower's share of the plan).
+        images: match first {
+            Some(b) if !b.images.is_empty() => b.images.iter().cycle().take(rows).cloned().collect(),
+            _ => Vec::new(),
+        },
     };
     let rows_independent = formats.first().is_none_or(|f| pass_class(*f));
     memory::Plan::new(
@@ -721,7 +728,7 @@ pub fn kl_div_scores(
                     .with_context(|| format!("forward with `{}` quantized, batch {bi}", r.name))?;
                 let mut rows = Vec::with_capacity(n);
                 for c in &chunks {
-                    let lq = model.head_logits(&hq, c.clone())?;
+                    let lq = model.head_logits_with(&hq, c.clone(), &ov)?;
                     match &whole {
                         Some(lp) => rows.extend(lp.kl_rows(&lq)?),
                         None => rows.extend(reference(c)?.kl_rows(&lq)?),
@@ -850,7 +857,7 @@ mod tests {
     }
 
     fn batch() -> Batch {
-        Batch { input_ids: vec![vec![1, 2]], attention_mask: vec![vec![1, 1]], pad_token_id: 0 }
+        Batch::text(vec![vec![1, 2]], vec![vec![1, 1]], 0)
     }
 
     #[test]

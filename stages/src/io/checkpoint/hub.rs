@@ -146,6 +146,8 @@ pub fn fetch(env: &HubEnv, repo: &str, revision: &str, progress: &dyn Progress) 
     get("config.json", true)?;
     get("tokenizer.json", true)?;
     get("tokenizer_config.json", false)?;
+    // The image preprocessing of image-text calibration.
+    get("preprocessor_config.json", false)?;
     match get(INDEX_FILE, false)? {
         Some(index) => {
             for shard in super::index_shards(&index)? {
@@ -187,7 +189,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn tiny_files() -> BTreeMap<String, Vec<u8>> {
-        ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"]
+        ["config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "model.safetensors"]
             .iter()
             .map(|f| (f.to_string(), std::fs::read(tiny().join(f)).unwrap()))
             .collect()
@@ -337,7 +339,7 @@ pub(crate) mod tests {
         let hub = env(cache.path(), &url, false);
         let (dir, info) = fetch(&hub, REPO, REV, &Silent).unwrap();
         assert_eq!(dir, hub.snapshot_dir(REPO, REV));
-        assert_eq!(info.files.len(), 4);
+        assert_eq!(info.files.len(), 5, "config, tokenizer, tokenizer_config, preprocessor_config, weights");
         assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), tiny_files()["model.safetensors"]);
         assert!(etag(&dir.join("config.json")).is_some(), "snapshot files link to blobs");
         let requests = log.lock().unwrap().clone();

@@ -78,7 +78,8 @@ pub struct FileEntry {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointInfo {
     /// Every file the pipeline reads, in a stable order: config.json, tokenizer.json,
-    /// tokenizer_config.json (when present), the index (when sharded), the weights.
+    /// tokenizer_config.json and preprocessor_config.json (when present), the index (when
+    /// sharded), the weights.
     pub files: Vec<FileEntry>,
     /// The weights files (one, or the index's shards in name order).
     pub weights: Vec<String>,
@@ -165,6 +166,9 @@ pub fn check_dir(dir: &Path) -> Result<CheckpointInfo> {
     if dir.join("tokenizer_config.json").is_file() {
         files.push(require(dir, "tokenizer_config.json", "the tokenizer's settings")?);
     }
+    if dir.join("preprocessor_config.json").is_file() {
+        files.push(require(dir, "preprocessor_config.json", "the image preprocessing")?);
+    }
     let index_path = dir.join(INDEX_FILE);
     let (weights, sharded) = if index_path.is_file() {
         files.push(require(dir, INDEX_FILE, "the weights index")?);
@@ -217,11 +221,14 @@ pub(crate) mod tests {
     fn the_tiny_checkpoint_checks() {
         let info = check_dir(&tiny()).unwrap();
         let names: Vec<_> = info.files.iter().map(|f| f.name.as_str()).collect();
-        assert_eq!(names, ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"]);
+        assert_eq!(
+            names,
+            ["config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "model.safetensors"]
+        );
         assert!(!info.sharded);
         assert!(info.num_tensors > 10);
         let s = &info.summary;
-        assert_eq!((s.num_hidden_layers, s.hidden_size, s.vocab_size), (4, 128, 512));
+        assert_eq!((s.num_hidden_layers, s.hidden_size, s.vocab_size), (4, 128, 516));
         assert_eq!(s.dtype.as_deref(), Some("bfloat16"));
         assert_eq!(s.model_type.as_deref(), Some("qwen3_vl"));
     }
